@@ -1,0 +1,7 @@
+"""pyro_dlatent: interpretable generative models with guided and residual latent blocks, on Pyro."""
+
+from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
+
+__version__ = "0.1.0"
+
+__all__ = ["AUX_SITE", "REC_SITE", "AuxScaler", "LatentSplit", "__version__"]

@@ -1,0 +1,1 @@
+"""Disentangled deep priors for Bayesian inverse problems on an elliptic PDE."""

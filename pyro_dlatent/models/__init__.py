@@ -1,0 +1,1 @@
+"""Generative models on the guided/residual latent split."""
