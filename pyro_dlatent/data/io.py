@@ -203,7 +203,7 @@ def save(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) ->
         if fmt == "netcdf":
             out.to_netcdf(tmp, engine="h5netcdf")
         else:
-            out.to_zarr(tmp, mode="w")
+            out.to_zarr(tmp, mode="w", consolidated=False)
         if path.exists():
             backup = path.with_name(path.name + ".old")
             os.replace(path, backup)
@@ -234,7 +234,7 @@ def load(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None) ->
         if fmt == "netcdf":
             ds = xr.open_dataset(path, engine="h5netcdf", chunks=chunks)
         else:
-            ds = xr.open_zarr(path, chunks=chunks) if chunks else xr.open_zarr(path, chunks=None)
+            ds = xr.open_zarr(path, chunks=chunks, consolidated=False)
     except Exception as err:  # noqa: BLE001 - any reader failure means the file is unreadable
         raise ValueError(f"path {str(path)!r} is not a readable {fmt} dataset: {err}") from err
     if chunks is None:
