@@ -30,9 +30,13 @@ def _root(
 
 def _out_path(path: Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
-        raise typer.BadParameter(f"{str(path)!r} exists; pass --overwrite to replace it", param_hint="--out")
+        raise typer.BadParameter(
+            f"{str(path)!r} exists; pass --overwrite to replace it", param_hint="--out"
+        )
     if not path.parent.exists():
-        raise typer.BadParameter(f"directory {str(path.parent)!r} does not exist", param_hint="--out")
+        raise typer.BadParameter(
+            f"directory {str(path.parent)!r} does not exist", param_hint="--out"
+        )
     return path
 
 
@@ -59,6 +63,19 @@ def simulate(
     typer.echo(f"wrote {out} ({ds.sizes['sample']} images) and {preview_path}")
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for data, figures, models and summary.json.")],
+    fast: Annotated[bool, typer.Option(help="A small, quick version.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed of every stage.")] = 0,
+) -> None:
+    """The main job on built-in data: simulate, train, explain, invert; results in --out."""
+    from pyro_dlatent.demo import run_demo
+
+    run_demo(out, fast=fast, seed=seed)
+    typer.echo(f"wrote results to {out} (see {out / 'summary.json'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning errors into a one-line message and a non-zero exit code.
 
@@ -78,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         typer.echo("pyro-dlatent: interrupted", err=True)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line
+    except Exception as exc:
         if debug:
             traceback.print_exc()
         else:

@@ -188,11 +188,15 @@ class AuxScaler:
         """
         arr = self.as_array(aux)
         self._check_domain(arr, "aux")
-        g = np.column_stack([_forward_transform(arr[:, j], t) for j, t in enumerate(self.transforms)])
+        g = np.column_stack(
+            [_forward_transform(arr[:, j], t) for j, t in enumerate(self.transforms)]
+        )
         counts = np.sum(~np.isnan(g), axis=0)
         if np.any(counts < 2):
             bad = [self.names[j] for j in np.flatnonzero(counts < 2)]
-            raise ValueError(f"aux needs at least two observed values per variable; {bad} lack them")
+            raise ValueError(
+                f"aux needs at least two observed values per variable; {bad} lack them"
+            )
         mean = np.nanmean(g, axis=0)
         std = np.nanstd(g, axis=0)
         if np.any(std <= 0):
@@ -205,7 +209,9 @@ class AuxScaler:
         for j, t in enumerate(self.transforms):
             col = arr[:, j]
             if t != "identity" and np.any(col[~np.isnan(col)] <= 0):
-                raise ValueError(f"{name} variable {self.names[j]!r} uses a {t} transform: values must be > 0")
+                raise ValueError(
+                    f"{name} variable {self.names[j]!r} uses a {t} transform: values must be > 0"
+                )
 
     def _require_fitted(self) -> None:
         if not self.fitted:
@@ -216,7 +222,9 @@ class AuxScaler:
         self._require_fitted()
         arr = self.as_array(aux)
         self._check_domain(arr, "aux")
-        g = np.column_stack([_forward_transform(arr[:, j], t) for j, t in enumerate(self.transforms)])
+        g = np.column_stack(
+            [_forward_transform(arr[:, j], t) for j, t in enumerate(self.transforms)]
+        )
         return (g - self.mean) / self.std
 
     def inverse_transform(self, standardized: Any) -> np.ndarray:
@@ -224,7 +232,9 @@ class AuxScaler:
         self._require_fitted()
         arr = self.as_array(standardized, name="standardized")
         g = arr * self.std + self.mean
-        return np.column_stack([_inverse_transform(g[:, j], t) for j, t in enumerate(self.transforms)])
+        return np.column_stack(
+            [_inverse_transform(g[:, j], t) for j, t in enumerate(self.transforms)]
+        )
 
     def transform_tensor(self, u: torch.Tensor) -> torch.Tensor:
         """Differentiable torch version of :meth:`transform` for a tensor ``(..., dim)``."""
@@ -310,7 +320,8 @@ class LatentSplit(PyroModule):
     .. math::
 
         z_{aux,j} \\mid \\tilde u_j \\sim
-            \\begin{cases} \\mathcal{N}(\\tilde u_j, \\tau^2) & \\text{if } u_j \\text{ observed} \\\\
+            \\begin{cases}
+                \\mathcal{N}(\\tilde u_j, \\tau^2) & \\text{if } u_j \\text{ observed} \\\\
                            \\mathcal{N}(0, 1 + \\tau^2) & \\text{if } u_j \\text{ missing,}
             \\end{cases}
         \\qquad z_{rec} \\sim \\mathcal{N}(0, I).

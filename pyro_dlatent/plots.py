@@ -1,4 +1,7 @@
-"""Figures: dataset previews, latent traversals, aux-vs-latent scatter, posterior fields."""
+"""Figures: dataset previews, latent traversals, aux-vs-latent scatter, posterior fields.
+
+Every function returns a matplotlib ``Figure``; :func:`save_figure` writes and closes it.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-__all__ = ["image_grid", "preview", "save_figure"]
+__all__ = [
+    "aux_scatter",
+    "image_grid",
+    "latent_traversal",
+    "marginal_posteriors",
+    "observed_vs_predicted",
+    "posterior_fields",
+    "preview",
+    "save_figure",
+]
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
@@ -49,11 +61,15 @@ def image_grid(
     """
     images = np.asarray(images)
     if images.shape[0] != nrows * ncols:
-        raise ValueError(f"images must hold nrows*ncols={nrows * ncols} images, got {images.shape[0]}")
+        raise ValueError(
+            f"images must hold nrows*ncols={nrows * ncols} images, got {images.shape[0]}"
+        )
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows), squeeze=False
     )
-    vmin, vmax = (np.percentile(images, 0.5), np.percentile(images, 99.5)) if shared_scale else (None, None)
+    vmin, vmax = (
+        (np.percentile(images, 0.5), np.percentile(images, 99.5)) if shared_scale else (None, None)
+    )
     for k, ax in enumerate(axes.flat):
         ax.imshow(images[k], origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_xticks([])
@@ -78,7 +94,9 @@ def _format_aux(ds: xr.Dataset, index: int) -> str:
     return "\n".join(parts)
 
 
-def preview(ds: xr.Dataset, *, num: int = 16, ncols: int = 4, title: str | None = None) -> plt.Figure:
+def preview(
+    ds: xr.Dataset, *, num: int = 16, ncols: int = 4, title: str | None = None
+) -> plt.Figure:
     """First ``num`` images of a dataset with their auxiliary values (physical units) as titles."""
     num = min(num, ds.sizes["sample"])
     ncols = min(ncols, num)
@@ -88,8 +106,171 @@ def preview(ds: xr.Dataset, *, num: int = 16, ncols: int = 4, title: str | None 
         pad = np.full((nrows * ncols - num, *images.shape[1:]), np.nan)
         images = np.concatenate([images, pad])
     titles = [_format_aux(ds, i) if i < num else "" for i in range(nrows * ncols)]
-    fig = image_grid(images, nrows=nrows, ncols=ncols, titles=titles, shared_scale=False, panel_size=1.6)
+    fig = image_grid(
+        images, nrows=nrows, ncols=ncols, titles=titles, shared_scale=False, panel_size=1.6
+    )
     if title:
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
+    return fig
+
+
+def latent_traversal(
+    decode,
+    z_aux: np.ndarray,
+    z_rec: np.ndarray,
+    *,
+    span: float = 2.5,
+    steps: int = 7,
+    aux_labels: Sequence[str] | None = None,
+    aux_values: np.ndarray | None = None,
+    max_residual_rows: int = 6,
+) -> plt.Figure:
+    """Latent traversal: one row per latent coordinate, the others held at a base code.
+
+    Parameters
+    ----------
+    decode : callable ``(z_aux (B, k), z_rec (B, r)) -> images (B, H, W)`` on numpy arrays
+    z_aux, z_rec : arrays ``(k,)`` and ``(r,)``, the base code (standardized units)
+    span : each coordinate moves over ``[-span, span]`` (prior standard deviations)
+    steps : number of columns
+    aux_labels : names (with units) of the guided coordinates, used as row labels
+    aux_values : array ``(k, steps)``, the physical value of each guided row's column, optional;
+        written above each panel of that row
+    max_residual_rows : at most this many residual rows are shown
+    """
+    z_aux = np.asarray(z_aux, dtype=np.float64)
+    z_rec = np.asarray(z_rec, dtype=np.float64)
+    k, r = z_aux.shape[0], min(z_rec.shape[0], max_residual_rows)
+    grid = np.linspace(-span, span, steps)
+    rows_aux, rows_rec, labels = [], [], []
+    for j in range(k + r):
+        za = np.repeat(z_aux[None], steps, axis=0)
+        zr = np.repeat(z_rec[None], steps, axis=0)
+        if j < k:
+            za[:, j] = grid
+            labels.append(aux_labels[j] if aux_labels is not None else f"z_aux[{j}]")
+        else:
+            zr[:, j - k] = grid
+            labels.append(f"z_rec[{j - k}]")
+        rows_aux.append(za)
+        rows_rec.append(zr)
+    images = np.asarray(decode(np.concatenate(rows_aux), np.concatenate(rows_rec)))
+    titles = None
+    if aux_values is not None:
+        titles = [
+            f"{aux_values[j, c]:.3g}" if j < k else "" for j in range(k + r) for c in range(steps)
+        ]
+    col_labels = None if titles is not None else [f"{g:+.1f}" for g in grid]
+    return image_grid(
+        images, nrows=k + r, ncols=steps, titles=titles, row_labels=labels, col_labels=col_labels
+    )
+
+
+def aux_scatter(
+    latents: np.ndarray,
+    aux: np.ndarray,
+    *,
+    aux_labels: Sequence[str],
+    aux_dim: int,
+    max_residual: int = 3,
+    max_points: int = 2000,
+) -> plt.Figure:
+    """Scatter of each auxiliary (rows) against each guided and a few residual latents (columns).
+
+    Parameters
+    ----------
+    latents : array ``(n, aux_dim + residual_dim)``, encoded posterior means
+    aux : array ``(n, aux_dim)``, auxiliaries in physical units (NaN = missing, skipped)
+    aux_labels : names (with units) of the auxiliaries
+    """
+    latents = np.asarray(latents)
+    aux = np.asarray(aux)
+    ncols = aux_dim + min(latents.shape[1] - aux_dim, max_residual)
+    n = min(latents.shape[0], max_points)
+    fig, axes = plt.subplots(aux_dim, ncols, figsize=(1.9 * ncols, 1.8 * aux_dim), squeeze=False)
+    for i in range(aux_dim):
+        for c in range(ncols):
+            ax = axes[i, c]
+            ok = np.isfinite(aux[:n, i])
+            x, y = latents[:n, c][ok], aux[:n, i][ok]
+            ax.scatter(x, y, s=2, alpha=0.4, color="C0" if c == i else "C7", rasterized=True)
+            r = np.corrcoef(x, y)[0, 1] if x.size > 2 and x.std() > 0 and y.std() > 0 else np.nan
+            ax.text(0.03, 0.9, f"r={r:.2f}", transform=ax.transAxes, fontsize=6)
+            ax.tick_params(labelsize=5)
+            if i == aux_dim - 1:
+                ax.set_xlabel(f"z_aux[{c}]" if c < aux_dim else f"z_rec[{c - aux_dim}]", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(aux_labels[i], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def posterior_fields(
+    truth: np.ndarray | None,
+    mean: np.ndarray,
+    sd: np.ndarray,
+    *,
+    extent: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0),
+    sensors: np.ndarray | None = None,
+    title: str | None = None,
+) -> plt.Figure:
+    """Truth (if known), posterior mean and posterior standard deviation of a field ``(H, W)``."""
+    panels = [("truth", truth), ("posterior mean", mean), ("posterior sd", sd)]
+    panels = [(name, field) for name, field in panels if field is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    value_fields = [np.asarray(f) for n, f in panels if n != "posterior sd"]
+    vmin = min(float(f.min()) for f in value_fields)
+    vmax = max(float(f.max()) for f in value_fields)
+    for ax, (name, field) in zip(axes[0], panels, strict=True):
+        kwargs = {"vmin": vmin, "vmax": vmax} if name != "posterior sd" else {"cmap": "magma"}
+        im = ax.imshow(np.asarray(field), origin="lower", extent=extent, **kwargs)
+        if sensors is not None:
+            ax.plot(sensors[:, 0], sensors[:, 1], "w.", ms=3)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def observed_vs_predicted(
+    observed: np.ndarray, predicted_mean: np.ndarray, predicted_sd: np.ndarray | None = None
+) -> plt.Figure:
+    """Observed data against posterior-predictive mean (with ±2 sd bars), one point per sensor."""
+    observed = np.asarray(observed).ravel()
+    predicted_mean = np.asarray(predicted_mean).ravel()
+    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    yerr = None if predicted_sd is None else 2 * np.asarray(predicted_sd).ravel()
+    ax.errorbar(observed, predicted_mean, yerr=yerr, fmt="o", ms=3, lw=0.8)
+    lo, hi = min(observed.min(), predicted_mean.min()), max(observed.max(), predicted_mean.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("observed")
+    ax.set_ylabel("predicted (posterior mean ± 2 sd)")
+    fig.tight_layout()
+    return fig
+
+
+def marginal_posteriors(
+    draws: np.ndarray,
+    *,
+    names: Sequence[str],
+    truth: np.ndarray | None = None,
+    prior_draws: np.ndarray | None = None,
+) -> plt.Figure:
+    """Histogram of each named parameter's draws ``(num_draws, k)``, the truth marked."""
+    draws = np.asarray(draws)
+    k = draws.shape[1]
+    fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.3), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        if prior_draws is not None:
+            ax.hist(prior_draws[:, j], bins=40, density=True, color="C7", alpha=0.4, label="prior")
+        ax.hist(draws[:, j], bins=40, density=True, color="C0", alpha=0.8, label="posterior")
+        if truth is not None:
+            ax.axvline(truth[j], color="C3", lw=1.5, label="truth")
+        ax.set_title(names[j], fontsize=9)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
     return fig

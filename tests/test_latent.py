@@ -117,7 +117,11 @@ def test_bad_tau_raises(tau):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "word"), [({"aux_dim": 0, "residual_dim": 1}, "aux_dim"), ({"aux_dim": 1, "residual_dim": -1}, "residual_dim")]
+    ("kwargs", "word"),
+    [
+        ({"aux_dim": 0, "residual_dim": 1}, "aux_dim"),
+        ({"aux_dim": 1, "residual_dim": -1}, "residual_dim"),
+    ],
 )
 def test_bad_dims_raise(kwargs, word):
     with pytest.raises(ValueError, match=word):

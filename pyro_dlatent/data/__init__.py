@@ -11,7 +11,15 @@ from typing import Any
 
 import xarray as xr
 
-from pyro_dlatent.data.io import aux_array, check_dataset, from_arrays, load, make_scaler, save, split
+from pyro_dlatent.data.io import (
+    aux_array,
+    check_dataset,
+    from_arrays,
+    load,
+    make_scaler,
+    save,
+    split,
+)
 
 __all__ = [
     "SIMULATORS",

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def from_arrays(
         values = np.asarray(values)
         if values.shape[:1] != (n,):
             raise ValueError(f"extra[{name!r}] must have leading dimension {n}")
-        dims = ("sample",) + tuple(f"{name}_dim{i}" for i in range(1, values.ndim))
+        dims = ("sample", *(f"{name}_dim{i}" for i in range(1, values.ndim)))
         data_vars[name] = (dims, values)
     ds = xr.Dataset(data_vars, attrs=dict(attrs or {}))
     ds.attrs["aux_names"] = list(aux)
@@ -157,9 +157,7 @@ def make_scaler(ds: xr.Dataset, *, fit: bool = True) -> AuxScaler:
     return scaler.fit(aux_array(ds)) if fit else scaler
 
 
-def split(
-    ds: xr.Dataset, fraction: float = 0.1, *, seed: int = 0
-) -> tuple[xr.Dataset, xr.Dataset]:
+def split(ds: xr.Dataset, fraction: float = 0.1, *, seed: int = 0) -> tuple[xr.Dataset, xr.Dataset]:
     """Random train/held-out split along ``sample``; returns ``(train, held_out)``."""
     ds = check_dataset(ds)
     if not 0.0 < fraction < 1.0:
@@ -235,13 +233,15 @@ def load(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None) ->
             ds = xr.open_dataset(path, engine="h5netcdf", chunks=chunks)
         else:
             ds = xr.open_zarr(path, chunks=chunks, consolidated=False)
-    except Exception as err:  # noqa: BLE001 - any reader failure means the file is unreadable
+    except Exception as err:
         raise ValueError(f"path {str(path)!r} is not a readable {fmt} dataset: {err}") from err
     if chunks is None:
         ds = ds.load()
         ds.close()
     for key, value in list(ds.attrs.items()):
-        if isinstance(value, str) and (value[:1] in ("[", "{") or value in ("true", "false", "null")):
+        if isinstance(value, str) and (
+            value[:1] in ("[", "{") or value in ("true", "false", "null")
+        ):
             try:
                 ds.attrs[key] = json.loads(value)
             except (json.JSONDecodeError, TypeError):

@@ -103,7 +103,7 @@ def test_bad_paths(tmp_path):
         load(tmp_path / "missing.nc")
     garbage = tmp_path / "garbage.nc"
     garbage.write_bytes(b"not a netcdf file")
-    with pytest.raises(ValueError, match="garbage.nc"):
+    with pytest.raises(ValueError, match=r"garbage\.nc"):
         load(garbage)
     foreign = tmp_path / "foreign.nc"
     xr.Dataset({"a": ("t", np.arange(3.0))}).to_netcdf(foreign, engine="h5netcdf")
