@@ -87,7 +87,9 @@ def from_arrays(
         unknown = set(mapping) - set(aux)
         if unknown:
             raise ValueError(f"{label} names unknown auxiliaries {sorted(unknown)}")
-    data_vars: dict[str, Any] = {"image": (("sample", "y", "x"), images.astype(np.float32, copy=False))}
+    data_vars: dict[str, Any] = {
+        "image": (("sample", "y", "x"), images.astype(np.float32, copy=False))
+    }
     for name, values in aux.items():
         try:
             values = np.asarray(values, dtype=np.float64)
