@@ -1,0 +1,398 @@
+"""Aux-VAE: a variational autoencoder whose first latent coordinates track named auxiliaries.
+
+.. math::
+
+    z_{aux} \\mid u \\sim \\mathcal{N}(\\tilde u, \\tau^2 I), \\quad
+    z_{rec} \\sim \\mathcal{N}(0, I), \\quad
+    x_{std} \\mid z \\sim \\mathcal{N}(D_\\theta(z_{aux}, z_{rec}), \\sigma^2),
+
+with an image-only encoder as guide and the alignment and decorrelation penalties of
+:class:`~pyro_dlatent.models.base.GuidedLatentModel`. ``sigma`` is learned (one global value or
+one per pixel). The paper's log-MSE reconstruction loss is available as ``likelihood="logmse"``:
+the Gaussian log-likelihood with the per-image variance profiled out,
+
+.. math::
+
+    \\log p(x \\mid z) \\approx -\\tfrac{D}{2}\\bigl(\\log(2\\pi\\,\\mathrm{MSE}(x, D_\\theta(z)))
+    + 1\\bigr), \\qquad D = H W,
+
+written as a ``pyro.factor`` surrogate (the maximum over sigma of the Gaussian likelihood).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+from pyro_dlatent.data.io import check_dataset, make_scaler
+from pyro_dlatent.latent import AuxScaler
+from pyro_dlatent.models.base import (
+    OBS_SITE,
+    GuidedLatentModel,
+    _check_int,
+    _initialization_rng,
+)
+from pyro_dlatent.nn import ConvDecoder
+
+__all__ = ["LIKELIHOODS", "OBS_SCALES", "AuxVAE", "DecoderGenerator"]
+
+LIKELIHOODS = ("gaussian", "logmse")
+"""Reconstruction likelihoods of :class:`AuxVAE`."""
+
+OBS_SCALES = ("global", "pixel")
+"""Shapes of the learned Gaussian observation scale: one value, or one per pixel."""
+
+_MIN_OBS_SCALE = 1e-3
+
+
+def _pixel_moments(image: xr.DataArray, chunk: int = 1024) -> tuple[float, float]:
+    """Mean and sd of all pixels, in float64, a chunk of samples at a time (checks finiteness)."""
+    count, total, total_sq = 0, 0.0, 0.0
+    shift = None
+    for start in range(0, image.shape[0], chunk):
+        block = np.asarray(image[start : start + chunk].values, dtype=np.float64)
+        if not np.isfinite(block).all():
+            raise ValueError("dataset['image'] contains non-finite values")
+        if shift is None:
+            shift = float(block.mean())  # shifted sums keep the variance free of cancellation
+        block = block - shift
+        count += block.size
+        total += float(block.sum())
+        total_sq += float((block * block).sum())
+    mean = total / count
+    return shift + mean, math.sqrt(max(total_sq / count - mean**2, 0.0))
+
+
+class _Decoder(nn.Module):
+    """Decoder network plus the learned Gaussian observation scale (standardized units)."""
+
+    def __init__(
+        self, latent_dim: int, image_size: int, *, learn_scale: str | None, **net_kwargs: Any
+    ) -> None:
+        super().__init__()
+        self.net = ConvDecoder(latent_dim, image_size, **net_kwargs)
+        if learn_scale is not None:
+            shape = () if learn_scale == "global" else (image_size, image_size)
+            # softplus(raw) + floor = 1 at initialization: the sd of standardized images.
+            raw = math.log(math.expm1(1.0 - _MIN_OBS_SCALE))
+            self.raw_scale = nn.Parameter(torch.full(shape, raw))
+        else:
+            self.raw_scale = None
+
+    def scale(self) -> torch.Tensor:
+        """Observation sd, shape ``()`` or ``(H, W)``."""
+        return F.softplus(self.raw_scale) + _MIN_OBS_SCALE
+
+
+class DecoderGenerator(nn.Module):
+    """Frozen deterministic generator ``G(z_aux, z_rec) -> images`` of a trained :class:`AuxVAE`.
+
+    This is the interface the inverse-problem deep prior codes against.
+
+    Attributes
+    ----------
+    aux_dim, residual_dim, image_size : int
+    scaler : AuxScaler
+        Maps physical auxiliaries to the standardized guided coordinates
+        (``scaler.transform_tensor``) and back.
+    tau : float
+        The prior sd of ``z_aux`` around the standardized auxiliaries the model was trained with.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        aux_dim: int,
+        residual_dim: int,
+        image_size: int,
+        image_loc: torch.Tensor,
+        image_scale: torch.Tensor,
+        scaler: AuxScaler,
+        tau: float,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.tau = float(tau)
+        self.aux_dim = aux_dim
+        self.residual_dim = residual_dim
+        self.image_size = image_size
+        self.scaler = scaler
+        self.register_buffer("image_loc", image_loc.detach().clone())
+        self.register_buffer("image_scale", image_scale.detach().clone())
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
+        """Images in the dataset's units.
+
+        Parameters
+        ----------
+        z_aux : Tensor, shape ``(*batch, aux_dim)``
+        z_rec : Tensor, shape ``(*batch, residual_dim)``
+
+        Returns
+        -------
+        Tensor, shape ``(*batch, H, W)``
+            Differentiable in the inputs; the weights are frozen.
+        """
+        if z_aux.shape[-1:] != (self.aux_dim,) or z_rec.shape[-1:] != (self.residual_dim,):
+            raise ValueError(
+                f"expected z_aux (..., {self.aux_dim}) and z_rec (..., {self.residual_dim}), got "
+                f"{tuple(z_aux.shape)} and {tuple(z_rec.shape)}"
+            )
+        if z_aux.shape[:-1] != z_rec.shape[:-1]:
+            raise ValueError(
+                f"z_aux and z_rec must share batch dims, got {tuple(z_aux.shape)} and "
+                f"{tuple(z_rec.shape)}"
+            )
+        batch = z_aux.shape[:-1]
+        latent = torch.cat([z_aux, z_rec], dim=-1).reshape(-1, self.aux_dim + self.residual_dim)
+        images = self.net(latent) * self.image_scale + self.image_loc
+        return images.reshape(*batch, self.image_size, self.image_size)
+
+
+class AuxVAE(GuidedLatentModel):
+    """Variational autoencoder on the guided/residual latent split.
+
+    Build it from a dataset with :meth:`from_dataset` (fits the scaler and the image
+    standardization), or from a fitted :class:`~pyro_dlatent.latent.AuxScaler`; train with
+    :meth:`fit`; use :meth:`encode`, :meth:`predict_aux`, :meth:`decode`, :meth:`reconstruct`,
+    :meth:`generate` and :meth:`generator`.
+
+    Parameters
+    ----------
+    scaler : AuxScaler
+        Fitted scaler of the auxiliaries, in latent order.
+    image_size : int
+        ``H = W``, a power of two ``>= 16``.
+    residual_dim : int
+        Dimension of ``z_rec``.
+    tau : float
+        Prior sd of ``z_aux`` around the standardized auxiliaries: small ties the guided block
+        to the auxiliaries (interpretable), large frees it (flexible).
+    learn_tau : bool
+        Learn ``tau`` instead of fixing it.
+    likelihood : {"gaussian", "logmse"}
+        Gaussian with a learned scale, or the paper's log-MSE surrogate.
+    obs_scale : {"global", "pixel"}
+        Shape of the learned Gaussian scale (ignored for ``"logmse"``).
+    align_weight, decor_weight : float
+        Per-pixel penalty weights (0 switches a penalty off); see
+        :class:`~pyro_dlatent.models.base.GuidedLatentModel`.
+    degree : int
+        Polynomial-lift degree of the penalties.
+    width, hidden, depth : int
+        Size of the encoder and decoder (:mod:`pyro_dlatent.nn`).
+    activation : {"silu", "gelu"}
+    norm : {"group", "none"}
+    image_loc, image_scale : float
+        Image standardization.
+    seed : int, optional
+        Seed of the weight initialization.
+
+    Examples
+    --------
+    >>> from pyro_dlatent.data import from_arrays
+    >>> rng = np.random.default_rng(0)
+    >>> ds = from_arrays(rng.normal(size=(64, 16, 16)), {"a": rng.normal(size=64)})
+    >>> vae = AuxVAE.from_dataset(ds, residual_dim=2, width=8, hidden=32, seed=0)
+    >>> vae.encode(ds).z_aux_loc.shape
+    torch.Size([64, 1])
+    """
+
+    _networks = ("encoder", "decoder")
+
+    def __init__(
+        self,
+        scaler: AuxScaler,
+        image_size: int,
+        residual_dim: int = 4,
+        *,
+        tau: float = 0.1,
+        learn_tau: bool = False,
+        likelihood: str = "gaussian",
+        obs_scale: str = "global",
+        align_weight: float = 0.01,
+        decor_weight: float = 1.0,
+        degree: int = 2,
+        width: int = 32,
+        hidden: int = 256,
+        depth: int = 1,
+        activation: str = "silu",
+        norm: str = "group",
+        image_loc: float = 0.0,
+        image_scale: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"expected likelihood in {LIKELIHOODS}, got {likelihood!r}")
+        if obs_scale not in OBS_SCALES:
+            raise ValueError(f"expected obs_scale in {OBS_SCALES}, got {obs_scale!r}")
+        super().__init__(
+            scaler,
+            image_size,
+            residual_dim,
+            tau=tau,
+            learn_tau=learn_tau,
+            align_weight=align_weight,
+            decor_weight=decor_weight,
+            degree=degree,
+            width=width,
+            hidden=hidden,
+            depth=depth,
+            activation=activation,
+            norm=norm,
+            image_loc=image_loc,
+            image_scale=image_scale,
+            seed=seed,
+        )
+        self.likelihood_kind = likelihood
+        self._config.update(likelihood=likelihood, obs_scale=obs_scale)
+        with _initialization_rng(None if seed is None else seed + 1):
+            self.decoder = _Decoder(
+                self.latent_dim,
+                image_size,
+                learn_scale=obs_scale if likelihood == "gaussian" else None,
+                width=width,
+                hidden=hidden,
+                depth=depth,
+                activation=activation,
+                norm=norm,
+            )
+
+    @classmethod
+    def from_dataset(cls, dataset: xr.Dataset, residual_dim: int = 4, **kwargs: Any) -> AuxVAE:
+        """An Aux-VAE sized for ``dataset``, with its scaler and image standardization fitted on it.
+
+        Parameters
+        ----------
+        dataset : xarray.Dataset
+            Square images ``(sample, y, x)`` with side a power of two ``>= 16``, and auxiliaries
+            (their ``units``/``transform`` attributes go into the scaler).
+        residual_dim : int
+        **kwargs
+            Any other constructor argument (``image_loc``/``image_scale`` override the fitted
+            standardization).
+        """
+        ds = check_dataset(dataset, name="dataset")
+        image = ds["image"]
+        height, width = image.shape[1:]
+        if height != width:
+            raise ValueError(f"dataset images must be square, got {height}x{width}")
+        loc, scale = _pixel_moments(image)
+        if not scale > 0:
+            raise ValueError("dataset['image'] is constant; it cannot be standardized")
+        kwargs.setdefault("image_loc", loc)
+        kwargs.setdefault("image_scale", scale)
+        return cls(make_scaler(ds), height, residual_dim, **kwargs)
+
+    # ------------------------------------------------------------------ likelihood
+    def _decode_std(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
+        return self.decoder.net(torch.cat([z_aux, z_rec], dim=-1))
+
+    def likelihood(
+        self, images_std: torch.Tensor, z_aux: torch.Tensor, z_rec: torch.Tensor
+    ) -> None:
+        """Gaussian (learned scale) or log-MSE likelihood of the standardized images."""
+        self._register("decoder", self.decoder)
+        mean = self._decode_std(z_aux, z_rec)
+        if self.likelihood_kind == "gaussian":
+            pyro.sample(
+                OBS_SITE, dist.Normal(mean, self.decoder.scale()).to_event(2), obs=images_std
+            )
+        else:
+            pixels = self.image_size**2
+            mse = (mean - images_std).pow(2).mean(dim=(-2, -1)).clamp_min(1e-12)
+            pyro.factor(OBS_SITE, -0.5 * pixels * (torch.log(2 * math.pi * mse) + 1.0))
+
+    def _evaluation_terms(
+        self, images: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Sum of per-image reconstruction MSE (standardized units) at the encoder means."""
+        z_aux, z_rec = encoded[0].split([self.aux_dim, self.residual_dim], dim=-1)
+        error = self._decode_std(z_aux, z_rec) - self.standardize_images(images)
+        return {"recon_mse": error.pow(2).mean(dim=(-2, -1)).sum()}
+
+    # ------------------------------------------------------------------ user verbs
+    def decode(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
+        """Decoder mean in the dataset's image units.
+
+        Parameters
+        ----------
+        z_aux : Tensor, shape ``(n, aux_dim)``
+            Guided coordinates (standardized units).
+        z_rec : Tensor, shape ``(n, residual_dim)``
+
+        Returns
+        -------
+        Tensor, shape ``(n, H, W)``, on the model's device
+        """
+        z_aux = torch.as_tensor(z_aux, dtype=torch.float32, device=self.device)
+        z_rec = torch.as_tensor(z_rec, dtype=torch.float32, device=self.device)
+        if z_aux.dim() != 2 or z_aux.shape[1] != self.aux_dim:
+            raise ValueError(f"z_aux must have shape (n, {self.aux_dim}), got {tuple(z_aux.shape)}")
+        if z_rec.dim() != 2 or z_rec.shape != (z_aux.shape[0], self.residual_dim):
+            raise ValueError(
+                f"z_rec must have shape ({z_aux.shape[0]}, {self.residual_dim}), "
+                f"got {tuple(z_rec.shape)}"
+            )
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            images = self._decode_std(z_aux, z_rec) * self.image_scale + self.image_loc
+        self.train(was_training)
+        return images
+
+    def reconstruct(self, images: Any, *, batch_size: int = 1024) -> torch.Tensor:
+        """Decode the posterior means of ``images``; shape ``(n, H, W)``, dataset units."""
+        encoding = self.encode(images, batch_size=batch_size)
+        return self.decode(encoding.z_aux_loc, encoding.z_rec_loc)
+
+    def generate(
+        self, aux: Mapping[str, Any] | None = None, num: int = 1, *, seed: int | None = None
+    ) -> torch.Tensor:
+        """Images generated at auxiliaries given in physical units.
+
+        ``z_aux ~ N(u~, tau^2)`` at the given auxiliaries (the marginal for names left out),
+        ``z_rec ~ N(0, I)``, image = decoder mean (no pixel noise).
+
+        Parameters
+        ----------
+        aux : mapping of name to scalar or 1-d array, optional
+            For example ``{"mass": 1e14}`` or ``{"mass": [1e14, 1e15], "c": 4.0}``.
+        num : int
+            Images per auxiliary row.
+        seed : int, optional
+            Seed of a private generator.
+
+        Returns
+        -------
+        Tensor, shape ``(n * num, H, W)``
+            Row ``i * num + j`` is draw ``j`` at auxiliary row ``i``; dataset units.
+        """
+        z_aux, z_rec = self.sample_latent(aux, _check_int(num, "num", 1), seed=seed)
+        return self.decode(z_aux, z_rec)
+
+    def generator(self) -> DecoderGenerator:
+        """A frozen copy of the decoder as ``G(z_aux, z_rec) -> images`` (dataset units)."""
+        return DecoderGenerator(
+            copy.deepcopy(self.decoder.net),
+            aux_dim=self.aux_dim,
+            residual_dim=self.residual_dim,
+            image_size=self.image_size,
+            image_loc=self.image_loc,
+            image_scale=self.image_scale,
+            scaler=copy.deepcopy(self.scaler),
+            tau=self.tau,
+        )

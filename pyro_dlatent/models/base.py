@@ -1,0 +1,1149 @@
+"""Shared base of the guided-latent models: encoder ``q(z | x)``, latent split, penalties, training.
+
+A subclass supplies only the likelihood of an image given its latent code
+(:meth:`GuidedLatentModel.likelihood`) and a frozen generator
+(:meth:`GuidedLatentModel.generator`); everything else lives here:
+
+.. math::
+
+    \\text{model:}\\quad z_{aux} \\mid u \\sim \\mathcal{N}(\\tilde u, \\tau^2 I), \\quad
+    z_{rec} \\sim \\mathcal{N}(0, I), \\quad x \\sim p_\\theta(x \\mid z_{aux}, z_{rec}),
+
+    \\text{guide:}\\quad q_\\phi(z \\mid x) = \\mathcal{N}(\\mu_\\phi(x), \\mathrm{diag}\\,
+    \\sigma_\\phi(x)^2),
+
+with the encoder seeing the image only, so that :meth:`~GuidedLatentModel.encode` is an
+estimator of the auxiliaries with uncertainty. The model also carries the two penalties of the
+Aux-VAE paper as factors on the encoder means :math:`\\mu = (\\mu_{aux}, \\mu_{rec})`,
+
+.. math::
+
+    \\log f = -N H W \\bigl(w_{align}\\, \\mathcal{A}(\\mu_{aux}, \\tilde u)
+                   + w_{decor}\\, \\mathcal{D}(\\mu_{rec}, \\tilde u)\\bigr),
+
+(sites ``"alignment"`` and ``"decorrelation"``, see :mod:`pyro_dlatent.penalties`), so
+``Trace_ELBO`` maximizes ``ELBO - N H W (w_align A + w_decor D)`` where ``N`` is the number of
+training images and ``H W`` the pixels per image. The weights are thus *per pixel*: the image
+likelihood is a sum over pixels, so a weight keeps its balance against reconstruction at any
+image size and dataset size. The ELBO alone is reported by adding the weighted penalties back
+(training) or by hiding the factor sites with ``poutine.block`` (evaluation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
+from pyro.nn import PyroModule
+from pyro.optim import ClippedAdam
+from pyro.params.param_store import param_with_module_name
+from tqdm.auto import tqdm
+
+from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
+from pyro_dlatent.data.io import check_dataset, split
+from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
+from pyro_dlatent.nn import ACTIVATIONS, NORMS, ConvEncoder, check_image_size
+from pyro_dlatent.penalties import alignment_penalty, decorrelation_penalty
+
+__all__ = [
+    "ALIGN_SITE",
+    "DECOR_SITE",
+    "OBS_SITE",
+    "Encoding",
+    "GuidedLatentModel",
+    "ModelTensors",
+    "NonFiniteLossError",
+]
+
+OBS_SITE = "x"
+"""Name of the observation site (or likelihood factor) of the images."""
+ALIGN_SITE = "alignment"
+"""Name of the alignment-penalty factor site."""
+DECOR_SITE = "decorrelation"
+"""Name of the decorrelation-penalty factor site."""
+
+CHECKPOINT_NAME = "last.pt"
+_MIN_SCALE = 1e-4
+_INSTANCES = itertools.count(1)
+_MODEL_CLASSES: dict[str, type[GuidedLatentModel]] = {}
+
+
+class Encoding(NamedTuple):
+    """Posterior means and standard deviations of the latent blocks (standardized units).
+
+    Each field has shape ``(n, aux_dim)`` or ``(n, residual_dim)``.
+    """
+
+    z_aux_loc: torch.Tensor
+    z_aux_scale: torch.Tensor
+    z_rec_loc: torch.Tensor
+    z_rec_scale: torch.Tensor
+
+
+class ModelTensors(NamedTuple):
+    """A dataset as the tensors that :meth:`GuidedLatentModel.model` takes.
+
+    Attributes
+    ----------
+    images : Tensor, shape ``(n, H, W)``
+        Images in the dataset's units (float32).
+    aux : Tensor, shape ``(n, aux_dim)``
+        Standardized auxiliaries, 0 where missing.
+    mask : Tensor of bool, shape ``(n, aux_dim)``, or None
+        True where observed; ``None`` when every auxiliary is observed.
+    """
+
+    images: torch.Tensor
+    aux: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the parameters were not updated.
+
+    Attributes
+    ----------
+    epoch, step : int
+        Where it happened (0-based).
+    checkpoint : Path or None
+        The last good checkpoint, if one was written.
+    """
+
+    def __init__(self, message: str, *, epoch: int, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class _NonFiniteStep(FloatingPointError):
+    pass
+
+
+class _GuardedSVI(SVI):
+    """``SVI`` whose step refuses to apply a non-finite loss or gradient (it raises instead)."""
+
+    def step(self, *args: Any, **kwargs: Any) -> float:
+        with poutine.trace(param_only=True) as capture:
+            loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = math.isfinite(loss)
+        if finite and grads:
+            finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not finite:
+            zero_grads(params)
+            raise _NonFiniteStep(f"loss {loss}")
+        self.optim(params)
+        zero_grads(params)
+        return loss
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """Run a block with private copies of the CPU (and ``device``'s) RNG state."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            yield
+
+
+def _reseed(seed: int, device: torch.device) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def _initialization_rng(seed: int | None) -> Iterator[None]:
+    """Network initialization from ``seed`` without touching the caller's global RNG."""
+    if seed is None:
+        yield
+        return
+    with _forked_rng(torch.device("cpu")):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"expected {name} >= {minimum} (an int), got {value!r}")
+    return int(value)
+
+
+def _check_float(value: Any, name: str, *, minimum: float, strict: bool) -> float:
+    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        relation = ">" if strict else ">="
+        raise ValueError(f"expected {name} {relation} {minimum} (a finite number), got {value!r}")
+    return float(value)
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _fingerprint(ds: xr.Dataset) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(ds["image"].values, dtype=np.float32).tobytes())
+    for name in ds.attrs["aux_names"]:
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(ds[name].values, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+class GuidedLatentModel(PyroModule):
+    """Base of the models on the guided/residual latent split (Aux-VAE, DL-CFM).
+
+    Owns the :class:`~pyro_dlatent.latent.AuxScaler`, the
+    :class:`~pyro_dlatent.latent.LatentSplit` (sites ``"z_aux"``, ``"z_rec"``), the image-only
+    encoder of the guide, the alignment and decorrelation factors, training with SVI
+    (:meth:`fit`), evaluation, encoding, auxiliary prediction in physical units and
+    checkpoints. A subclass implements :meth:`likelihood` (which must register its networks with
+    :meth:`_register`), :meth:`generator`, and optionally :meth:`_evaluation_terms`; it adds its
+    own constructor arguments to ``self._config``.
+
+    Images are standardized with one global location and scale (``image_loc``,
+    ``image_scale``) before the networks see them; likelihoods and ELBOs are those of the
+    standardized images (the ELBO in the dataset's units differs by the constant
+    ``-H W log(image_scale)`` per image).
+
+    Parameters
+    ----------
+    scaler : AuxScaler
+        Fitted scaler of the auxiliaries (names, units, transforms, training mean/std).
+    image_size : int
+        ``H = W``, a power of two ``>= 16``.
+    residual_dim : int
+        Dimension of the residual block ``z_rec`` (``>= 0``).
+    tau : float
+        Prior sd of the guided block around the standardized auxiliaries: the knob between
+        *interpretable* (small) and *flexible* (large).
+    learn_tau : bool
+        Learn ``tau`` (initialized at ``tau``) instead of fixing it.
+    align_weight, decor_weight : float
+        Per-pixel weights of the alignment and decorrelation penalties (``>= 0``; 0 removes the
+        factor site).
+    degree : int
+        Degree ``K`` of the polynomial lifts in the penalties.
+    width, hidden, depth : int
+        Encoder size (see :class:`pyro_dlatent.nn.ConvEncoder`).
+    activation : {"silu", "gelu"}
+    norm : {"group", "none"}
+    image_loc, image_scale : float
+        Image standardization, ``x_std = (x - image_loc) / image_scale``.
+    seed : int, optional
+        Seed of the network initialization (the caller's global RNG is left untouched); without
+        it the global torch RNG is used.
+    """
+
+    _networks: tuple[str, ...] = ("encoder",)
+    """Attributes holding the plain ``nn.Module`` networks that :meth:`_register` registers."""
+
+    def __init__(
+        self,
+        scaler: AuxScaler,
+        image_size: int,
+        residual_dim: int = 4,
+        *,
+        tau: float = 0.1,
+        learn_tau: bool = False,
+        align_weight: float = 0.01,
+        decor_weight: float = 1.0,
+        degree: int = 2,
+        width: int = 32,
+        hidden: int = 256,
+        depth: int = 1,
+        activation: str = "silu",
+        norm: str = "group",
+        image_loc: float = 0.0,
+        image_scale: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(name=f"{type(self).__name__}_{next(_INSTANCES)}")
+        if not isinstance(scaler, AuxScaler):
+            raise TypeError(f"scaler must be an AuxScaler, got {type(scaler).__name__}")
+        if not scaler.fitted:
+            raise ValueError("scaler must be fitted (call scaler.fit or use make_scaler)")
+        check_image_size(image_size)
+        residual_dim = _check_int(residual_dim, "residual_dim", 0)
+        tau = _check_float(tau, "tau", minimum=0.0, strict=True)
+        align_weight = _check_float(align_weight, "align_weight", minimum=0.0, strict=False)
+        decor_weight = _check_float(decor_weight, "decor_weight", minimum=0.0, strict=False)
+        degree = _check_int(degree, "degree", 1)
+        image_loc = _check_float(image_loc, "image_loc", minimum=-math.inf, strict=True)
+        image_scale = _check_float(image_scale, "image_scale", minimum=0.0, strict=True)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"expected activation in {sorted(ACTIVATIONS)}, got {activation!r}")
+        if norm not in NORMS:
+            raise ValueError(f"expected norm in {NORMS}, got {norm!r}")
+        if seed is not None:
+            seed = _check_int(seed, "seed", 0)
+        self.scaler = scaler
+        self.image_size = image_size
+        self.align_weight = align_weight
+        self.decor_weight = decor_weight
+        self.degree = degree
+        self._config: dict[str, Any] = {
+            "image_size": image_size,
+            "residual_dim": residual_dim,
+            "tau": tau,
+            "learn_tau": bool(learn_tau),
+            "align_weight": align_weight,
+            "decor_weight": decor_weight,
+            "degree": degree,
+            "width": width,
+            "hidden": hidden,
+            "depth": depth,
+            "activation": activation,
+            "norm": norm,
+            "image_loc": image_loc,
+            "image_scale": image_scale,
+            "seed": seed,
+        }
+        self.split = LatentSplit(scaler.dim, residual_dim, tau=tau, learn_tau=bool(learn_tau))
+        self.register_buffer("image_loc", torch.tensor(image_loc))
+        self.register_buffer("image_scale", torch.tensor(image_scale))
+        with _initialization_rng(seed):
+            self.encoder = ConvEncoder(
+                image_size,
+                2 * self.split.latent_dim,
+                width=width,
+                hidden=hidden,
+                depth=depth,
+                activation=activation,
+                norm=norm,
+            )
+        self.history: list[dict[str, Any]] = []
+        self._optim: ClippedAdam | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _MODEL_CLASSES[cls.__name__] = cls
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def aux_dim(self) -> int:
+        """Number of guided coordinates (one per auxiliary)."""
+        return self.split.aux_dim
+
+    @property
+    def residual_dim(self) -> int:
+        """Number of residual coordinates."""
+        return self.split.residual_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """``aux_dim + residual_dim``."""
+        return self.split.latent_dim
+
+    @property
+    def aux_names(self) -> list[str]:
+        """Auxiliary names, in latent order."""
+        return list(self.scaler.names)
+
+    @property
+    def tau(self) -> float:
+        """Current prior sd of the guided block."""
+        return float(self.split.tau.detach())
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's tensors."""
+        return self.image_loc.device
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments (with ``"class"``), enough to rebuild the model."""
+        return {"class": type(self).__name__, **self._config}
+
+    @property
+    def _penalized(self) -> bool:
+        return self.align_weight > 0 or self.decor_weight > 0
+
+    # ------------------------------------------------------------------ pieces of the model
+    def _register(self, name: str, module: torch.nn.Module) -> None:
+        """Register the network ``self.<name>`` with Pyro under this instance's unique prefix.
+
+        ``name`` must be the attribute name and be listed in :attr:`_networks`.
+        """
+        pyro.module(f"{self._pyro_name}.{name}", module)
+
+    def _store_names(self) -> dict[str, str]:
+        """Map each parameter's local name (as in ``named_parameters``) to its param-store name."""
+        names = {}
+        for network in self._networks:
+            prefix = f"{self._pyro_name}.{network}"
+            for sub, _ in getattr(self, network).named_parameters():
+                names[f"{network}.{sub}"] = param_with_module_name(prefix, sub)
+        suffix = "_unconstrained"
+        for local, _ in self.named_parameters():
+            if local.endswith(suffix) and local not in names:
+                owner, attribute = local.rsplit(".", 1)
+                module_name = self.get_submodule(owner)._pyro_name
+                names[local] = f"{module_name}.{attribute[: -len(suffix)]}"
+        return names
+
+    def _forget_params(self) -> None:
+        """Drop this instance's param-store entries so that its own tensors get registered anew."""
+        store = pyro.get_param_store()
+        prefix = f"{self._pyro_name}."
+        for name in [n for n in store.keys() if n.startswith(prefix)]:
+            del store[name]
+
+    def standardize_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(images - image_loc) / image_scale``, shape preserved."""
+        return (images - self.image_loc) / self.image_scale
+
+    def encoder_params(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of ``q(z | x)``.
+
+        Parameters
+        ----------
+        images : Tensor, shape ``(batch, H, W)``
+            Images in the dataset's units.
+
+        Returns
+        -------
+        loc, scale : Tensor, shape ``(batch, latent_dim)``
+            The first ``aux_dim`` columns belong to ``z_aux``; ``scale >= 1e-4``.
+        """
+        out = self.encoder(self.standardize_images(images))
+        loc, raw = out.split(self.latent_dim, dim=-1)
+        return loc, F.softplus(raw) + _MIN_SCALE
+
+    def penalties(
+        self, loc: torch.Tensor, aux: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alignment and decorrelation penalties of encoder means on a batch.
+
+        Parameters
+        ----------
+        loc : Tensor, shape ``(batch, latent_dim)``
+            Encoder means.
+        aux : Tensor, shape ``(batch, aux_dim)``
+            Standardized auxiliaries.
+        mask : Tensor of bool, shape ``(batch, aux_dim)``, optional
+
+        Returns
+        -------
+        alignment, decorrelation : Tensor, shape ``()``
+        """
+        mu_aux, mu_rec = loc.split([self.aux_dim, self.residual_dim], dim=-1)
+        return (
+            alignment_penalty(mu_aux, aux, mask, degree=self.degree),
+            decorrelation_penalty(mu_rec, aux, mask, degree=self.degree),
+        )
+
+    def weighted_penalty(self, alignment: float, decorrelation: float) -> float:
+        """Per-image penalty subtracted from the ELBO: ``H W (w_align A + w_decor D)``."""
+        return self.image_size**2 * (
+            self.align_weight * alignment + self.decor_weight * decorrelation
+        )
+
+    def _plate(
+        self, batch: int, num_data: int | None, subsample: torch.Tensor | None, device: torch.device
+    ) -> pyro.plate:
+        if num_data is None:
+            return pyro.plate("data", batch)
+        if subsample is None:
+            subsample = torch.arange(batch, device=device)
+        return pyro.plate("data", num_data, subsample=subsample)
+
+    def likelihood(
+        self, images_std: torch.Tensor, z_aux: torch.Tensor, z_rec: torch.Tensor
+    ) -> None:
+        """Observe the standardized images given the latent code (implemented by subclasses).
+
+        Called inside the ``"data"`` plate of :meth:`model`; it must register its networks
+        with :meth:`_register` and emit the site :data:`OBS_SITE` (a ``pyro.sample`` with
+        ``obs=`` or a ``pyro.factor`` surrogate) with batch shape ``(batch,)``.
+
+        Parameters
+        ----------
+        images_std : Tensor, shape ``(batch, H, W)``
+        z_aux : Tensor, shape ``(batch, aux_dim)``
+        z_rec : Tensor, shape ``(batch, residual_dim)``
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement likelihood()")
+
+    def generator(self) -> torch.nn.Module:
+        """A frozen, deterministic ``G(z_aux, z_rec) -> images`` (implemented by subclasses).
+
+        The module maps ``z_aux`` ``(batch, aux_dim)`` and ``z_rec`` ``(batch, residual_dim)``
+        to images ``(batch, H, W)`` in the dataset's units and has the attributes ``aux_dim``,
+        ``residual_dim``, ``image_size`` and ``scaler``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement generator()")
+
+    def _evaluation_terms(
+        self, images: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Per-batch *sums* of extra per-image metrics for :meth:`evaluate` (none here)."""
+        return {}
+
+    # ------------------------------------------------------------------ model and guide
+    def model(
+        self,
+        images: torch.Tensor,
+        aux: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        num_data: int | None = None,
+        subsample: torch.Tensor | None = None,
+        encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Generative model with the penalty factors.
+
+        Parameters
+        ----------
+        images : Tensor, shape ``(batch, H, W)``
+            Images in the dataset's units.
+        aux : Tensor, shape ``(batch, aux_dim)``, optional
+            Standardized auxiliaries; ``None`` uses the marginal prior of ``z_aux`` and drops
+            the penalties.
+        mask : Tensor of bool, shape ``(batch, aux_dim)``, optional
+            True where ``aux`` is observed.
+        num_data : int, optional
+            Size of the full dataset when ``images`` is a minibatch: the ``"data"`` plate and
+            the penalty factors are scaled by ``num_data / batch`` and ``num_data``.
+        subsample : Tensor of int, shape ``(batch,)``, optional
+            Indices of the minibatch in the dataset (recorded by the plate).
+        encoded : (loc, scale), optional
+            Encoder output for ``images``, computed once per step by :meth:`fit` and shared with
+            the guide; computed here when absent.
+        """
+        batch = images.shape[0]
+        with self._plate(batch, num_data, subsample, images.device):
+            z_aux, z_rec = self.split(aux, mask)
+            self.likelihood(self.standardize_images(images), z_aux, z_rec)
+        if aux is None or not self._penalized:
+            return
+        if encoded is None:
+            self._register("encoder", self.encoder)
+            encoded = self.encoder_params(images)
+        alignment, decorrelation = self.penalties(encoded[0], aux, mask)
+        pixels = self.image_size**2
+        with poutine.scale(scale=float(num_data if num_data is not None else batch)):
+            if self.align_weight > 0:
+                pyro.factor(ALIGN_SITE, -pixels * self.align_weight * alignment)
+            if self.decor_weight > 0:
+                pyro.factor(DECOR_SITE, -pixels * self.decor_weight * decorrelation)
+
+    def guide(
+        self,
+        images: torch.Tensor,
+        aux: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        num_data: int | None = None,
+        subsample: torch.Tensor | None = None,
+        encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Amortized guide ``q(z_aux, z_rec | x)``: the encoder sees the images only.
+
+        Takes the arguments of :meth:`model` (``aux`` and ``mask`` are ignored).
+        """
+        self._register("encoder", self.encoder)
+        loc, scale = encoded if encoded is not None else self.encoder_params(images)
+        k = self.aux_dim
+        with self._plate(images.shape[0], num_data, subsample, images.device):
+            pyro.sample(AUX_SITE, dist.Normal(loc[..., :k], scale[..., :k]).to_event(1))
+            pyro.sample(REC_SITE, dist.Normal(loc[..., k:], scale[..., k:]).to_event(1))
+
+    # ------------------------------------------------------------------ inputs
+    def _as_images(self, images: Any, *, name: str = "images") -> torch.Tensor:
+        """Validate images ``(n, H, W)`` and return them as float32 on the model's device."""
+        if isinstance(images, xr.Dataset):
+            if "image" not in images:
+                raise ValueError(f"{name} is a Dataset without an 'image' variable")
+            images = images["image"]
+        if isinstance(images, xr.DataArray):
+            images = images.values
+        if isinstance(images, torch.Tensor):
+            tensor = images.detach()
+        else:
+            try:
+                array = np.asarray(images)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{name} must be a numeric array of shape (n, H, W)") from err
+            if array.dtype.kind not in "fiu":
+                raise TypeError(f"{name} must be numeric, got dtype {array.dtype}")
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a real tensor, got dtype {tensor.dtype}")
+        size = self.image_size
+        if tensor.dim() != 3 or tuple(tensor.shape[1:]) != (size, size):
+            raise ValueError(
+                f"{name} must have shape (n, {size}, {size}) for this model, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if tensor.shape[0] == 0:
+            raise ValueError(f"{name} is empty")
+        tensor = tensor.to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains non-finite values")
+        return tensor
+
+    def prepare(self, dataset: xr.Dataset, *, name: str = "dataset") -> ModelTensors:
+        """Validate a dataset and convert it to :class:`ModelTensors` on the model's device."""
+        ds = check_dataset(dataset, name=name)
+        names = list(ds.attrs["aux_names"])
+        if sorted(names) != sorted(self.scaler.names):
+            raise ValueError(
+                f"{name} has auxiliaries {names}, but the model was built for {self.scaler.names}"
+            )
+        images = self._as_images(ds["image"].values, name=f"{name}['image']")
+        physical = np.stack([ds[n].values.astype(np.float64) for n in self.scaler.names], -1)
+        standardized = self.scaler.transform(physical)
+        observed = np.isfinite(standardized)
+        aux = torch.as_tensor(np.where(observed, standardized, 0.0), dtype=torch.float32)
+        mask = None if observed.all() else torch.as_tensor(observed)
+        return ModelTensors(
+            images,
+            aux.to(self.device),
+            None if mask is None else mask.to(self.device),
+        )
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        dataset: xr.Dataset,
+        *,
+        epochs: int = 20,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        progress: bool = True,
+        device: str | torch.device | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: str | os.PathLike | bool | None = None,
+        clip_norm: float | None = 10.0,
+        eval_batch_size: int = 1024,
+    ) -> list[dict[str, Any]]:
+        """Train with SVI (``Trace_ELBO`` + ``ClippedAdam``) on minibatches of ``dataset``.
+
+        The dataset is split once (:func:`pyro_dlatent.data.split` with ``seed``) into training
+        and validation parts and moved to ``device`` as tensors; minibatches are indexed there.
+        Epoch ``e`` draws its shuffling and Monte Carlo noise from a private RNG seeded by
+        ``(seed, e)``, so a run resumed from an epoch checkpoint ends exactly where the
+        uninterrupted run would; the caller's global RNG state is restored afterwards.
+
+        Parameters
+        ----------
+        dataset : xarray.Dataset
+            Images ``(sample, y, x)`` and the model's auxiliaries (``NaN`` = missing).
+        epochs : int
+            Total number of epochs (a resumed run continues up to it).
+        batch_size : int
+            Minibatch size (>= 2, since the penalties are batch correlations); an epoch splits
+            the shuffled training set into ``ceil(n / batch_size)`` near-equal batches.
+        lr : float
+            Adam learning rate.
+        val_fraction : float
+            Held-out fraction in ``[0, 1)``; 0 disables validation.
+        seed : int
+            Seed of the split, the shuffling and the Monte Carlo noise.
+        progress : bool
+            Show a tqdm progress bar.
+        device : str or torch.device, optional
+            Where to train (default: where the model is); the model stays there afterwards.
+        checkpoint_dir : path-like, optional
+            Directory (created if needed) where ``last.pt`` is written atomically after every
+            epoch: weights, optimizer state, history and fit settings.
+        resume : path-like or bool, optional
+            A checkpoint file (or a directory holding ``last.pt``) to continue from, or
+            ``True`` to continue from ``checkpoint_dir/last.pt`` when it exists. Its config,
+            dataset and settings must match this call.
+        clip_norm : float or None
+            Each gradient component is clipped to ``[-clip_norm, clip_norm]`` (``None``: off).
+        eval_batch_size : int
+            Batch size of the validation pass.
+
+        Returns
+        -------
+        list of dict
+            :attr:`history`, one record per epoch: ``epoch``, ``elbo`` (per image, training
+            minibatch estimate), ``objective`` (ELBO minus weighted penalties, per image),
+            ``alignment``, ``decorrelation`` (training means), ``tau``, ``time_s``, and when
+            validating ``val_elbo``, ``val_alignment``, ``val_decorrelation`` plus the
+            subclass's metrics (``val_recon_mse`` for the Aux-VAE).
+
+        Raises
+        ------
+        NonFiniteLossError
+            When a step's loss or gradient is not finite; nothing is updated by that step and
+            the last epoch checkpoint (if any) is kept.
+        """
+        epochs = _check_int(epochs, "epochs", 1)
+        batch_size = _check_int(batch_size, "batch_size", 2)
+        lr = _check_float(lr, "lr", minimum=0.0, strict=True)
+        if not (isinstance(val_fraction, int | float) and 0.0 <= val_fraction < 1.0):
+            raise ValueError(f"expected 0 <= val_fraction < 1, got {val_fraction!r}")
+        seed = _check_int(seed, "seed", 0)
+        eval_batch_size = _check_int(eval_batch_size, "eval_batch_size", 1)
+        if clip_norm is not None:
+            clip_norm = _check_float(clip_norm, "clip_norm", minimum=0.0, strict=True)
+        ds = check_dataset(dataset, name="dataset")
+        device = self.device if device is None else torch.device(device)
+        self.to(device)
+        if val_fraction > 0:
+            train_ds, val_ds = split(ds, float(val_fraction), seed=seed)
+        else:
+            train_ds, val_ds = ds, None
+        train = self.prepare(train_ds)
+        val = None if val_ds is None else self.prepare(val_ds)
+        settings = {
+            "batch_size": batch_size,
+            "lr": lr,
+            "val_fraction": float(val_fraction),
+            "seed": seed,
+            "clip_norm": clip_norm,
+        }
+        fingerprint = _fingerprint(ds)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
+        resume_path = self._resume_path(resume, checkpoint)
+
+        self._forget_params()
+        self._optim = ClippedAdam(
+            {"lr": lr, "clip_norm": math.inf if clip_norm is None else clip_norm}
+        )
+        svi = _GuardedSVI(self.model, self.guide, self._optim, Trace_ELBO())
+        history: list[dict[str, Any]] = []
+        if resume_path is not None:
+            history = self._restore_training(resume_path, settings, fingerprint)
+        self.history = history
+
+        n = train.images.shape[0]
+        num_batches = math.ceil(n / batch_size)
+        bar = tqdm(
+            total=epochs * num_batches,
+            initial=min(len(history), epochs) * num_batches,
+            disable=not progress,
+            desc=f"{type(self).__name__} fit",
+            unit="step",
+        )
+        try:
+            with _forked_rng(device):
+                for epoch in range(len(history), epochs):
+                    record = self._train_epoch(
+                        svi, train, epoch, seed, num_batches, bar, checkpoint
+                    )
+                    if val is not None:
+                        evaluation = self.evaluate(val, batch_size=eval_batch_size)
+                        record.update({f"val_{k}": v for k, v in evaluation.items()})
+                    history.append(record)
+                    if checkpoint is not None:
+                        self.save(checkpoint, extra=self._fit_extra(settings, fingerprint))
+                    bar.set_postfix(
+                        {k: f"{record[k]:.4g}" for k in ("elbo", "val_elbo") if k in record}
+                    )
+        finally:
+            bar.close()
+            self.eval()
+        return history
+
+    def _train_epoch(
+        self,
+        svi: _GuardedSVI,
+        train: ModelTensors,
+        epoch: int,
+        seed: int,
+        num_batches: int,
+        bar: Any,
+        checkpoint: Path | None,
+    ) -> dict[str, Any]:
+        device = train.images.device
+        _reseed(_epoch_seed(seed, epoch), device)
+        n = train.images.shape[0]
+        self.train()
+        start = time.perf_counter()
+        loss_sum = 0.0
+        penalty_sum = torch.zeros(2, device=device)
+        order = torch.randperm(n, device=device)
+        for step, index in enumerate(torch.tensor_split(order, num_batches)):
+            images = train.images[index]
+            aux = train.aux[index]
+            mask = None if train.mask is None else train.mask[index]
+            encoded = self.encoder_params(images)
+            try:
+                loss = svi.step(images, aux, mask, num_data=n, subsample=index, encoded=encoded)
+            except (_NonFiniteStep, ValueError) as err:
+                # With validation on, a NaN/inf distribution parameter raises ValueError
+                # ("... found invalid values") before any loss exists: the same divergence.
+                if isinstance(err, ValueError) and "invalid values" not in str(err):
+                    raise
+                kept = checkpoint if checkpoint is not None and checkpoint.exists() else None
+                where = f"; last good checkpoint: {str(kept)!r}" if kept is not None else ""
+                cause = err if isinstance(err, _NonFiniteStep) else "distribution parameter"
+                raise NonFiniteLossError(
+                    f"non-finite {cause} at epoch {epoch}, step {step}; parameters were not "
+                    f"updated by this step{where}. Try a smaller lr or a clip_norm.",
+                    epoch=epoch,
+                    step=step,
+                    checkpoint=kept,
+                ) from err
+            with torch.no_grad():
+                penalty_sum += torch.stack(self.penalties(encoded[0], aux, mask))
+            loss_sum += loss
+            bar.update(1)
+        alignment, decorrelation = (penalty_sum / num_batches).tolist()
+        objective = -loss_sum / (num_batches * n)
+        elbo = objective + self.weighted_penalty(alignment, decorrelation)
+        return {
+            "epoch": epoch,
+            "elbo": elbo,
+            "objective": objective,
+            "alignment": alignment,
+            "decorrelation": decorrelation,
+            "tau": self.tau,
+            "time_s": time.perf_counter() - start,
+        }
+
+    def _fit_extra(self, settings: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+        return {"epoch": len(self.history), "fit": settings, "dataset_sha256": fingerprint}
+
+    @staticmethod
+    def _resume_path(
+        resume: str | os.PathLike | bool | None, checkpoint: Path | None
+    ) -> Path | None:
+        if resume is None or resume is False:
+            return None
+        if resume is True:
+            if checkpoint is None:
+                raise ValueError("resume=True needs a checkpoint_dir")
+            return checkpoint if checkpoint.exists() else None
+        path = Path(resume)
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        if not path.is_file():
+            raise ValueError(f"resume checkpoint {str(path)!r} does not exist")
+        return path
+
+    def _restore_training(
+        self, path: Path, settings: dict[str, Any], fingerprint: str
+    ) -> list[dict[str, Any]]:
+        ckpt = load_checkpoint(path, kind=type(self).__name__, map_location=self.device)
+        what = f"resume checkpoint {str(path)!r}"
+        ignore = {"seed"}
+        mine = {k: v for k, v in self.config.items() if k not in ignore}
+        theirs = {k: v for k, v in ckpt.config.items() if k not in ignore}
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{what} was written by a model with a different config {diff}")
+        if ckpt.scaler != self.scaler.state_dict():
+            raise ValueError(f"{what} was written with a different auxiliary scaler")
+        fit = ckpt.extra.get("fit", {})
+        for key, value in settings.items():
+            if fit.get(key) != value:
+                raise ValueError(
+                    f"{what} was trained with {key}={fit.get(key)!r}; pass {key}={fit.get(key)!r} "
+                    f"to resume it (got {value!r})"
+                )
+        if ckpt.extra.get("dataset_sha256") != fingerprint:
+            raise ValueError(f"{what} was trained on a different dataset")
+        self._load_state(ckpt.state, what)
+        return [dict(h) for h in ckpt.history]
+
+    def _load_state(self, state: dict[str, Any], what: str) -> None:
+        weights = state.get("model")
+        if not isinstance(weights, dict):
+            raise ValueError(f"{what} holds no model weights")
+        try:
+            self.load_state_dict(weights, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{what} does not match {type(self).__name__}: {err}") from err
+        optimizer = state.get("optimizer") or {}
+        if self._optim is not None and optimizer:
+            store_names = self._store_names()
+            unknown = sorted(set(optimizer) - set(store_names))
+            if unknown:
+                raise ValueError(f"{what} has optimizer state for unknown parameters {unknown}")
+            self._optim.set_state({store_names[n]: value for n, value in optimizer.items()})
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """Optimizer state keyed by local parameter names (independent of the param store)."""
+        if self._optim is None:
+            return {}
+        local = {id(p): name for name, p in self.named_parameters()}
+        return {
+            local[id(p)]: optim.state_dict()
+            for p, optim in self._optim.optim_objs.items()
+            if id(p) in local
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 1024
+    ) -> dict[str, float]:
+        """ELBO (alone), penalties and subclass metrics on a dataset, per image.
+
+        The ELBO is a one-sample Monte Carlo estimate with the penalty factors hidden by
+        ``poutine.block``; the penalties are computed once over the whole set of encoder means.
+
+        Returns
+        -------
+        dict
+            ``elbo``, ``alignment``, ``decorrelation``, ``objective`` and the subclass's metrics.
+        """
+        tensors = data if isinstance(data, ModelTensors) else self.prepare(data)
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        was_training = self.training
+        self.eval()
+        blocked = poutine.block(self.model, hide=[ALIGN_SITE, DECOR_SITE])
+        estimator = Trace_ELBO()
+        n = tensors.images.shape[0]
+        elbo_sum = 0.0
+        sums: dict[str, torch.Tensor] = {}
+        locs = []
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                rows = slice(start, start + batch_size)
+                images, aux = tensors.images[rows], tensors.aux[rows]
+                mask = None if tensors.mask is None else tensors.mask[rows]
+                encoded = self.encoder_params(images)
+                elbo_sum -= estimator.loss(blocked, self.guide, images, aux, mask, encoded=encoded)
+                locs.append(encoded[0])
+                for key, value in self._evaluation_terms(images, encoded).items():
+                    sums[key] = sums.get(key, 0.0) + value
+            alignment, decorrelation = self.penalties(torch.cat(locs), tensors.aux, tensors.mask)
+        self.train(was_training)
+        elbo = elbo_sum / n
+        result = {
+            "elbo": elbo,
+            "alignment": float(alignment),
+            "decorrelation": float(decorrelation),
+            "objective": elbo - self.weighted_penalty(float(alignment), float(decorrelation)),
+        }
+        result.update({key: float(value) / n for key, value in sums.items()})
+        return result
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, images: Any, *, batch_size: int = 1024) -> Encoding:
+        """Posterior means and sds of ``z_aux`` and ``z_rec`` (standardized latent units).
+
+        Parameters
+        ----------
+        images : array-like, Tensor, DataArray or Dataset, shape ``(n, H, W)``
+            Images in the dataset's units.
+        batch_size : int
+
+        Returns
+        -------
+        Encoding
+            Tensors on the model's device.
+        """
+        tensor = self._as_images(images)
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            parts = [self.encoder_params(chunk) for chunk in tensor.split(batch_size)]
+        self.train(was_training)
+        loc = torch.cat([p[0] for p in parts])
+        scale = torch.cat([p[1] for p in parts])
+        k = self.aux_dim
+        return Encoding(loc[:, :k], scale[:, :k], loc[:, k:], scale[:, k:])
+
+    def predict_aux(self, images: Any, *, batch_size: int = 1024) -> xr.Dataset:
+        """Posterior mean and sd of each auxiliary in physical units.
+
+        The guided posterior ``z_j ~ N(m_j, s_j^2)`` (standardized) maps to the transformed
+        auxiliary ``g_j = mean_j + std_j z_j`` (the scaler's training mean/std). For an identity
+        transform ``u_j = g_j`` is Gaussian. For ``log10``/``log`` transforms ``u_j = b^{g_j}``
+        is log-normal with ``ln u_j ~ N(mu, sigma^2)``, ``mu = ln(b) (mean_j + std_j m_j)``,
+        ``sigma = ln(b) std_j s_j``, and the exact moments are reported:
+        ``E u = exp(mu + sigma^2 / 2)``, ``sd u = E u * sqrt(exp(sigma^2) - 1)``.
+
+        Returns
+        -------
+        xarray.Dataset
+            For each auxiliary ``name``: ``name`` (posterior mean) and ``name_sd``, dim
+            ``sample``, with the ``units`` attribute.
+        """
+        encoding = self.encode(images, batch_size=batch_size)
+        loc = encoding.z_aux_loc.double().cpu().numpy()
+        scale = encoding.z_aux_scale.double().cpu().numpy()
+        g_loc = self.scaler.mean + self.scaler.std * loc
+        g_scale = self.scaler.std * scale
+        data_vars = {}
+        for j, (name, units, transform) in enumerate(
+            zip(self.scaler.names, self.scaler.units, self.scaler.transforms, strict=True)
+        ):
+            if transform == "identity":
+                mean, sd = g_loc[:, j], g_scale[:, j]
+            else:
+                factor = math.log(10.0) if transform == "log10" else 1.0
+                mu, sigma = factor * g_loc[:, j], factor * g_scale[:, j]
+                mean = np.exp(mu + 0.5 * sigma**2)
+                sd = mean * np.sqrt(np.expm1(sigma**2))
+            data_vars[name] = ("sample", mean, {"units": units, "long_name": "posterior mean"})
+            data_vars[f"{name}_sd"] = ("sample", sd, {"units": units, "long_name": "posterior sd"})
+        return xr.Dataset(data_vars, attrs={"aux_names": list(self.scaler.names)})
+
+    def _aux_rows(self, aux: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical auxiliaries (possibly partial) to standardized rows and an observed mask."""
+        k = self.aux_dim
+        if aux is None:
+            return (
+                torch.zeros(1, k, device=self.device),
+                torch.zeros(1, k, dtype=torch.bool, device=self.device),
+            )
+        if not isinstance(aux, Mapping):
+            raise TypeError("aux must be a mapping of auxiliary names to values in physical units")
+        unknown = [name for name in aux if name not in self.scaler.names]
+        if unknown:
+            raise ValueError(
+                f"aux has unknown auxiliary names {unknown}; expected names in {self.scaler.names}"
+            )
+        columns: dict[str, np.ndarray] = {}
+        for name, values in aux.items():
+            try:
+                column = np.atleast_1d(np.asarray(values, dtype=np.float64))
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"aux[{name!r}] must be numeric") from err
+            if column.ndim != 1 or column.size == 0:
+                raise ValueError(f"aux[{name!r}] must be a scalar or a non-empty 1-d array")
+            if not np.isfinite(column).all():
+                raise ValueError(f"aux[{name!r}] contains non-finite values")
+            columns[name] = column
+        lengths = {c.size for c in columns.values()} - {1}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"aux values must be scalars or share one length, got {sorted(lengths)}"
+            )
+        n = lengths.pop() if lengths else 1
+        physical = np.full((n, k), np.nan)
+        for j, name in enumerate(self.scaler.names):
+            if name in columns:
+                physical[:, j] = columns[name]
+        standardized = self.scaler.transform(physical)
+        observed = np.isfinite(standardized)
+        return (
+            torch.as_tensor(np.where(observed, standardized, 0.0), dtype=torch.float32).to(
+                self.device
+            ),
+            torch.as_tensor(observed).to(self.device),
+        )
+
+    def sample_latent(
+        self, aux: Mapping[str, Any] | None = None, num: int = 1, *, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw latent codes from the prior at auxiliaries given in physical units.
+
+        ``z_aux ~ N(u~, tau^2)`` for the auxiliaries given and the marginal ``N(0, 1 + tau^2)``
+        for those left out; ``z_rec ~ N(0, I)``.
+
+        Parameters
+        ----------
+        aux : mapping of name to scalar or 1-d array, optional
+            Physical values; scalars broadcast against arrays of one common length ``n``
+            (``n = 1`` for scalars only). Missing names are drawn from their marginal.
+        num : int
+            Draws per auxiliary row.
+        seed : int, optional
+            Seed of a private generator (default: the global torch RNG).
+
+        Returns
+        -------
+        z_aux : Tensor, shape ``(n * num, aux_dim)``
+        z_rec : Tensor, shape ``(n * num, residual_dim)``
+            Row ``i * num + j`` is draw ``j`` at auxiliary row ``i``.
+        """
+        num = _check_int(num, "num", 1)
+        standardized, observed = self._aux_rows(aux)
+        standardized = standardized.repeat_interleave(num, dim=0)
+        observed = observed.repeat_interleave(num, dim=0)
+        prior = self.split.aux_dist(standardized, observed).base_dist
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(_check_int(seed, "seed", 0))
+        noise = torch.randn(
+            (standardized.shape[0], self.latent_dim), generator=generator, device=self.device
+        )
+        with torch.no_grad():
+            z_aux = prior.loc + prior.scale * noise[:, : self.aux_dim]
+        return z_aux, noise[:, self.aux_dim :]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write config, scaler, weights, optimizer state and history to one checkpoint file."""
+        history = [
+            {k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()}
+            for record in self.history
+        ]
+        state = {"model": dict(self.state_dict()), "optimizer": self._optimizer_state()}
+        return save_checkpoint(
+            path,
+            kind=type(self).__name__,
+            config=self.config,
+            scaler=self.scaler.state_dict(),
+            state=state,
+            history=history,
+            extra=dict(extra or {}),
+        )
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, device: str | torch.device | None = None
+    ) -> GuidedLatentModel:
+        """Rebuild a model from :meth:`save` output (no pickled code is ever executed).
+
+        Called on the base class, it returns an instance of whichever registered subclass
+        wrote the file.
+        """
+        ckpt = load_checkpoint(path)
+        what = f"checkpoint file {str(path)!r}"
+        klass = _MODEL_CLASSES.get(ckpt.kind)
+        if klass is None:
+            raise ValueError(
+                f"{what} holds a {ckpt.kind!r}, which is not a known model class "
+                "(import the module that defines it first)"
+            )
+        if not issubclass(klass, cls):
+            raise ValueError(f"{what} holds a {ckpt.kind!r}, not a {cls.__name__}")
+        try:
+            scaler = AuxScaler.from_state_dict(ckpt.scaler or {})
+        except ValueError as err:
+            raise ValueError(f"{what} has an invalid scaler: {err}") from err
+        config = dict(ckpt.config)
+        config.pop("class", None)
+        try:
+            model = klass(scaler, **config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{what} has an invalid config: {err}") from err
+        model._load_state(ckpt.state, what)
+        model.history = [dict(h) for h in ckpt.history]
+        if device is not None:
+            model.to(torch.device(device))
+        model.eval()
+        return model
