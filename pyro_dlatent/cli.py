@@ -64,15 +64,120 @@ def simulate(
 
 
 @app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="Built-in dataset name or a .nc/.zarr file.")],
+    out: Annotated[Path, typer.Option(help="Run folder (created).")],
+    model: Annotated[str, typer.Option(help="Model: auxvae or dlcfm.")] = "auxvae",
+    num: Annotated[int, typer.Option(help="Images to simulate (built-in data).")] = 2048,
+    size: Annotated[int, typer.Option(help="Image side (built-in data).")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the data, the split and training.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    residual_dim: Annotated[int, typer.Option(help="Residual latent dimension.")] = 4,
+    tau: Annotated[float, typer.Option(help="Tether sd of the guided block.")] = 0.1,
+    device: Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a model; the run folder gets weights, history, report and figures."""
+    from pyro_dlatent.runs import CHECKPOINT_DIR, open_dataset, train_run
+
+    if not out.parent.exists():
+        raise typer.BadParameter(
+            f"directory {str(out.parent)!r} does not exist", param_hint="--out"
+        )
+    ds = open_dataset(data, num=num, size=size, seed=seed)
+    try:
+        train_run(
+            ds,
+            out,
+            model=model,
+            model_kwargs={"residual_dim": residual_dim, "tau": tau, "seed": seed},
+            fit_kwargs={
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seed": seed,
+                "device": device,
+                "progress": progress,
+            },
+            resume=resume,
+            overwrite=overwrite,
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            f"pyro-dlatent: interrupted; completed epochs are in {out / CHECKPOINT_DIR}; "
+            "rerun the same command with --resume to continue",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    typer.echo(f"trained {model} into {out}")
+
+
+@app.command()
+def traverse(
+    model: Annotated[Path, typer.Argument(help="Run folder or model checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Figure path (.png, .pdf).")],
+    data: Annotated[
+        str | None, typer.Option(help="Dataset whose image --index is the base.")
+    ] = None,
+    index: Annotated[int, typer.Option(help="Image of --data encoded as the base code.")] = 0,
+    span: Annotated[float, typer.Option(help="Each coordinate spans [-span, span].")] = 2.5,
+    steps: Annotated[int, typer.Option(help="Panels per row.")] = 7,
+) -> None:
+    """Latent traversal figure: one row per coordinate, guided rows in physical units."""
+    from pyro_dlatent import plots
+    from pyro_dlatent.runs import load_model, open_dataset, traversal_figure
+
+    net = load_model(model)
+    base = None
+    if data is not None:
+        ds = open_dataset(data)
+        if not 0 <= index < ds.sizes["sample"]:
+            raise typer.BadParameter(f"must be in [0, {ds.sizes['sample']})", param_hint="--index")
+        encoding = net.encode(ds["image"].values[index : index + 1])
+        base = (encoding.z_aux_loc[0].cpu().numpy(), encoding.z_rec_loc[0].cpu().numpy())
+    plots.save_figure(traversal_figure(net, span=span, steps=steps, base=base), out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def encode(
+    model: Annotated[Path, typer.Argument(help="Run folder or model checkpoint.")],
+    data: Annotated[str, typer.Argument(help="Built-in dataset name or a .nc/.zarr file.")],
+    out: Annotated[Path, typer.Option(help="Output netCDF file.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Encode images: predicted auxiliaries (physical units, mean and sd) and latent means."""
+    from pyro_dlatent.runs import load_model, open_dataset
+
+    _out_path(out, overwrite)
+    net = load_model(model)
+    ds = open_dataset(data)
+    result = net.predict_aux(ds)
+    encoding = net.encode(ds)
+    result["z_aux"] = (("sample", "aux"), encoding.z_aux_loc.cpu().numpy())
+    result["z_rec"] = (("sample", "residual"), encoding.z_rec_loc.cpu().numpy())
+    result = result.assign_coords(aux=net.aux_names)
+    tmp = out.with_name(f".{out.name}.tmp")
+    result.to_netcdf(tmp, engine="h5netcdf")
+    tmp.replace(out)
+    typer.echo(f"wrote {out} ({ds.sizes['sample']} images)")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, figures, models and summary.json.")],
     fast: Annotated[bool, typer.Option(help="A small, quick version.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed of every stage.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """The main job on built-in data: simulate, train, explain, invert; results in --out."""
     from pyro_dlatent.demo import run_demo
 
-    run_demo(out, fast=fast, seed=seed)
+    run_demo(out, fast=fast, seed=seed, progress=progress)
     typer.echo(f"wrote results to {out} (see {out / 'summary.json'})")
 
 

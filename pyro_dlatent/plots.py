@@ -27,6 +27,7 @@ __all__ = [
     "posterior_fields",
     "preview",
     "save_figure",
+    "training_history",
 ]
 
 
@@ -272,5 +273,28 @@ def marginal_posteriors(
         ax.set_title(names[j], fontsize=9)
         ax.tick_params(labelsize=6)
     axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def training_history(history: Sequence[dict]) -> plt.Figure:
+    """Per-epoch curves of a training history: ELBO (train/validation) and each penalty."""
+    epochs = [h["epoch"] for h in history]
+    panels = [
+        ("ELBO per image", ["elbo", "val_elbo"]),
+        ("alignment penalty", ["alignment", "val_alignment"]),
+        ("decorrelation penalty", ["decorrelation", "val_decorrelation"]),
+    ]
+    panels = [(t, [k for k in keys if k in history[0]]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            values = [np.nan if h.get(key) is None else h[key] for h in history]
+            ax.plot(epochs, values, marker=".", label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.tick_params(labelsize=6)
     fig.tight_layout()
     return fig

@@ -1,0 +1,181 @@
+"""Run folders: train a model on a dataset and leave its weights, history, report and figures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from pyro_dlatent import data, plots
+from pyro_dlatent.models.base import GuidedLatentModel
+
+__all__ = [
+    "MODELS",
+    "build_model",
+    "explain",
+    "load_model",
+    "open_dataset",
+    "train_run",
+    "traversal_figure",
+]
+
+MODELS = {
+    "auxvae": ("pyro_dlatent.models.auxvae", "AuxVAE"),
+    "dlcfm": ("pyro_dlatent.models.dlcfm", "DLCFM"),
+}
+"""Model names accepted by :func:`build_model` and the classes they name."""
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def open_dataset(
+    source: str | os.PathLike, *, num: int = 2048, size: int = 32, seed: int = 0
+) -> xr.Dataset:
+    """A dataset from a built-in simulator name or from a ``.nc``/``.zarr`` path.
+
+    ``num``, ``size`` and ``seed`` apply to simulated data only.
+    """
+    if str(source) in data.SIMULATORS:
+        return data.simulate(str(source), num, size=size, seed=seed)
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(
+            f"data {str(source)!r} is neither a built-in dataset {sorted(data.SIMULATORS)} "
+            "nor an existing file"
+        )
+    return data.load(path)
+
+
+def build_model(name: str, dataset: xr.Dataset, **kwargs: Any) -> GuidedLatentModel:
+    """Build the model ``name`` (a key of :data:`MODELS`) sized and scaled for ``dataset``."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    module, cls = MODELS[name]
+    klass = getattr(importlib.import_module(module), cls)
+    return klass.from_dataset(dataset, **kwargs)
+
+
+def load_model(path: str | os.PathLike, *, device: str | None = None) -> GuidedLatentModel:
+    """Load a model from a checkpoint file or a run folder (its ``model.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise ValueError(f"model {str(path)!r} does not exist")
+    for module, _ in MODELS.values():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+    return GuidedLatentModel.load(path, device=device)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def traversal_figure(model: GuidedLatentModel, *, span: float = 2.5, steps: int = 7, base=None):
+    """Latent traversal of ``model`` around ``base`` (a latent code; default the prior centre).
+
+    Guided rows are labelled with the physical variable and each panel with its physical value
+    (``scaler`` inverse of the standardized coordinate).
+    """
+    generator = model.generator()
+    parameter = next(generator.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    if base is None:
+        z_aux0, z_rec0 = np.zeros(model.aux_dim), np.zeros(model.residual_dim)
+    else:
+        z_aux0, z_rec0 = base
+
+    def decode(z_aux: np.ndarray, z_rec: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = generator(
+                torch.as_tensor(z_aux, dtype=torch.float32, device=device),
+                torch.as_tensor(z_rec, dtype=torch.float32, device=device),
+            )
+        return out.cpu().numpy()
+
+    scaler = model.scaler
+    grid = np.linspace(-span, span, steps)
+    values = np.empty((model.aux_dim, steps))
+    for j in range(model.aux_dim):
+        standardized = np.repeat(np.asarray(z_aux0, dtype=np.float64)[None], steps, axis=0)
+        standardized[:, j] = grid
+        values[j] = scaler.inverse_transform(standardized)[:, j]
+    labels = [f"{n} [{u}]" if u else n for n, u in zip(scaler.names, scaler.units, strict=True)]
+    return plots.latent_traversal(
+        decode, z_aux0, z_rec0, span=span, steps=steps, aux_labels=labels, aux_values=values
+    )
+
+
+def explain(model: GuidedLatentModel, dataset: xr.Dataset, out: str | os.PathLike) -> dict:
+    """Write ``traversal.png``, ``scatter.png``, ``history.png`` and ``report.json`` into ``out``.
+
+    Returns the alignment report (see :func:`pyro_dlatent.report.alignment_report`).
+    """
+    from pyro_dlatent.report import alignment_report, save_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = alignment_report(model, dataset)
+    save_report(report, out / "report.json")
+    plots.save_figure(traversal_figure(model), out / "traversal.png")
+    encoding = model.encode(dataset)
+    latents = torch.cat([encoding.z_aux_loc, encoding.z_rec_loc], dim=-1).cpu().numpy()
+    scaler = model.scaler
+    labels = [f"{n} [{u}]" if u else n for n, u in zip(scaler.names, scaler.units, strict=True)]
+    fig = plots.aux_scatter(
+        latents, data.aux_array(dataset), aux_labels=labels, aux_dim=model.aux_dim
+    )
+    plots.save_figure(fig, out / "scatter.png")
+    if model.history:
+        plots.save_figure(plots.training_history(model.history), out / "history.png")
+    return report
+
+
+def train_run(
+    dataset: xr.Dataset,
+    out: str | os.PathLike,
+    *,
+    model: str = "auxvae",
+    model_kwargs: Mapping[str, Any] | None = None,
+    fit_kwargs: Mapping[str, Any] | None = None,
+    held_out: xr.Dataset | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> GuidedLatentModel:
+    """Train ``model`` on ``dataset`` into the run folder ``out``.
+
+    The folder receives ``run.json`` (the settings), ``checkpoints/last.pt`` after every epoch
+    (so an interrupted run continues with ``resume=True``), ``model.pt``, ``history.json`` and
+    what :func:`explain` writes, computed on ``held_out`` when given (else on ``dataset``). An
+    existing finished run is kept unless ``overwrite``.
+    """
+    out = Path(out)
+    model_kwargs = dict(model_kwargs or {})
+    fit_kwargs = dict(fit_kwargs or {})
+    if (out / MODEL_FILE).exists() and not (overwrite or resume):
+        raise FileExistsError(
+            f"run folder {str(out)!r} already holds a trained model; pass overwrite or resume"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": model, "model_kwargs": model_kwargs, "fit_kwargs": fit_kwargs}
+    _write_json(settings, out / "run.json")
+    net = build_model(model, dataset, **model_kwargs)
+    checkpoints = out / CHECKPOINT_DIR
+    net.fit(dataset, checkpoint_dir=checkpoints, resume=True if resume else None, **fit_kwargs)
+    net.save(out / MODEL_FILE)
+    _write_json(net.history, out / "history.json")
+    explain(net, dataset if held_out is None else held_out, out)
+    return net
