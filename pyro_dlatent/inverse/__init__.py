@@ -1,1 +1,27 @@
 """Disentangled deep priors for Bayesian inverse problems on an elliptic PDE."""
+
+from pyro_dlatent.inverse.fem import (
+    ConductivityProblem,
+    SourceProblem,
+    default_sensors,
+    simulate_observations,
+)
+from pyro_dlatent.inverse.grf import GRFPrior
+from pyro_dlatent.inverse.infer import InferenceResult, InferenceWarning, infer, run_health
+from pyro_dlatent.inverse.prior import AuxPrior, DeepPrior, GRFFieldPrior, InverseProblemModel
+
+__all__ = [
+    "AuxPrior",
+    "ConductivityProblem",
+    "DeepPrior",
+    "GRFFieldPrior",
+    "GRFPrior",
+    "InferenceResult",
+    "InferenceWarning",
+    "InverseProblemModel",
+    "SourceProblem",
+    "default_sensors",
+    "infer",
+    "run_health",
+    "simulate_observations",
+]

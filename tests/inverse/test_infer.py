@@ -1,0 +1,471 @@
+"""Inference entry point: potentials, MAP/SVI/NUTS against closed-form posteriors, run health."""
+
+from __future__ import annotations
+
+import warnings
+
+import arviz as az
+import numpy as np
+import pyro.distributions as dist
+import pytest
+import scipy.stats
+import torch
+import xarray as xr
+from pyro.infer.mcmc.util import initialize_model
+
+from pyro_dlatent.export import load_netcdf, save_netcdf
+from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
+from pyro_dlatent.inverse.grf import GRFPrior
+from pyro_dlatent.inverse.infer import (
+    InferenceWarning,
+    LatentPotential,
+    infer,
+    loss_settled,
+)
+from pyro_dlatent.inverse.prior import DeepPrior, GRFFieldPrior, InverseProblemModel
+from tests.conftest import assert_close
+from tests.inverse.test_prior import F64, LinearGenerator, LinearProblem
+
+QUIET = {"progress": False}
+
+
+def _u_prior():
+    return {
+        "a0": dist.Normal(torch.tensor(2.2, dtype=F64), torch.tensor(0.4, dtype=F64)),
+        "a1": dist.Normal(torch.tensor(1.8, dtype=F64), torch.tensor(0.7, dtype=F64)),
+    }
+
+
+def _linear_setup(problem_kind: str = "linear", noise_sd: float = 0.1):
+    if problem_kind == "linear":
+        problem = LinearProblem(size=4, num_sensors=5, noise_sd=noise_sd)
+        operator = problem.matrix.numpy()
+        generator = LinearGenerator(size=4)
+    else:
+        problem = SourceProblem(5, default_sensors(2), noise_sd=noise_sd)
+        operator = problem.sensor_operator
+        generator = LinearGenerator(size=5)
+        # The source problem's data are ~1e-2 of the field: scale G so the data inform z.
+        with torch.no_grad():
+            generator.weight.mul_(30.0)
+    prior = DeepPrior(generator, u_prior=_u_prior(), tau=0.3)
+    gen = torch.Generator().manual_seed(5)
+    data = torch.randn(problem.num_sensors, generator=gen, dtype=F64)
+    return problem, prior, operator, data
+
+
+def linear_gaussian_posterior(prior: DeepPrior, operator: np.ndarray, noise_sd: float, data):
+    """Exact posterior of (u, z_aux, z_rec) for Gaussian u, identity scaler, linear G and data.
+
+    Prior: u ~ N(mu_u, S_u), z_aux = D (u - m) + tau eta with D = diag(1/s) (the scaler's
+    standardization), z_rec ~ N(0, I); so theta = (u, z_aux, z_rec) is jointly Gaussian with
+    mean (mu_u, D (mu_u - m), 0) and covariance blocks S_u, S_u D, D S_u D + tau^2 I, I. Data:
+    d = A (W z + b) + eps = J theta + c with J = [0, A W], c = A b. The posterior precision is
+    Sigma0^-1 + J^T J / sigma^2 and the mean Sigma (Sigma0^-1 mu0 + J^T (d - c) / sigma^2).
+    """
+    generator = prior.generator
+    k, r = generator.aux_dim, generator.residual_dim
+    mu_u = np.array([d.loc.item() for d in prior.u_prior.components])
+    s_u = np.array([d.scale.item() for d in prior.u_prior.components])
+    d_std = np.diag(1.0 / prior.scaler.std)
+    cov_u = np.diag(s_u**2)
+    tau = prior.tau
+    mean0 = np.concatenate([mu_u, d_std @ (mu_u - prior.scaler.mean), np.zeros(r)])
+    cov0 = np.zeros((2 * k + r, 2 * k + r))
+    cov0[:k, :k] = cov_u
+    cov0[:k, k : 2 * k] = cov_u @ d_std
+    cov0[k : 2 * k, :k] = d_std @ cov_u
+    cov0[k : 2 * k, k : 2 * k] = d_std @ cov_u @ d_std + tau**2 * np.eye(k)
+    cov0[2 * k :, 2 * k :] = np.eye(r)
+    weight = generator.weight.detach().numpy()
+    bias = generator.bias.detach().numpy()
+    jac = np.concatenate([np.zeros((operator.shape[0], k)), operator @ weight], axis=1)
+    offset = operator @ bias
+    prec0 = np.linalg.inv(cov0)
+    precision = prec0 + jac.T @ jac / noise_sd**2
+    cov = np.linalg.inv(precision)
+    mean = cov @ (prec0 @ mean0 + jac.T @ (np.asarray(data) - offset) / noise_sd**2)
+    return mean, 0.5 * (cov + cov.T)
+
+
+def _stack(samples, names=("u", "z_aux", "z_rec")):
+    return np.concatenate([samples[n].detach().numpy() for n in names], axis=-1)
+
+
+def assert_gaussian_draws(draws: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> None:
+    """Draws ``(chain, draw, d)`` agree with ``N(mean, cov)`` within Monte Carlo error.
+
+    The draws are whitened with the exact posterior, ``y = L^{-1} (x - mean)``, so ``y`` should
+    be standard normal: every mean ``E[y_i] = 0`` and every second moment
+    ``E[y_i y_j] = delta_ij``. Each estimate is compared with its own Monte Carlo standard error
+    ``sd(q) / sqrt(ESS(q))`` (ArviZ bulk ESS of the quantity ``q``, so autocorrelation is
+    accounted for). The bound is 4 standard errors, raised to a Bonferroni level when there are
+    many comparisons: ``z = max(4, Phi^-1(1 - 0.005 / K))`` for ``K`` comparisons, a
+    family-wise false-alarm rate below 1%.
+    """
+    lower = np.linalg.cholesky(cov)
+    white = np.linalg.solve(lower, (draws - mean).reshape(-1, mean.size).T).T
+    white = white.reshape(*draws.shape[:2], mean.size)
+    dim = mean.size
+    num = dim + dim * (dim + 1) // 2
+    z = max(4.0, float(scipy.stats.norm.isf(0.005 / num)))
+
+    def check(quantity: np.ndarray, target: float, label: str) -> None:
+        ess = float(az.ess(quantity))
+        error = abs(quantity.mean() - target)
+        bound = z * quantity.std() / np.sqrt(ess)
+        assert error < bound, f"{label}: error {error:.4f} > {bound:.4f} (ESS {ess:.0f})"
+
+    for i in range(dim):
+        check(white[..., i], 0.0, f"mean[{i}]")
+        for j in range(i, dim):
+            check(white[..., i] * white[..., j], float(i == j), f"moment[{i},{j}]")
+
+
+# --------------------------------------------------------------------------- potential
+def _mixed_model():
+    u_prior = {
+        "a0": dist.Uniform(torch.tensor(0.5, dtype=F64), torch.tensor(4.0, dtype=F64)),
+        "a1": dist.LogNormal(torch.tensor(0.5, dtype=F64), torch.tensor(0.3, dtype=F64)),
+    }
+    prior = DeepPrior(LinearGenerator(), u_prior=u_prior, tau=0.3)
+    return InverseProblemModel(LinearProblem(), prior, torch.zeros(5))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_latent_potential_equals_pyro_potential(fast):
+    model = _mixed_model()
+    potential, initial = LatentPotential.from_model(model, num_chains=3, fast=fast)
+    assert potential.fast is fast
+    assert initial.shape == (3, potential.dim) and potential.dim == 7
+    _, reference, _, _ = initialize_model(model)
+    for theta in initial:
+        unpacked = potential.unpack(theta)
+        assert_close(potential.pack(unpacked), theta)
+        params = {k: v.clone().requires_grad_(True) for k, v in unpacked.items()}
+        expected = reference(params)
+        expected_grad = torch.autograd.grad(expected, list(params.values()))
+        point = theta.clone().requires_grad_(True)
+        value = potential({"theta": point})
+        (grad,) = torch.autograd.grad(value, point)
+        assert_close(value, expected, atol=1e-9, rtol=1e-9)
+        assert_close(grad, torch.cat([g.reshape(-1) for g in expected_grad]), atol=1e-8)
+        constrained = potential.constrain(theta)
+        assert 0.5 < constrained["u"][0] < 4.0 and constrained["u"][1] > 0
+
+
+def test_jit_compiled_potential_matches_and_rejects_numpy_models():
+    model = _mixed_model()
+    potential, initial = LatentPotential.from_model(model, jit_compile=True)
+    eager, _ = LatentPotential.from_model(model)
+    point = {"theta": initial[0] + 0.3}
+    assert_close(potential(point), eager(point), atol=1e-9, rtol=1e-9)
+
+    class SolveProblem(SourceProblem):
+        """The source problem through its scipy solve (an autograd.Function: traceable)."""
+
+        def forward(self, field):
+            return self.observe(self.solve(field))
+
+    problem = SolveProblem(4, default_sensors(1), noise_sd=0.1)
+    solve_model = InverseProblemModel(problem, DeepPrior(LinearGenerator(), tau=0.3), [0.0])
+    traced, initial = LatentPotential.from_model(solve_model, jit_compile=True)
+    eager, _ = LatentPotential.from_model(solve_model)
+    point = {"theta": initial[0] - 0.2}
+    assert_close(traced(point), eager(point), atol=1e-9, rtol=1e-9)
+
+    class NumpyScaledProblem(LinearProblem):
+        """A value leaves torch (a Python float): a trace would freeze it."""
+
+        def forward(self, field):
+            scale = float(np.abs(field.detach().numpy()).max())
+            return scale * super().forward(field)
+
+    frozen = InverseProblemModel(
+        NumpyScaledProblem(), DeepPrior(LinearGenerator(), tau=0.3), [0.0] * 5
+    )
+    with pytest.raises(RuntimeError, match="jit_compile"):
+        LatentPotential.from_model(frozen, jit_compile=True)
+
+
+# --------------------------------------------------------------------------- closed form
+@pytest.mark.parametrize("problem_kind", ["linear", "source"])
+def test_map_hits_the_gaussian_posterior_mode(problem_kind):
+    problem, prior, operator, data = _linear_setup(problem_kind)
+    mean, _ = linear_gaussian_posterior(prior, operator, problem.noise_sd, data)
+    result = infer(problem, prior, data, "map", num_starts=4, steps=100, lr=0.05, **QUIET)
+    assert result.samples["u"].shape == (1, 1, 2)
+    assert_close(_stack(result.samples)[0, 0], mean, atol=1e-3, rtol=0)
+    best = result.model.log_joint({k: v[0, 0] for k, v in result.samples.items()})
+    assert_close(-best, result.health["start_losses"].min(), atol=1e-6, rtol=1e-8)
+    assert "sample_stats" not in result.idata.groups()
+
+
+def test_fullrank_svi_reproduces_the_gaussian_posterior():
+    problem, prior, operator, data = _linear_setup()
+    mean, cov = linear_gaussian_posterior(prior, operator, problem.noise_sd, data)
+    result = infer(
+        problem,
+        prior,
+        data,
+        "svi",
+        guide="fullrank",
+        num_starts=2,
+        steps=200,
+        lr=0.003,
+        num_particles=8,
+        num_samples=1500,
+        **QUIET,
+    )
+    assert result.health["settled"], result.health
+    draws = _stack(result.samples)
+    assert draws.shape == (1, 1500, 7)
+    assert_gaussian_draws(draws, mean, cov)
+
+
+@pytest.mark.slow
+def test_nuts_reproduces_the_gaussian_posterior():
+    problem, prior, operator, data = _linear_setup()
+    mean, cov = linear_gaussian_posterior(prior, operator, problem.noise_sd, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InferenceWarning)
+        result = infer(
+            problem,
+            prior,
+            data,
+            "nuts",
+            num_samples=800,
+            num_warmup=400,
+            num_chains=2,
+            dense_mass=True,
+            **QUIET,
+        )
+    assert result.health["divergences"] == 0 and result.health["max_rhat"] <= 1.01
+    assert_gaussian_draws(_stack(result.samples), mean, cov)
+
+
+def _grf_setup():
+    # 9x9 nodes, 3x3 sensors; sigma = 0.01 makes the best-measured direction of the whitened
+    # posterior about 8x narrower than the prior, so the data clearly move the posterior.
+    problem = SourceProblem(9, default_sensors(3), noise_sd=0.01)
+    grf = GRFPrior.from_matern(9, correlation_length=0.4, variance=1.0)
+    data = simulate_observations(problem, grf.sample(1, seed=1)[0], seed=2)
+    mean, cov = grf.posterior(problem, data)
+    return problem, grf, data, mean.reshape(-1).numpy(), cov.numpy()
+
+
+@pytest.mark.slow
+def test_nuts_reproduces_the_grf_posterior():
+    problem, grf, data, mean, cov = _grf_setup()
+    prior = GRFFieldPrior(grf, whiten=True, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InferenceWarning)
+        result = infer(
+            problem,
+            prior,
+            data,
+            "nuts",
+            num_samples=500,
+            num_warmup=400,
+            num_chains=2,
+            field_draws=True,
+            **QUIET,
+        )
+    assert result.health["divergences"] == 0 and result.health["max_rhat"] < 1.03
+    fields = result.idata.posterior["field"].values
+    assert_gaussian_draws(fields.reshape(*fields.shape[:2], -1), mean, cov)
+    summary = result.idata.field_summary
+    assert_close(summary["field_mean"].values.ravel(), mean, atol=0.2, rtol=0)
+
+
+@pytest.mark.slow
+def test_fullrank_svi_reproduces_the_grf_posterior():
+    problem, grf, data, mean, cov = _grf_setup()
+    prior = GRFFieldPrior(grf, whiten=True, dtype=F64)
+    result = infer(
+        problem,
+        prior,
+        data,
+        "svi",
+        guide="fullrank",
+        steps=500,
+        lr=0.003,
+        num_particles=8,
+        num_samples=1500,
+        field_draws=True,
+        **QUIET,
+    )
+    fields = result.idata.posterior["field"].values
+    assert_gaussian_draws(fields.reshape(*fields.shape[:2], -1), mean, cov)
+
+
+# --------------------------------------------------------------------------- NUTS bookkeeping
+@pytest.fixture(scope="module")
+def short_nuts():
+    problem, prior, _, data = _linear_setup(noise_sd=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InferenceWarning)
+        return infer(problem, prior, data, "nuts", num_samples=40, num_warmup=40, seed=3, **QUIET)
+
+
+def test_nuts_records_consistent_sample_stats(short_nuts):
+    stats = short_nuts.idata.sample_stats
+    depth = stats["tree_depth"].values
+    steps = stats["n_steps"].values
+    assert depth.shape == (2, 40)
+    # Pyro's tree depth counts completed doublings (2^depth - 1 leapfrog steps); a last
+    # subtree cut short by a U-turn or divergence adds at most 2^depth more.
+    assert np.all(2.0**depth - 1 <= steps) and np.all(steps <= 2.0 ** (depth + 1) - 1)
+    accept = stats["acceptance_rate"].values
+    assert np.all((accept >= 0) & (accept <= 1)) and 0.3 < accept.mean() <= 1
+    step_size = stats["step_size"].values
+    assert np.allclose(step_size, step_size[:, :1]) and np.all(step_size > 0)
+    assert np.isfinite(stats["energy"].values).all() and np.isfinite(stats["lp"].values).all()
+    assert stats["diverging"].dtype == bool
+    # E-BFMI reads the energy; it must be a sane positive number.
+    assert np.all(az.bfmi(short_nuts.idata) > 0)
+
+
+def test_nuts_result_groups_and_shapes(short_nuts):
+    idata = short_nuts.idata
+    for group in ("posterior", "posterior_predictive", "log_likelihood", "sample_stats"):
+        assert group in idata.groups()
+    assert idata.posterior["u"].dims == ("chain", "draw", "aux")
+    assert list(idata.posterior["aux"].values) == ["a0", "a1"]
+    assert idata.log_likelihood["obs"].shape == (2, 40, 5)
+    assert idata.field_summary["field_mean"].dims == ("y", "x")
+    assert short_nuts.samples["z_rec"].shape == (2, 40, 3)
+    constant = idata.constant_data
+    assert set(constant.data_vars) == {"noise_sd", "sensor_x", "sensor_y", "node_x", "node_y"}
+    assert constant["node_x"].dims == ("y", "x")
+    assert np.allclose(constant["node_x"].values[0], idata.field_summary["x"].values)
+
+
+def test_nuts_result_survives_a_netcdf_round_trip(short_nuts, tmp_path):
+    idata = short_nuts.idata
+    loaded = load_netcdf(save_netcdf(idata, tmp_path / "posterior.nc"))
+    assert loaded.groups() == idata.groups()
+    for group in idata.groups():
+        xr.testing.assert_identical(loaded[group], idata[group])
+    summary = az.summary(loaded, var_names=["u"])
+    assert list(summary.index) == ["u[a0]", "u[a1]"]
+
+
+def test_same_seed_same_draws_and_caller_rng_untouched():
+    problem, prior, _, data = _linear_setup(noise_sd=0.5)
+    torch.manual_seed(123)
+    runs = []
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InferenceWarning)
+            runs.append(
+                infer(problem, prior, data, "nuts", num_samples=10, num_warmup=10, seed=7, **QUIET)
+            )
+        runs.append(
+            infer(
+                problem,
+                prior,
+                data,
+                "svi",
+                svi_init="median",
+                steps=30,
+                num_samples=10,
+                seed=7,
+                **QUIET,
+            )
+        )
+    assert_close(runs[0].samples, runs[2].samples, atol=0, rtol=0)
+    assert_close(runs[1].samples, runs[3].samples, atol=0, rtol=0)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert_close(after, torch.rand(3), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- health
+def test_short_nuts_run_warns_about_rhat():
+    problem, prior, _, data = _linear_setup(noise_sd=0.5)
+    with pytest.warns(InferenceWarning, match="R-hat"):
+        result = infer(problem, prior, data, "nuts", num_samples=5, num_warmup=3, **QUIET)
+    assert result.health["max_rhat"] > 1.01 and result.health["warnings"]
+
+
+def test_unsettled_svi_warns():
+    problem, prior, _, data = _linear_setup()
+    with pytest.warns(InferenceWarning, match="not settled"):
+        # From the prior median the loss falls from ~4500 to ~50 in 100 steps: still falling.
+        result = infer(
+            problem,
+            prior,
+            data,
+            "svi",
+            svi_init="median",
+            steps=100,
+            num_particles=16,
+            lr=0.02,
+            lr_decay=1.0,
+            num_samples=10,
+            **QUIET,
+        )
+    assert not result.health["settled"]
+
+
+def test_loss_settled_on_known_sequences():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 1.0, 1000)
+    assert loss_settled(10.0 + noise)["settled"]
+    assert not loss_settled(10.0 + noise - np.linspace(0.0, 20.0, 1000))["settled"]
+    assert loss_settled(np.full(100, 3.0))["settled"]
+    assert not loss_settled(np.full(100, 3.0) - np.linspace(0, 1, 100))["settled"]
+    assert not loss_settled(np.ones(10))["settled"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"method": "hmc"}, "method"),
+        ({"guide": "flow"}, "guide"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"num_chains": 0}, "num_chains"),
+        ({"num_warmup": -1}, "num_warmup"),
+        ({"num_starts": 0}, "num_starts"),
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr_decay": 1.5}, "lr_decay"),
+        ({"init_scale": -1.0}, "init_scale"),
+        ({"num_particles": 0}, "num_particles"),
+        ({"target_accept_prob": 1.0}, "target_accept_prob"),
+        ({"seed": -1}, "seed"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"rank": 0}, "rank"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, name):
+    problem, prior, _, data = _linear_setup()
+    kwargs = {"method": "svi", **kwargs}
+    method = kwargs.pop("method")
+    with pytest.raises(ValueError, match=name):
+        infer(problem, prior, data, method, **kwargs, **QUIET)
+
+
+def test_missing_or_malformed_observations_are_rejected():
+    problem, prior, _, _ = _linear_setup()
+    with pytest.raises(ValueError, match="observations"):
+        infer(problem, prior, None, "map", **QUIET)
+    with pytest.raises(ValueError, match="observations"):
+        infer(problem, prior, np.zeros(3), "map", **QUIET)
+
+
+def test_deep_prior_from_a_trained_model_generator_runs_end_to_end():
+    from pyro_dlatent.data import simulate
+    from pyro_dlatent.models.auxvae import AuxVAE
+
+    dataset = simulate("sources", 8, size=16, seed=0)
+    vae = AuxVAE.from_dataset(dataset, residual_dim=2, width=8, hidden=16, seed=0)
+    prior = DeepPrior(vae.generator())
+    problem = SourceProblem(16, default_sensors(2), noise_sd=0.01)
+    data = simulate_observations(problem, torch.as_tensor(dataset["image"].values[0]), seed=0)
+    result = infer(problem, prior, data, "map", num_starts=2, steps=20, lbfgs_steps=5, **QUIET)
+    posterior = result.idata.posterior
+    assert list(posterior["aux"].values) == ["x0", "y0", "log_amplitude", "width"]
+    assert posterior["u"].shape == (1, 1, 4)
+    assert np.isfinite(result.idata.field_summary["field_mean"].values).all()
