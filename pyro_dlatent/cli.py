@@ -168,6 +168,50 @@ def encode(
 
 
 @app.command()
+def invert(
+    model: Annotated[Path, typer.Argument(help="Run folder or model checkpoint (the generator).")],
+    out: Annotated[Path, typer.Option(help="Folder for posterior.nc, summary.json and figures.")],
+    observations: Annotated[
+        Path | None,
+        typer.Option(help="Observations netCDF (default: a built-in synthetic problem)."),
+    ] = None,
+    method: Annotated[str, typer.Option(help="map, svi or nuts.")] = "nuts",
+    num_samples: Annotated[int, typer.Option(help="Posterior draws (per chain for NUTS).")] = 500,
+    num_chains: Annotated[int, typer.Option(help="NUTS chains.")] = 2,
+    steps: Annotated[int, typer.Option(help="Optimization steps (MAP, SVI).")] = 2000,
+    problem_seed: Annotated[int, typer.Option(help="Seed of the synthetic problem.")] = 12345,
+    seed: Annotated[int, typer.Option(help="Seed of the inference.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Invert sensor data for a source field under the model's disentangled deep prior."""
+    from pyro_dlatent.inverse.run import (
+        invert_run,
+        load_observations,
+        save_observations,
+        synthetic_observations,
+    )
+    from pyro_dlatent.runs import load_model
+
+    if method not in ("map", "svi", "nuts"):
+        raise typer.BadParameter(f"must be map, svi or nuts, got {method!r}", param_hint="--method")
+    generator = load_model(model).generator()
+    if observations is None:
+        obs = synthetic_observations(size=generator.image_size, seed=problem_seed)
+    else:
+        obs = load_observations(observations)
+    out.mkdir(parents=True, exist_ok=True)
+    if observations is None:
+        save_observations(obs, out / "observations.nc")
+    kwargs = {"num_samples": num_samples, "seed": seed, "progress": progress}
+    if method == "nuts":
+        kwargs["num_chains"] = num_chains
+    else:
+        kwargs["steps"] = steps
+    invert_run(generator, obs, out, method=method, **kwargs)
+    typer.echo(f"wrote the posterior and figures to {out}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, figures, models and summary.json.")],
     fast: Annotated[bool, typer.Option(help="A small, quick version.")] = False,

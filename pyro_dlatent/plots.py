@@ -210,13 +210,13 @@ def aux_scatter(
 def posterior_fields(
     truth: np.ndarray | None,
     mean: np.ndarray,
-    sd: np.ndarray,
+    sd: np.ndarray | None,
     *,
     extent: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0),
     sensors: np.ndarray | None = None,
     title: str | None = None,
 ) -> plt.Figure:
-    """Truth (if known), posterior mean and posterior standard deviation of a field ``(H, W)``."""
+    """Truth (if known), posterior mean and (if known) posterior sd of a field ``(H, W)``."""
     panels = [("truth", truth), ("posterior mean", mean), ("posterior sd", sd)]
     panels = [(name, field) for name, field in panels if field is not None]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)

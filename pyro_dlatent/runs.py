@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ import xarray as xr
 
 from pyro_dlatent import data, plots
 from pyro_dlatent.models.base import GuidedLatentModel
+from pyro_dlatent.utils import write_json
 
 __all__ = [
     "MODELS",
@@ -76,12 +76,6 @@ def load_model(path: str | os.PathLike, *, device: str | None = None) -> GuidedL
         except ImportError:
             continue
     return GuidedLatentModel.load(path, device=device)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 def traversal_figure(model: GuidedLatentModel, *, span: float = 2.5, steps: int = 7, base=None):
@@ -171,11 +165,11 @@ def train_run(
         )
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "model_kwargs": model_kwargs, "fit_kwargs": fit_kwargs}
-    _write_json(settings, out / "run.json")
+    write_json(settings, out / "run.json")
     net = build_model(model, dataset, **model_kwargs)
     checkpoints = out / CHECKPOINT_DIR
     net.fit(dataset, checkpoint_dir=checkpoints, resume=True if resume else None, **fit_kwargs)
     net.save(out / MODEL_FILE)
-    _write_json(net.history, out / "history.json")
+    write_json(net.history, out / "history.json")
     explain(net, dataset if held_out is None else held_out, out)
     return net

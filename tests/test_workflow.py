@@ -1,0 +1,65 @@
+"""The main job end to end (fast mode), and the CLI verbs on its run folder."""
+
+from __future__ import annotations
+
+import json
+
+import arviz as az
+import numpy as np
+import pytest
+import xarray as xr
+
+from pyro_dlatent.cli import main
+from pyro_dlatent.export import load_netcdf
+from pyro_dlatent.inverse.run import load_observations
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), "--fast", "--no-progress"]) == 0
+    return out
+
+
+def test_demo_leaves_data_model_report_and_posterior(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert set(summary["datasets"]) == {"sources", "halos", "galaxies"}
+    for name in summary["datasets"]:
+        assert (demo_dir / "data" / f"{name}.nc").is_file()
+        assert (demo_dir / "data" / f"{name}_preview.png").is_file()
+    run = demo_dir / "auxvae"
+    for name in ("model.pt", "history.json", "report.json", "traversal.png", "scatter.png"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert report["n"] == summary["auxvae"]["held_out_images"]
+    inversion = demo_dir / "inversion"
+    idata = load_netcdf(inversion / "posterior.nc")
+    assert list(idata.posterior["u"].coords["aux"].values) == ["x0", "y0", "log_amplitude", "width"]
+    table = az.summary(idata, var_names=["u"], kind="stats")
+    assert table.shape[0] == 4 and np.isfinite(table["mean"].to_numpy()).all()
+    assert idata.field_summary["field_mean"].shape == (32, 32)
+    assert np.isfinite(summary["inversion"]["relative_l2_error"])
+    for name in ("fields.png", "observed_vs_predicted.png", "marginals.png"):
+        assert (inversion / name).stat().st_size > 2000
+
+
+def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
+    run = demo_dir / "auxvae"
+    data_file = demo_dir / "data" / "sources.nc"
+    assert (
+        main(["traverse", str(run), "--out", str(tmp_path / "t.png"), "--data", str(data_file)])
+        == 0
+    )
+    assert (tmp_path / "t.png").stat().st_size > 2000
+    assert main(["encode", str(run), str(data_file), "--out", str(tmp_path / "enc.nc")]) == 0
+    encoded = xr.load_dataset(tmp_path / "enc.nc", engine="h5netcdf")
+    assert encoded["z_aux"].shape == (64, 4) and "x0_sd" in encoded
+    assert (encoded["x0_sd"] > 0).all()
+    observations = demo_dir / "inversion" / "observations.nc"
+    assert load_observations(observations).values.shape == (25,)
+    args = ["invert", str(run), "--out", str(tmp_path / "inv"), "--observations", str(observations)]
+    assert main([*args, "--method", "map", "--steps", "50", "--no-progress"]) == 0
+    assert (tmp_path / "inv" / "posterior.nc").is_file()
+    assert main([*args, "--method", "bogus"]) == 2
+    assert main(["invert", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    assert "does not exist" in capsys.readouterr().err
