@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("[0-9][0-9]_*.py"))
+SLOW = {"02_dl_cfm", "03_deep_prior"}  # over a minute each on 2 cores, even in fast mode
+PARAMS = [pytest.param(p, marks=[pytest.mark.slow] if p.stem in SLOW else []) for p in TUTORIALS]
 
 
-@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+@pytest.mark.parametrize("path", PARAMS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs_in_fast_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PYRO_DLATENT_FAST", "1")
     monkeypatch.setenv("PYRO_DLATENT_OUT", str(tmp_path / "out"))
