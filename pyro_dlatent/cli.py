@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        app(args=argv, prog_name="pyro-dlatent", standalone_mode=False)
+        code = app(args=argv, prog_name="pyro-dlatent", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except typer.TyperException as exc:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             typer.echo(f"pyro-dlatent: error: {type(exc).__name__}: {exc}", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
