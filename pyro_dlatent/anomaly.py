@@ -1,0 +1,370 @@
+"""Residual-block tails and anomalies: tail latents, Mahalanobis scores with calibrated p-values.
+
+The residual block :math:`z_{rec} \\sim \\mathcal{N}(0, I_r)` carries everything the auxiliaries do
+not explain. Two uses of that follow:
+
+- **tails** (:func:`tail_latents`): residual codes whose radius lies in the upper tail of its
+  prior, :math:`\\|z_{rec}\\|^2 \\ge \\chi^2_r(q)`, to generate unusual maps at chosen physics;
+- **anomalies** (:func:`fit_anomaly_detector`): the Mahalanobis radius of a sample's encoded
+  residual block with respect to a reference (training) population, turned into a p-value;
+  ranked in a table (:func:`rank_anomalies`) and shown in a gallery (:func:`anomaly_gallery`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+if not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import xarray as xr
+from scipy import linalg, stats
+
+__all__ = [
+    "CALIBRATIONS",
+    "AnomalyDetector",
+    "anomaly_gallery",
+    "fit_anomaly_detector",
+    "rank_anomalies",
+    "tail_latents",
+]
+
+CALIBRATIONS = ("empirical", "chi2")
+"""How :class:`AnomalyDetector` turns scores into p-values."""
+
+
+def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
+        raise ValueError(f"expected seed >= 0 (an int) or a numpy Generator, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
+def _latents(latents: Any, name: str, dim: int | None = None) -> np.ndarray:
+    if isinstance(latents, torch.Tensor):
+        latents = latents.detach().cpu().numpy()
+    try:
+        arr = np.asarray(latents, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a numeric array of shape (n, residual_dim)") from err
+    if arr.ndim != 2:
+        raise ValueError(f"expected {name} of shape (n, residual_dim), got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"expected {name} with {dim} columns, got {arr.shape[1]}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"expected finite values in {name}")
+    return arr
+
+
+def tail_latents(
+    num: int,
+    residual_dim: int,
+    quantile: float = 0.99,
+    seed: int | np.random.Generator | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Draw residual codes from the tail of :math:`\\mathcal{N}(0, I_r)` beyond a radius quantile.
+
+    The standard normal factorizes into a direction uniform on the sphere :math:`S^{r-1}` and an
+    independent squared radius :math:`\\rho^2 \\sim \\chi^2_r`. The tail sample keeps the
+    direction and draws the radius from the chi-square distribution conditioned on
+    :math:`\\rho^2 \\ge F^{-1}_{\\chi^2_r}(q)`, by inverting the CDF of a uniform on ``[q, 1)``:
+
+    .. math:: z = \\rho\\, \\frac{g}{\\|g\\|}, \\quad g \\sim \\mathcal{N}(0, I_r), \\quad
+        \\rho^2 = F^{-1}_{\\chi^2_r}\\big(q + (1 - q)\\, v\\big), \\quad v \\sim U[0, 1).
+
+    This is exactly :math:`\\mathcal{N}(0, I_r)` restricted to
+    :math:`\\|z\\|^2 \\ge F^{-1}_{\\chi^2_r}(q)`, renormalized.
+
+    Parameters
+    ----------
+    num : int
+        Number of codes.
+    residual_dim : int
+        :math:`r`.
+    quantile : float
+        :math:`q \\in [0, 1)`; ``0`` gives plain prior draws.
+    seed : int or numpy.random.Generator, optional
+        Randomness; ``None`` draws fresh entropy.
+    dtype : torch.dtype, optional
+        Default: torch's default dtype.
+
+    Returns
+    -------
+    Tensor, shape ``(num, residual_dim)``
+    """
+    if isinstance(num, bool) or int(num) != num or num < 1:
+        raise ValueError(f"expected num >= 1 (an int), got {num!r}")
+    if isinstance(residual_dim, bool) or int(residual_dim) != residual_dim or residual_dim < 1:
+        raise ValueError(f"expected residual_dim >= 1 (an int), got {residual_dim!r}")
+    if not (isinstance(quantile, int | float) and 0.0 <= quantile < 1.0):
+        raise ValueError(f"expected 0 <= quantile < 1, got {quantile!r}")
+    rng = _rng(seed)
+    direction = rng.standard_normal((int(num), int(residual_dim)))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    level = quantile + (1.0 - quantile) * rng.random(int(num))
+    radius = np.sqrt(stats.chi2.ppf(level, df=int(residual_dim)))
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    return torch.as_tensor(radius[:, None] * direction, dtype=dtype)
+
+
+@dataclass
+class AnomalyDetector:
+    """Mahalanobis anomaly score of residual latents with calibrated p-values.
+
+    .. math:: s(z) = (z - \\mu)^\\top \\Sigma^{-1} (z - \\mu),
+
+    with :math:`\\mu, \\Sigma` the mean and covariance of a reference population. P-values:
+
+    - ``"empirical"`` (default): conformal, :math:`p(z) = (1 + \\#\\{i: s_i \\ge s(z)\\}) / (n + 1)`
+      over the reference scores :math:`s_i`; for a new sample exchangeable with the reference
+      set, :math:`P(p \\le \\alpha) \\le \\alpha` exactly, whatever the latents' distribution;
+    - ``"chi2"``: :math:`p(z) = 1 - F_{\\chi^2_r}(s(z))`, exact only for Gaussian latents.
+
+    Build with :func:`fit_anomaly_detector`.
+
+    Attributes
+    ----------
+    mean : numpy.ndarray, shape ``(r,)``
+    covariance : numpy.ndarray, shape ``(r, r)``
+    reference_scores : numpy.ndarray, shape ``(n,)``, sorted ascending
+    calibration : {"empirical", "chi2"}
+    """
+
+    mean: np.ndarray
+    covariance: np.ndarray
+    reference_scores: np.ndarray
+    calibration: str = "empirical"
+
+    def __post_init__(self) -> None:
+        self.mean = np.asarray(self.mean, dtype=np.float64)
+        self.covariance = np.asarray(self.covariance, dtype=np.float64)
+        self.reference_scores = np.sort(np.asarray(self.reference_scores, dtype=np.float64))
+        r = self.mean.shape[0] if self.mean.ndim == 1 else -1
+        if r < 1 or self.covariance.shape != (r, r):
+            raise ValueError(
+                f"expected mean (r,) and covariance (r, r), got {self.mean.shape} and "
+                f"{self.covariance.shape}"
+            )
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"expected calibration in {CALIBRATIONS}, got {self.calibration!r}")
+        if self.reference_scores.ndim != 1 or self.reference_scores.size < 1:
+            raise ValueError("expected at least one reference score")
+        try:
+            self._cholesky = linalg.cho_factor(self.covariance, lower=True)
+        except linalg.LinAlgError as err:
+            raise ValueError(
+                "expected a positive-definite covariance; the reference latents are degenerate"
+            ) from err
+
+    @property
+    def residual_dim(self) -> int:
+        """Number of residual coordinates :math:`r`."""
+        return int(self.mean.shape[0])
+
+    def score(self, latents: Any) -> np.ndarray:
+        """Squared Mahalanobis radius of each row of ``latents (n, r)``; returns ``(n,)``."""
+        z = _latents(latents, "latents", self.residual_dim) - self.mean
+        return np.einsum("ij,ij->i", z, linalg.cho_solve(self._cholesky, z.T).T)
+
+    def p_value(self, latents: Any) -> np.ndarray:
+        """Calibrated p-value of each row of ``latents (n, r)`` (small = anomalous); ``(n,)``."""
+        scores = self.score(latents)
+        if self.calibration == "chi2":
+            return stats.chi2.sf(scores, df=self.residual_dim)
+        n = self.reference_scores.size
+        at_least = n - np.searchsorted(self.reference_scores, scores, side="left")
+        return (1.0 + at_least) / (n + 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state."""
+        return {
+            "mean": self.mean.tolist(),
+            "covariance": self.covariance.tolist(),
+            "reference_scores": self.reference_scores.tolist(),
+            "calibration": self.calibration,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> AnomalyDetector:
+        """Rebuild from :meth:`state_dict` output."""
+        try:
+            return cls(
+                mean=state["mean"],
+                covariance=state["covariance"],
+                reference_scores=state["reference_scores"],
+                calibration=state["calibration"],
+            )
+        except KeyError as err:
+            raise ValueError(f"anomaly detector state lacks field {err.args[0]!r}") from err
+
+
+def fit_anomaly_detector(
+    latents_rec_train: Any,
+    *,
+    calibration_latents: Any = None,
+    calibration: str = "empirical",
+) -> AnomalyDetector:
+    """Fit the mean and covariance of reference residual latents and calibrate p-values.
+
+    Parameters
+    ----------
+    latents_rec_train : array-like, shape ``(n, r)``
+        Reference residual latents, e.g. the encoder means of the training set; ``n > r``.
+    calibration_latents : array-like, shape ``(m, r)``, optional
+        A separate reference set whose scores calibrate the empirical p-values. Default: the
+        training latents themselves; their in-sample scores are slightly smaller than those of
+        new data (their mean is :math:`r (n-1)/n` instead of about :math:`r (1 + (r+2)/n)`), an
+        effect of relative size :math:`O(r/n)`.
+    calibration : {"empirical", "chi2"}
+        See :class:`AnomalyDetector`.
+
+    Returns
+    -------
+    AnomalyDetector
+    """
+    z = _latents(latents_rec_train, "latents_rec_train")
+    n, r = z.shape
+    if n <= r:
+        raise ValueError(f"expected more reference samples than residual_dim={r}, got {n}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"expected calibration in {CALIBRATIONS}, got {calibration!r}")
+    mean = z.mean(axis=0)
+    covariance = np.atleast_2d(np.cov(z, rowvar=False))
+    detector = AnomalyDetector(mean, covariance, np.zeros(1), calibration)
+    reference = z
+    if calibration_latents is not None:
+        reference = _latents(calibration_latents, "calibration_latents", r)
+    detector.reference_scores = np.sort(detector.score(reference))
+    return detector
+
+
+def rank_anomalies(
+    detector: AnomalyDetector,
+    latents_rec: Any,
+    *,
+    sample: Sequence[Any] | np.ndarray | None = None,
+    top: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Ranked outlier table, most anomalous first.
+
+    Parameters
+    ----------
+    detector : AnomalyDetector
+    latents_rec : array-like, shape ``(n, r)``
+        Encoded residual latents of the data to rank.
+    sample : sequence, optional
+        Identifier of each row (default ``0 .. n-1``, the row index).
+    top : int, optional
+        Keep only the ``top`` highest scores.
+    extra : mapping of str to array-like ``(n,)``, optional
+        Per-sample values carried into the table (physical auxiliaries, flags).
+
+    Returns
+    -------
+    xarray.Dataset
+        Dimension ``rank`` (0 = most anomalous) with variables ``sample``, ``score``
+        (squared Mahalanobis radius), ``p_value`` and each of ``extra``.
+    """
+    z = _latents(latents_rec, "latents_rec", detector.residual_dim)
+    n = z.shape[0]
+    sample = np.arange(n) if sample is None else np.asarray(sample)
+    if sample.shape != (n,):
+        raise ValueError(f"expected sample of shape ({n},), got {sample.shape}")
+    if top is not None and (isinstance(top, bool) or int(top) != top or top < 1):
+        raise ValueError(f"expected top >= 1 (an int), got {top!r}")
+    scores = detector.score(z)
+    order = np.argsort(-scores, kind="stable")[: (n if top is None else int(top))]
+    data_vars: dict[str, Any] = {
+        "sample": ("rank", sample[order]),
+        "score": (
+            "rank",
+            scores[order],
+            {"long_name": "squared Mahalanobis radius of the residual block"},
+        ),
+        "p_value": ("rank", detector.p_value(z[order]), {"calibration": detector.calibration}),
+    }
+    for name, values in (extra or {}).items():
+        values = np.asarray(values)
+        if values.shape[:1] != (n,):
+            raise ValueError(f"expected extra[{name!r}] with leading dimension {n}")
+        data_vars[name] = ("rank", values[order])
+    return xr.Dataset(data_vars, coords={"rank": np.arange(order.size)})
+
+
+def anomaly_gallery(
+    images: Any,
+    table: xr.Dataset,
+    *,
+    top_k: int = 16,
+    ncols: int = 4,
+    annotate: Sequence[str] = (),
+    cmap: str = "viridis",
+    panel_size: float = 1.6,
+) -> plt.Figure:
+    """Gallery of the ``top_k`` most anomalous images with their scores and p-values.
+
+    Parameters
+    ----------
+    images : array-like, shape ``(n, H, W)``
+        The images the table ranks; ``table["sample"]`` must index their first axis.
+    table : xarray.Dataset
+        Output of :func:`rank_anomalies` (with the default ``sample`` = row index).
+    top_k : int
+        Number of panels (at most the table's length).
+    ncols : int
+        Panels per row.
+    annotate : sequence of str
+        Further table variables shown in each title (e.g. a known flag, for checking).
+    cmap : str
+        Colour map; each panel has its own colour scale, so faint structure stays visible.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"expected images of shape (n, H, W), got {images.shape}")
+    for key in ("sample", "score", "p_value", *annotate):
+        if key not in table:
+            raise ValueError(f"table lacks the variable {key!r}; build it with rank_anomalies")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+        raise ValueError(f"expected top_k >= 1 (an int), got {top_k!r}")
+    if isinstance(ncols, bool) or int(ncols) != ncols or ncols < 1:
+        raise ValueError(f"expected ncols >= 1 (an int), got {ncols!r}")
+    k = min(int(top_k), table.sizes["rank"])
+    index = table["sample"].values[:k].astype(np.int64)
+    if (index < 0).any() or (index >= images.shape[0]).any():
+        raise ValueError("table['sample'] does not index images (out of range)")
+    ncols = min(int(ncols), k)
+    nrows = math.ceil(k / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.2), squeeze=False
+    )
+    for panel, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if panel >= k:
+            continue
+        ax.imshow(images[index[panel]], cmap=cmap, origin="lower")
+        score = float(table["score"].values[panel])
+        p = float(table["p_value"].values[panel])
+        extra = "".join(f"\n{key}={table[key].values[panel]}" for key in annotate)
+        ax.set_title(f"#{panel} s={score:.1f}\np={p:.2g}{extra}", fontsize=7)
+    fig.suptitle("most anomalous residual blocks", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,451 @@
+"""Conditional flow matching: a latent-conditioned vector field, the path, the loss, an ODE sampler.
+
+The pieces follow the usual split of flow-matching code into small parts:
+
+- :class:`ConditionalVectorField` :math:`v_\\theta(t, x, z)`, a small U-Net whose every residual
+  block is modulated (adaptive group norm) by an embedding of the time :math:`t` plus an
+  embedding of the latent code :math:`z`;
+- :func:`linear_path`, the straight conditional path between noise :math:`x_0` and data :math:`x_1`;
+- :func:`flow_matching_loss`, the regression of :math:`v_\\theta` on the path's velocity;
+- :func:`sample_ode`, which integrates :math:`dx/dt = v_\\theta(t, x, z)` from :math:`t=0` to
+  :math:`t=1` with :func:`torchdiffeq.odeint` and counts the vector-field evaluations.
+
+Images are single-channel tensors of shape ``(batch, height, width)`` throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torchdiffeq
+from torch import nn
+
+__all__ = [
+    "FIXED_STEP_METHODS",
+    "ODE_METHODS",
+    "ConditionalVectorField",
+    "ODESolution",
+    "flow_matching_loss",
+    "linear_path",
+    "sample_ode",
+    "sinusoidal_embedding",
+]
+
+FIXED_STEP_METHODS = ("euler", "midpoint", "rk4")
+"""Fixed-step torchdiffeq solvers; each step costs 1, 2 and 4 vector-field evaluations."""
+
+ODE_METHODS = (*FIXED_STEP_METHODS, "dopri5")
+"""Every solver :func:`sample_ode` accepts (``dopri5`` is adaptive)."""
+
+
+def _check_positive_int(value: int, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"expected {name} >= {minimum} (an integer), got {value!r}")
+    return int(value)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_frequency: float = 100.0) -> torch.Tensor:
+    """Sinusoidal features of a time in ``[0, 1]``.
+
+    .. math:: e(t) = \\big(\\cos(\\omega_1 t), \\dots, \\cos(\\omega_h t),
+        \\sin(\\omega_1 t), \\dots, \\sin(\\omega_h t)\\big),
+        \\quad \\omega_i = \\Omega^{(i-1)/(h-1)},\\ h = \\text{dim}/2,
+
+    angular frequencies spaced geometrically from 1 (a slow trend over ``[0, 1]``) to
+    :math:`\\Omega`. The fastest feature sets how rough in time the vector field is, and so how
+    many steps an ODE solver needs: for a small field trained 300 steps on 16x16 images,
+    dopri5 (``rtol = atol = 1e-5``) took 362 evaluations with the diffusion-model convention
+    (times scaled to ``[0, 1000]``, features of period down to 0.006) and 98 with
+    :math:`\\Omega = 100` (period 0.06), at the same training loss.
+
+    Parameters
+    ----------
+    t : Tensor, shape ``(batch,)``
+    dim : int
+        Even embedding size.
+    max_frequency : float
+        :math:`\\Omega > 1`, radians per unit time.
+
+    Returns
+    -------
+    Tensor, shape ``(batch, dim)``
+    """
+    if dim % 2 != 0 or dim < 2:
+        raise ValueError(f"expected an even dim >= 2, got {dim}")
+    if not (math.isfinite(max_frequency) and max_frequency > 1.0):
+        raise ValueError(f"expected max_frequency > 1, got {max_frequency}")
+    half = dim // 2
+    exponents = torch.arange(half, dtype=t.dtype, device=t.device) / max(half - 1, 1)
+    args = t[:, None] * (max_frequency**exponents)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _groups(channels: int) -> int:
+    """Largest of 8, 4, 2, 1 dividing ``channels`` (GroupNorm group count)."""
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class _AdaGNResBlock(nn.Module):
+    """Residual block ``x + conv(silu(AdaGN(conv(silu(GN(x))), c)))`` with conditioning ``c``.
+
+    Adaptive group norm: :math:`h \\mapsto \\mathrm{GN}(h) (1 + \\gamma(c)) + \\beta(c)`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm_in = nn.GroupNorm(_groups(in_channels), in_channels)
+        self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm_out = nn.GroupNorm(_groups(out_channels), out_channels, affine=False)
+        self.film = nn.Linear(cond_dim, 2 * out_channels)
+        self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(nn.functional.silu(self.norm_in(x)))
+        scale, shift = self.film(cond)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm_out(h) * (1.0 + scale) + shift
+        h = self.conv_out(nn.functional.silu(h))
+        return self.skip(x) + h
+
+
+class ConditionalVectorField(nn.Module):
+    """A small U-Net vector field :math:`v_\\theta(t, x, z)` conditioned on time and a latent code.
+
+    The conditioning vector of every residual block is the sum of two embeddings,
+
+    .. math:: c = \\mathrm{MLP}_t(e(t)) + \\mathrm{MLP}_z(z),
+
+    with :math:`e(t)` the sinusoidal features of :func:`sinusoidal_embedding`; each block applies
+    it through adaptive group norm (a FiLM scale and shift after normalization). The U-Net has
+    ``num_levels`` resolutions (default 2 for images up to 32 pixels, 3 above), one residual block
+    per level on the way down and on the way up, and skip connections by concatenation.
+
+    Parameters
+    ----------
+    image_size : int
+        Images are ``image_size x image_size``; must be divisible by ``2 ** (num_levels - 1)``.
+    latent_dim : int
+        Size of the conditioning code ``z``.
+    channels : int
+        Feature channels at full resolution; level ``l`` has ``channels * channel_mult[l]``.
+    channel_mult : sequence of int, optional
+        Channel multipliers per level; default ``(1, 2, 2, ...)`` of length ``num_levels``.
+    num_levels : int, optional
+        Number of resolutions; default 2 if ``image_size <= 32`` else 3.
+    embed_dim : int
+        Size of the time and latent embeddings (even).
+
+    Examples
+    --------
+    >>> field = ConditionalVectorField(16, latent_dim=3, channels=8)
+    >>> field(0.5, torch.zeros(4, 16, 16), torch.zeros(4, 3)).shape
+    torch.Size([4, 16, 16])
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        latent_dim: int,
+        channels: int = 32,
+        channel_mult: tuple[int, ...] | None = None,
+        num_levels: int | None = None,
+        embed_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        image_size = _check_positive_int(image_size, "image_size", 4)
+        latent_dim = _check_positive_int(latent_dim, "latent_dim")
+        channels = _check_positive_int(channels, "channels")
+        if num_levels is None:
+            num_levels = 2 if image_size <= 32 else 3
+        num_levels = _check_positive_int(num_levels, "num_levels")
+        if image_size % 2 ** (num_levels - 1) != 0:
+            raise ValueError(
+                f"expected image_size divisible by 2**(num_levels-1)={2 ** (num_levels - 1)}, "
+                f"got image_size={image_size}"
+            )
+        if channel_mult is None:
+            channel_mult = (1,) + (2,) * (num_levels - 1)
+        channel_mult = tuple(channel_mult)
+        if len(channel_mult) != num_levels or any(
+            isinstance(m, bool) or int(m) != m or m < 1 for m in channel_mult
+        ):
+            raise ValueError(
+                f"expected channel_mult of {num_levels} positive integers, got {channel_mult}"
+            )
+        if embed_dim % 2 != 0 or embed_dim < 2:
+            raise ValueError(f"expected an even embed_dim >= 2, got {embed_dim}")
+        self.image_size = image_size
+        self.latent_dim = latent_dim
+        self.channels = channels
+        self.channel_mult = channel_mult
+        self.num_levels = num_levels
+        self.embed_dim = embed_dim
+
+        cond_dim = 4 * embed_dim
+        self.time_mlp = nn.Sequential(
+            nn.Linear(embed_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+        self.latent_mlp = nn.Sequential(
+            nn.Linear(latent_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
+        widths = [channels * m for m in channel_mult]
+        self.conv_in = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        previous = widths[0]
+        for level, width in enumerate(widths):
+            self.down_blocks.append(_AdaGNResBlock(previous, width, cond_dim))
+            previous = width
+            if level < num_levels - 1:
+                self.downsamples.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        self.middle = _AdaGNResBlock(previous, previous, cond_dim)
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level in reversed(range(num_levels)):
+            width = widths[level]
+            self.up_blocks.append(_AdaGNResBlock(previous + width, width, cond_dim))
+            previous = width
+            if level > 0:
+                self.upsamples.append(
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=2, mode="nearest"),
+                        nn.Conv2d(width, widths[level - 1], 3, padding=1),
+                    )
+                )
+                previous = widths[level - 1]
+        self.norm_out = nn.GroupNorm(_groups(previous), previous)
+        self.conv_out = nn.Conv2d(previous, 1, 3, padding=1)
+
+    def config(self) -> dict[str, object]:
+        """Constructor arguments, JSON-serializable."""
+        return {
+            "image_size": self.image_size,
+            "latent_dim": self.latent_dim,
+            "channels": self.channels,
+            "channel_mult": list(self.channel_mult),
+            "num_levels": self.num_levels,
+            "embed_dim": self.embed_dim,
+        }
+
+    def forward(self, t: float | torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Evaluate the vector field.
+
+        Parameters
+        ----------
+        t : float or Tensor, shape ``()`` or ``(batch,)``
+            Time in ``[0, 1]``, shared by the batch or one per sample.
+        x : Tensor, shape ``(batch, image_size, image_size)``
+            State :math:`x_t`.
+        z : Tensor, shape ``(batch, latent_dim)``
+            Conditioning latent code.
+
+        Returns
+        -------
+        Tensor, shape ``(batch, image_size, image_size)``
+            :math:`v_\\theta(t, x, z)`.
+        """
+        if x.dim() != 3 or x.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected x of shape (batch, {self.image_size}, {self.image_size}), "
+                f"got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        if z.shape != (batch, self.latent_dim):
+            raise ValueError(
+                f"expected z of shape ({batch}, {self.latent_dim}), got {tuple(z.shape)}"
+            )
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"expected t of shape () or ({batch},), got {tuple(t.shape)}")
+        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.latent_mlp(
+            z.to(x.dtype)
+        )
+        h = self.conv_in(x[:, None])
+        skips = []
+        for level, block in enumerate(self.down_blocks):
+            h = block(h, cond)
+            skips.append(h)
+            if level < self.num_levels - 1:
+                h = self.downsamples[level](h)
+        h = self.middle(h, cond)
+        for i, block in enumerate(self.up_blocks):
+            h = block(torch.cat([h, skips.pop()], dim=1), cond)
+            if i < self.num_levels - 1:
+                h = self.upsamples[i](h)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))[:, 0]
+
+
+def linear_path(
+    x0: torch.Tensor, x1: torch.Tensor, t: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point and velocity on the straight path from noise ``x0`` to data ``x1``.
+
+    .. math:: x_t = (1 - t)\\, x_0 + t\\, x_1, \\qquad u_t = \\frac{d x_t}{dt} = x_1 - x_0.
+
+    Parameters
+    ----------
+    x0, x1 : Tensor, shape ``(batch, *dims)``
+    t : float or Tensor, shape ``()`` or ``(batch,)``
+
+    Returns
+    -------
+    x_t : Tensor, shape ``(batch, *dims)``
+    u_t : Tensor, shape ``(batch, *dims)``
+    """
+    if x0.shape != x1.shape:
+        raise ValueError(f"expected x0 and x1 of the same shape, got {x0.shape} and {x1.shape}")
+    t = torch.as_tensor(t, dtype=x1.dtype, device=x1.device)
+    if t.dim() == 1:
+        if t.shape[0] != x1.shape[0]:
+            raise ValueError(f"expected t of shape ({x1.shape[0]},), got {tuple(t.shape)}")
+        t = t.reshape(-1, *([1] * (x1.dim() - 1)))
+    elif t.dim() != 0:
+        raise ValueError(f"expected t of shape () or (batch,), got {tuple(t.shape)}")
+    return (1.0 - t) * x0 + t * x1, x1 - x0
+
+
+def flow_matching_loss(
+    field: nn.Module,
+    x1: torch.Tensor,
+    z: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample conditional flow-matching loss on the linear path.
+
+    With :math:`x_0 \\sim \\mathcal{N}(0, I)` and :math:`t \\sim U(0, 1)` drawn independently for
+    each sample,
+
+    .. math:: \\ell(x_1, z) = \\frac{1}{D} \\big\\| v_\\theta(t, x_t, z) - (x_1 - x_0) \\big\\|^2,
+
+    with :math:`D` the number of pixels; the expectation of :math:`\\ell` over :math:`(x_0, t)`
+    and the data is minimized by the conditional-expectation field
+    :math:`E[x_1 - x_0 \\mid x_t, z]`.
+
+    Parameters
+    ----------
+    field : callable ``(t, x, z) -> Tensor``
+        Vector field, e.g. :class:`ConditionalVectorField`.
+    x1 : Tensor, shape ``(batch, H, W)``
+        Data.
+    z : Tensor, shape ``(batch, latent_dim)``
+        Conditioning codes.
+    generator : torch.Generator, optional
+        Source of the noise and times (default: torch's global generator).
+
+    Returns
+    -------
+    Tensor, shape ``(batch,)``
+    """
+    batch = x1.shape[0]
+    x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
+    t = torch.rand((batch,), generator=generator, dtype=x1.dtype, device=x1.device)
+    x_t, u_t = linear_path(x0, x1, t)
+    residual = field(t, x_t, z) - u_t
+    return residual.pow(2).reshape(batch, -1).mean(dim=-1)
+
+
+class ODESolution(NamedTuple):
+    """Result of :func:`sample_ode`.
+
+    Attributes
+    ----------
+    x : Tensor, shape ``(batch, *dims)``
+        State at :math:`t = 1`.
+    nfe : int
+        Number of vector-field evaluations the solver made.
+    times : Tensor, shape ``(T,)``
+        Output times (``[0, 1]``, or the step grid with ``return_intermediates``).
+    trajectory : Tensor, shape ``(T, batch, *dims)`` or None
+        States at ``times`` when ``return_intermediates`` was requested.
+    """
+
+    x: torch.Tensor
+    nfe: int
+    times: torch.Tensor
+    trajectory: torch.Tensor | None
+
+
+def sample_ode(
+    field: nn.Module,
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    method: str = "midpoint",
+    steps: int = 20,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    return_intermediates: bool = False,
+) -> ODESolution:
+    """Transport ``x0`` along :math:`dx/dt = v_\\theta(t, x, z)` from :math:`t=0` to :math:`t=1`.
+
+    Wraps :func:`torchdiffeq.odeint`. Fixed-step methods (``euler``, ``midpoint``, ``rk4``) take
+    ``steps`` steps of size ``1 / steps`` and make ``steps``, ``2 * steps`` and ``4 * steps``
+    evaluations; ``dopri5`` adapts its steps to ``rtol``/``atol``. The map is deterministic given
+    ``z`` and ``x0`` and differentiable with respect to both (gradients flow through the solver's
+    operations). With ``dopri5`` the step sizes are chosen for the whole batch, so a sample's
+    result depends slightly on the other samples in its batch; fixed-step results do not.
+
+    Parameters
+    ----------
+    field : callable ``(t, x, z) -> Tensor``
+        Vector field, called with a scalar tensor ``t``.
+    z : Tensor, shape ``(batch, latent_dim)``
+        Conditioning codes, held fixed along the trajectory.
+    x0 : Tensor, shape ``(batch, *dims)``
+        Initial state (noise).
+    method : {"euler", "midpoint", "rk4", "dopri5"}
+    steps : int
+        Number of fixed steps; for ``dopri5`` only the number of output intervals when
+        ``return_intermediates``.
+    rtol, atol : float
+        Tolerances of ``dopri5``.
+    return_intermediates : bool
+        Also return the states at ``t = k / steps``, ``k = 0..steps``.
+
+    Returns
+    -------
+    ODESolution
+        ``(x, nfe, times, trajectory)``.
+    """
+    if method not in ODE_METHODS:
+        raise ValueError(f"expected method in {ODE_METHODS}, got {method!r}")
+    steps = _check_positive_int(steps, "steps")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"expected {name} > 0, got {value}")
+    if z.shape[0] != x0.shape[0]:
+        raise ValueError(
+            f"expected z and x0 with the same batch size, got {z.shape[0]} and {x0.shape[0]}"
+        )
+    nfe = 0
+
+    def rhs(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        nonlocal nfe
+        nfe += 1
+        return field(t, x, z)
+
+    num_times = steps + 1 if return_intermediates else 2
+    times = torch.linspace(0.0, 1.0, num_times, dtype=x0.dtype, device=x0.device)
+    if method in FIXED_STEP_METHODS:
+        # The step grid t_k = k / steps is given exactly: torchdiffeq's ``step_size`` option builds
+        # it with ceil(1 / step_size + 1) points, which rounds up to an extra, zero-length step
+        # for some step counts (61 in float32, 49 in float64).
+        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x0.dtype, device=x0.device)
+        trajectory = torchdiffeq.odeint(
+            rhs, x0, times, method=method, options={"grid_constructor": lambda f, y, t: grid}
+        )
+    else:
+        trajectory = torchdiffeq.odeint(rhs, x0, times, method=method, rtol=rtol, atol=atol)
+    return ODESolution(
+        x=trajectory[-1],
+        nfe=nfe,
+        times=times,
+        trajectory=trajectory if return_intermediates else None,
+    )

@@ -1,0 +1,285 @@
+"""DL-CFM: trace structure, surrogate likelihood, training, sampling, generator and persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from scipy import stats
+
+from pyro_dlatent.data import from_arrays
+from pyro_dlatent.flow import flow_matching_loss
+from pyro_dlatent.inverse.prior import DeepPrior
+from pyro_dlatent.models.base import ALIGN_SITE, DECOR_SITE, OBS_SITE, GuidedLatentModel
+from pyro_dlatent.models.dlcfm import DLCFM, FlowGenerator
+from tests.conftest import assert_close
+
+SIZE = 16
+SMALL = {"width": 8, "hidden": 64, "field_channels": 8, "embed_dim": 16}
+FIT = {"epochs": 10, "batch_size": 64, "lr": 3e-3, "progress": False}
+
+
+def synthetic(n: int, *, seed: int = 0):
+    """Gaussian blobs: amplitude log10(mass) - 12, width ``width`` pixels, x-offset 3 * offset.
+
+    log10 mass ~ U[13, 15], width ~ U[1.5, 3.5], offset ~ U[-1, 1] (hidden), plus white noise
+    of sd 0.05. The integrated flux is ``2 pi width^2 (log10 mass - 12)``.
+    """
+    rng = np.random.default_rng(seed)
+    log_mass = rng.uniform(13.0, 15.0, n)
+    width = rng.uniform(1.5, 3.5, n)
+    offset = rng.uniform(-1.0, 1.0, n)
+    grid = np.arange(SIZE) - (SIZE - 1) / 2
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    radius2 = (xx[None] - 3.0 * offset[:, None, None]) ** 2 + yy[None] ** 2
+    images = (log_mass - 12.0)[:, None, None] * np.exp(-radius2 / (2 * width[:, None, None] ** 2))
+    images = images + 0.05 * rng.standard_normal(images.shape)
+    return from_arrays(
+        images,
+        {"mass": 10**log_mass, "width": width},
+        units={"mass": "Msun", "width": "pixel"},
+        transforms={"mass": "log10"},
+        extra={"offset": offset},
+    )
+
+
+def small_model(ds, **kwargs):
+    return DLCFM.from_dataset(ds, **{"residual_dim": 2, "seed": 0, **SMALL, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(512)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    pyro.set_rng_seed(0)
+    model = small_model(data)
+    model.fit(data, **FIT)
+    return model
+
+
+# ---------------------------------------------------------------------------- model structure
+def test_trace_sites_and_factors():
+    ds = synthetic(40)
+    model = small_model(ds)
+    images, aux, _ = model.prepare(ds)
+    batch, index = images[:8], torch.arange(8)
+    kwargs = {"num_data": 40, "subsample": index}
+    guide = poutine.trace(model.guide).get_trace(batch, aux[:8], None, **kwargs)
+    assert guide.nodes["z_aux"]["value"].shape == (8, 2)
+    assert guide.nodes["z_rec"]["value"].shape == (8, 2)
+    replayed = poutine.replay(model.model, trace=guide)
+    trace = poutine.trace(replayed).get_trace(batch, aux[:8], None, **kwargs)
+    trace.compute_log_prob()
+    sites = {n for n, s in trace.nodes.items() if s["type"] == "sample"}
+    assert {"data", "z_aux", "z_rec", OBS_SITE, ALIGN_SITE, DECOR_SITE} <= sites
+    factor = trace.nodes[OBS_SITE]
+    assert factor["log_prob"].shape == (8,)
+    assert (factor["log_prob"] < 0).all()
+    assert [f.name for f in factor["cond_indep_stack"]] == ["data"]
+    assert factor["scale"] == pytest.approx(40 / 8)
+    assert trace.nodes["z_aux"]["fn"].event_shape == (2,)
+    assert_close(trace.nodes["z_aux"]["fn"].base_dist.loc, aux[:8])
+
+
+@pytest.mark.parametrize("flow_weight", [1.0, 0.25])
+def test_flow_factor_is_the_scaled_flow_matching_loss(flow_weight):
+    ds = synthetic(16)
+    model = small_model(ds, flow_weight=flow_weight)
+    images, aux, _ = model.prepare(ds)
+    z_aux, z_rec = torch.randn(16, 2), torch.randn(16, 2)
+    conditioned = poutine.condition(model.model, data={"z_aux": z_aux, "z_rec": z_rec})
+    torch.manual_seed(3)
+    trace = poutine.trace(conditioned).get_trace(images, aux)
+    torch.manual_seed(3)
+    loss = flow_matching_loss(
+        model.field, model.standardize_images(images), torch.cat([z_aux, z_rec], -1)
+    )
+    expected = -flow_weight * SIZE * SIZE * loss
+    assert_close(trace.nodes[OBS_SITE]["fn"].log_factor, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_reach_every_parameter():
+    ds = synthetic(32)
+    model = small_model(ds, intensity="asinh")
+    images, aux, _ = model.prepare(ds)
+    loss = Trace_ELBO().differentiable_loss(model.model, model.guide, images, aux)
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_asinh_intensity_round_trip():
+    ds = synthetic(32)
+    model = small_model(ds, intensity="asinh", intensity_scale=0.1)
+    images = torch.as_tensor(ds["image"].values)
+    standardized = model.standardize_images(images)
+    assert abs(float(standardized.mean())) < 1e-4
+    assert float(standardized.std()) == pytest.approx(1.0, rel=1e-3)
+    assert_close(model.destandardize_images(standardized), images, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- training
+def test_short_fit_tracks_auxiliaries_and_lowers_the_flow_loss(trained, data):
+    history = trained.history
+    assert len(history) == FIT["epochs"]
+    assert all(np.isfinite(h["elbo"]) and np.isfinite(h["val_flow_matching"]) for h in history)
+    assert history[-1]["val_flow_matching"] < 0.6 * history[0]["val_flow_matching"]
+    encoding = trained.encode(data)
+    u = trained.scaler.transform(np.stack([data["mass"].values, data["width"].values], -1))
+    for j in range(2):
+        assert np.corrcoef(encoding.z_aux_loc[:, j].numpy(), u[:, j])[0, 1] > 0.9
+    predicted = trained.predict_aux(data)
+    assert (
+        np.corrcoef(np.log10(predicted["mass"].values), np.log10(data["mass"].values))[0, 1] > 0.9
+    )
+
+
+def test_samples_carry_the_requested_physics(trained):
+    # integrated flux 2 pi w^2 (log10 M - 12): 47 at log10 M = 13.2 and 110 at 14.8 (w = 2.5)
+    low = trained.sample({"mass": 10**13.2, "width": 2.5}, num=64, seed=0)
+    high = trained.sample({"mass": 10**14.8, "width": 2.5}, num=64, seed=0)
+    assert low.shape == (64, SIZE, SIZE)
+    ratio = float(high.sum(dim=(1, 2)).mean() / low.sum(dim=(1, 2)).mean())
+    # without conditioning the ratio would be 1 up to MC error (flux sd/mean / sqrt(64) < 5%)
+    assert 1.3 < ratio < 3.5
+
+
+def test_sample_is_seeded_and_accepts_rows_of_aux(trained):
+    aux = {"mass": [1e13, 1e14, 1e15], "width": 2.0}
+    a = trained.sample(aux, num=2, seed=5)
+    assert a.shape == (6, SIZE, SIZE)
+    assert torch.equal(a, trained.sample(aux, num=2, seed=5))
+    assert not torch.equal(a, trained.sample(aux, num=2, seed=6))
+    rk4 = trained.sample(aux, num=2, seed=5, method="rk4", steps=10)
+    dopri5 = trained.sample(aux, num=2, seed=5, method="dopri5")
+    assert (rk4 - dopri5).abs().max() < 0.05 * dopri5.abs().max()
+    with pytest.raises(ValueError, match="method"):
+        trained.sample(aux, method="heun")
+
+
+def test_sample_tails_fix_the_guided_block_and_use_the_tail(trained):
+    images, z_rec = trained.sample_tails(
+        {"mass": 1e14, "width": 2.0}, num=16, quantile=0.99, seed=0
+    )
+    assert images.shape == (16, SIZE, SIZE)
+    assert (z_rec.pow(2).sum(-1) >= stats.chi2.ppf(0.99, df=2) - 1e-4).all()
+    again, _ = trained.sample_tails({"mass": 1e14, "width": 2.0}, num=16, quantile=0.99, seed=0)
+    assert torch.equal(images, again)
+    with pytest.raises(ValueError, match="every auxiliary"):
+        trained.sample_tails({"mass": 1e14}, num=2)
+
+
+# ---------------------------------------------------------------------------- generator
+def test_generator_is_a_frozen_deterministic_function_of_z(trained):
+    generator = trained.generator(method="midpoint", steps=4, noise_seed=3)
+    assert isinstance(generator, FlowGenerator)
+    assert (generator.aux_dim, generator.residual_dim, generator.image_size) == (2, 2, SIZE)
+    assert generator.scaler.names == ["mass", "width"]
+    assert generator.nfe == 8
+    assert not any(p.requires_grad for p in generator.parameters())
+    z_aux = torch.randn(5, 2, requires_grad=True)
+    z_rec = torch.randn(5, 2)
+    images = generator(z_aux, z_rec)
+    assert images.shape == (5, SIZE, SIZE)
+    x0 = generator.x0.expand(5, SIZE, SIZE)
+    expected = trained.decode(z_aux.detach(), z_rec, x0=x0, method="midpoint", steps=4)
+    assert_close(images, expected, atol=1e-5, rtol=1e-5)
+    # batch independence: one row alone gives the same image
+    assert_close(generator(z_aux[2:3], z_rec[2:3])[0], images[2], atol=1e-5, rtol=1e-5)
+    assert generator(z_aux.detach().expand(3, 5, 2), z_rec.expand(3, 5, 2)).shape == (
+        3,
+        5,
+        SIZE,
+        SIZE,
+    )
+    images.sum().backward()
+    assert z_aux.grad is not None and torch.isfinite(z_aux.grad).all()
+    assert z_aux.grad.abs().sum() > 0
+    # the copy is independent of the model: the model's field still trains
+    assert all(p.requires_grad for p in trained.field.parameters())
+    with pytest.raises(ValueError, match="fixed-step"):
+        trained.generator(method="dopri5")
+
+
+def test_generator_plugs_into_the_deep_prior(trained):
+    prior = DeepPrior(trained.generator(steps=2))
+    assert prior.tau == pytest.approx(trained.tau)
+    with pyro.plate("starts", 3):
+        trace = poutine.trace(prior).get_trace()
+    assert trace.nodes["field"]["value"].shape == (3, SIZE, SIZE)
+    assert trace.nodes["z_rec"]["value"].shape == (3, 2)
+
+
+# ---------------------------------------------------------------------------- persistence
+def test_save_load_round_trip_gives_identical_samples(trained, data, tmp_path):
+    path = trained.save(tmp_path / "dlcfm.pt")
+    loaded = GuidedLatentModel.load(path)
+    assert type(loaded) is DLCFM
+    assert loaded.config == trained.config
+    assert loaded.history == trained.history
+    aux = {"mass": 3e14, "width": 2.5}
+    assert_close(loaded.sample(aux, num=4, seed=1), trained.sample(aux, num=4, seed=1), atol=0)
+    assert_close(loaded.encode(data)._asdict(), trained.encode(data)._asdict(), atol=0, rtol=0)
+
+
+def test_asinh_model_round_trip(tmp_path):
+    ds = synthetic(32)
+    model = small_model(ds, intensity="asinh", method="rk4", steps=3)
+    loaded = DLCFM.load(model.save(tmp_path / "m.pt"))
+    assert loaded.config["intensity"] == "asinh"
+    assert (loaded.method, loaded.steps) == ("rk4", 3)
+    assert_close(loaded.sample(num=2, seed=0), model.sample(num=2, seed=0), atol=0)
+
+
+def _without_time(history):
+    return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    # The flow-matching noise and times come from the RNG that fit seeds per epoch, so a run
+    # resumed from its epoch checkpoint must end with exactly the weights of an unbroken run.
+    ds = synthetic(64)
+    settings = {"batch_size": 32, "progress": False, "seed": 1}
+    reference = small_model(ds)
+    reference.fit(ds, epochs=2, checkpoint_dir=tmp_path / "a", **settings)
+    interrupted = small_model(ds)
+    interrupted.fit(ds, epochs=1, checkpoint_dir=tmp_path / "b", **settings)
+    assert (tmp_path / "b" / "last.pt").is_file()
+    resumed = small_model(ds)
+    history = resumed.fit(ds, epochs=2, checkpoint_dir=tmp_path / "b", resume=True, **settings)
+    assert _without_time(history) == _without_time(reference.history)
+    assert_close(dict(resumed.state_dict()), dict(reference.state_dict()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"flow_weight": 0.0}, "flow_weight"),
+        ({"intensity": "log"}, "intensity"),
+        ({"intensity_scale": -1.0}, "intensity_scale"),
+        ({"method": "adams"}, "method"),
+        ({"steps": 0}, "steps"),
+        ({"tau": 0.0}, "tau"),
+        ({"field_channels": 0}, "channels"),
+    ],
+)
+def test_bad_constructor_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small_model(synthetic(8), **kwargs)
+
+
+def test_decode_rejects_bad_shapes(trained):
+    with pytest.raises(ValueError, match="z_aux"):
+        trained.decode(torch.zeros(2, 3), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="z_rec"):
+        trained.decode(torch.zeros(2, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="x0"):
+        trained.decode(torch.zeros(2, 2), torch.zeros(2, 2), x0=torch.zeros(2, 8, 8))
