@@ -35,6 +35,7 @@ __all__ = [
     "DCIResult",
     "LeakageResult",
     "alignment",
+    "auroc",
     "dci",
     "interval_coverage",
     "leakage",
@@ -1096,3 +1097,26 @@ def interval_coverage(samples: ArrayLike, truth: ArrayLike, level: float = 0.9) 
         )
     lower, upper = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return ((lower <= tru) & (tru <= upper)).mean(axis=0)
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` for the binary ``labels`` (higher = positive).
+
+    Computed from ranks as the Mann–Whitney statistic :math:`U / (n_+ n_-)`, ties averaged:
+    the probability that a random positive scores above a random negative.
+
+    Parameters
+    ----------
+    scores : array-like, shape ``(n,)``
+    labels : array-like of bool, shape ``(n,)``, with at least one positive and one negative
+    """
+    scores = _to_numpy(scores, "scores").ravel()
+    labels = np.asarray(labels).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels must have the shape of scores {scores.shape}, got {labels.shape}")
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("labels must contain both classes")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -547,3 +547,19 @@ def test_interval_coverage_rejects_bad_input():
         metrics.interval_coverage(np.zeros((10, 3)), np.zeros(3), level=1.0)
     with pytest.raises(ValueError, match="shape"):
         metrics.interval_coverage(np.zeros((10, 3)), np.zeros(4))
+
+
+def test_auroc_known_answers():
+    from pyro_dlatent.metrics import auroc
+
+    labels = np.array([0, 0, 1, 1], dtype=bool)
+    assert auroc([0.1, 0.2, 0.8, 0.9], labels) == 1.0
+    assert auroc([0.9, 0.8, 0.2, 0.1], labels) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], labels) == 0.5
+    # independent scores: AUROC ~ 0.5 with sd sqrt((n+ + n- + 1) / (12 n+ n-))
+    rng = np.random.default_rng(0)
+    flags = rng.random(4000) < 0.1
+    sd = np.sqrt((flags.sum() + (~flags).sum() + 1) / (12 * flags.sum() * (~flags).sum()))
+    assert abs(auroc(rng.normal(size=4000), flags) - 0.5) < 4 * sd
+    with pytest.raises(ValueError, match="labels"):
+        auroc([0.1, 0.2], [True, True])
