@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from pyro_dlatent import AuxScaler, AuxVAE, LatentSplit, data, metrics
+from pyro_dlatent.inverse import DeepPrior, infer
 from pyro_dlatent.inverse.fem import ConductivityProblem, SourceProblem, default_sensors
 from pyro_dlatent.inverse.grf import GRFPrior
+from pyro_dlatent.inverse.run import Observations, invert_run
 
 
 @functools.cache
@@ -26,6 +28,11 @@ def _vae():
 @functools.cache
 def _problem():
     return SourceProblem(9, default_sensors(3), 0.1)
+
+
+@functools.cache
+def _problem16():
+    return SourceProblem(16, default_sensors(3), 0.1)
 
 
 def _scaler():
@@ -91,6 +98,28 @@ CASES = [
         lambda: ConductivityProblem(9, default_sensors(3), 0.1, source=np.ones((4, 4))),
     ),
     ("gamma", ValueError, lambda: GRFPrior(9, gamma=0.0, delta=1.0)),
+    ("values", ValueError, lambda: Observations([np.nan, 1.0], [[0.5, 0.5]] * 2, 0.1, 9)),
+    ("sensors", ValueError, lambda: Observations([1.0, 2.0], [[0.5, 0.5]], 0.1, 9)),
+    (
+        "truth_field",
+        ValueError,
+        lambda: Observations([1.0], [[0.5, 0.5]], 0.1, 9, truth_field=np.zeros((4, 4))),
+    ),
+    (
+        "grid",
+        ValueError,
+        lambda: invert_run(_vae().generator(), Observations([1.0], [[0.5, 0.5]], 0.1, 9), "x"),
+    ),
+    (
+        "observations",
+        ValueError,
+        lambda: infer(_problem16(), DeepPrior(_vae().generator()), np.zeros(3), method="map"),
+    ),
+    (
+        "method",
+        ValueError,
+        lambda: infer(_problem16(), DeepPrior(_vae().generator()), np.zeros(9), method="mcmc"),
+    ),
     # metrics
     ("latents", ValueError, lambda: metrics.mcc(np.full((5, 2), np.nan), np.zeros((5, 2)))),
     ("degree", ValueError, lambda: metrics.leakage(np.zeros((5, 2)), np.zeros((5, 2)), degree=0)),
