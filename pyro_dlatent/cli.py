@@ -134,7 +134,7 @@ def traverse(
     net = load_model(model)
     base = None
     if data is not None:
-        ds = open_dataset(data)
+        ds = open_dataset(data, size=net.image_size)
         if not 0 <= index < ds.sizes["sample"]:
             raise typer.BadParameter(f"must be in [0, {ds.sizes['sample']})", param_hint="--index")
         encoding = net.encode(ds["image"].values[index : index + 1])
@@ -155,7 +155,7 @@ def encode(
 
     _out_path(out, overwrite)
     net = load_model(model)
-    ds = open_dataset(data)
+    ds = open_dataset(data, size=net.image_size)
     result = net.predict_aux(ds)
     encoding = net.encode(ds)
     result["z_aux"] = (("sample", "aux"), encoding.z_aux_loc.cpu().numpy())
@@ -209,6 +209,127 @@ def invert(
         kwargs["steps"] = steps
     invert_run(generator, obs, out, method=method, **kwargs)
     typer.echo(f"wrote the posterior and figures to {out}")
+
+
+def _parse_aux(values: list[str] | None) -> dict[str, list[float]]:
+    aux: dict[str, list[float]] = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected name=value, got {item!r}", param_hint="--aux")
+        try:
+            aux.setdefault(name.strip(), []).append(float(value))
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not a number", param_hint="--aux") from None
+    return aux
+
+
+def _save_images(images, path: Path, aux: dict[str, list[float]]) -> None:
+    from pyro_dlatent import plots
+
+    images = images.cpu().numpy()
+    if path.suffix.lower() in (".nc", ".zarr"):
+        import xarray as xr
+
+        ds = xr.Dataset({"image": (("sample", "y", "x"), images)})
+        ds.attrs["requested_aux"] = repr(aux)
+        tmp = path.with_name(f".{path.name}.tmp")
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        tmp.replace(path)
+    else:
+        ncols = min(8, len(images))
+        nrows = -(-len(images) // ncols)
+        pad = nrows * ncols - len(images)
+        if pad:
+            import numpy as np
+
+            images = np.concatenate([images, np.full((pad, *images.shape[1:]), np.nan)])
+        plots.save_figure(plots.image_grid(images, nrows=nrows, ncols=ncols), path)
+
+
+AuxOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--aux", help="Auxiliary in physical units, name=value (repeat; a name twice = 2 rows)."
+    ),
+]
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Argument(help="Run folder or model checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Images: .nc file or a figure (.png, .pdf).")],
+    aux: AuxOption = None,
+    num: Annotated[int, typer.Option(help="Images per auxiliary row.")] = 8,
+    method: Annotated[
+        str | None, typer.Option(help="ODE solver (DL-CFM): euler, midpoint, rk4, dopri5.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Fixed solver steps (DL-CFM).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Generate images at auxiliaries given in physical units (others from their marginal)."""
+    from pyro_dlatent.runs import load_model
+
+    net = load_model(model)
+    requested = _parse_aux(aux)
+    if hasattr(net, "sample"):
+        images = net.sample(requested or None, num, method=method, steps=steps, seed=seed)
+    else:
+        images = net.generate(requested or None, num, seed=seed)
+    _save_images(images, out, requested)
+    typer.echo(f"wrote {len(images)} images to {out}")
+
+
+@app.command()
+def tails(
+    model: Annotated[Path, typer.Argument(help="Run folder or DL-CFM checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Images: .nc file or a figure (.png, .pdf).")],
+    aux: AuxOption = None,
+    num: Annotated[int, typer.Option(help="Images.")] = 8,
+    quantile: Annotated[
+        float, typer.Option(help="Chi-square quantile of the residual radius.")
+    ] = 0.99,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Images with the guided block fixed and the residual block in the tail of its prior."""
+    from pyro_dlatent.runs import load_model
+
+    net = load_model(model)
+    if not hasattr(net, "sample_tails"):
+        raise typer.BadParameter("residual tails need a DL-CFM model", param_hint="MODEL")
+    requested = _parse_aux(aux)
+    images, _ = net.sample_tails(requested, num, quantile=quantile, seed=seed)
+    _save_images(images, out, requested)
+    typer.echo(f"wrote {len(images)} residual-tail images to {out}")
+
+
+@app.command()
+def anomalies(
+    model: Annotated[Path, typer.Argument(help="Run folder or model checkpoint.")],
+    data: Annotated[str, typer.Argument(help="Dataset to rank: built-in name or .nc/.zarr file.")],
+    out: Annotated[Path, typer.Option(help="Folder for anomalies.nc and anomalies.png.")],
+    reference: Annotated[
+        str | None, typer.Option(help="Reference dataset for calibration (default: DATA).")
+    ] = None,
+    top: Annotated[int, typer.Option(help="Images in the gallery.")] = 16,
+) -> None:
+    """Rank images by the Mahalanobis radius of their encoded residual block, with p-values."""
+    from pyro_dlatent import anomaly, plots
+    from pyro_dlatent.runs import load_model, open_dataset
+
+    net = load_model(model)
+    ds = open_dataset(data, size=net.image_size, seed=1)
+    ref = ds if reference is None else open_dataset(reference, size=net.image_size)
+    detector = anomaly.fit_anomaly_detector(net.encode(ref).z_rec_loc.cpu().numpy())
+    extra = {name: ds[name].values for name in ds.data_vars if ds[name].dims == ("sample",)}
+    table = anomaly.rank_anomalies(detector, net.encode(ds).z_rec_loc.cpu().numpy(), extra=extra)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".anomalies.nc.tmp"
+    table.to_netcdf(tmp, engine="h5netcdf")
+    tmp.replace(out / "anomalies.nc")
+    fig = anomaly.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))
+    plots.save_figure(fig, out / "anomalies.png")
+    typer.echo(f"ranked {ds.sizes['sample']} images into {out}")
 
 
 @app.command()

@@ -64,7 +64,7 @@ def run_demo(
         out / "auxvae",
         model="auxvae",
         model_kwargs={"residual_dim": 4, "seed": seed},
-        fit_kwargs={"epochs": 2 if fast else 25, "seed": seed, "progress": progress},
+        fit_kwargs={"epochs": 2 if fast else 15, "seed": seed, "progress": progress},
         held_out=held_out,
         overwrite=True,
     )
@@ -87,7 +87,8 @@ def run_demo(
         out / "inversion",
         method="svi",
         guide="fullrank",
-        steps=200 if fast else 1500,
+        steps=200 if fast else 600,
+        num_starts=4,
         num_samples=200 if fast else 1000,
         seed=seed,
         progress=progress,

@@ -21,11 +21,16 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "DECORRELATION_FORMS",
     "alignment_penalty",
     "decorrelation_penalty",
     "masked_correlation",
     "polynomial_lift",
 ]
+
+
+DECORRELATION_FORMS = ("abs", "square")
+"""Forms of :func:`decorrelation_penalty`: mean absolute or summed squared correlations."""
 
 
 def _check_degree(degree: int) -> int:
@@ -230,19 +235,36 @@ def decorrelation_penalty(
     *,
     degree: int = 2,
     min_count: int = 3,
+    form: str = "abs",
 ) -> torch.Tensor:
     """Leakage of the auxiliaries into the residual encoder means, on polynomial lifts.
 
+    With :math:`C_{ip,lq} = \\mathrm{corr}(\\mu_{rec, i}^{\\,p}, \\tilde u_l^{\\,q})` over the
+    rows where :math:`u_l` is observed, the ``"abs"`` form (the Aux-VAE paper's, lifted) is the
+    mean absolute correlation
+
     .. math::
 
-        \\mathcal{D} = \\frac{1}{r K \\, k_{obs} K} \\sum_{i=1}^{r} \\sum_{l \\text{ valid}}
-                       \\sum_{p, q = 1}^{K} \\bigl|\\mathrm{corr}(\\mu_{rec, i}^{\\,p},
-                       \\tilde u_l^{\\,q})\\bigr|,
+        \\mathcal{D}_{abs} = \\frac{1}{r K \\, k_{obs} K} \\sum_{i=1}^{r} \\sum_{l \\text{ valid}}
+                           \\sum_{p, q = 1}^{K} \\bigl|C_{ip,lq}\\bigr|,
 
-    the mean absolute correlation between every lifted residual coordinate and every lifted
-    auxiliary (over rows where that auxiliary is observed), so nonlinear leakage such as
-    ``mu_rec = u**2`` is penalized too. Zero when ``r = 0`` or no auxiliary has ``min_count``
-    observed rows.
+    and the ``"square"`` form sums the squared correlations of each lifted residual coordinate
+    and averages over those,
+
+    .. math::
+
+        \\mathcal{D}_{sq} = \\frac{1}{r K} \\sum_{i=1}^{r} \\sum_{p=1}^{K}
+                          \\sum_{l \\text{ valid}} \\sum_{q=1}^{K} C_{ip,lq}^2,
+
+    which for mutually uncorrelated lifted auxiliaries (independent ``u_l`` with symmetric
+    marginals) is the mean R² of a lifted residual coordinate regressed on all lifted
+    auxiliaries. Both see nonlinear leakage such as ``mu_rec = u**2``. They differ in where
+    they push: ``|C|`` has a gradient of constant size however small the correlation, so the
+    batch noise of independent coordinates (each ``|C| ~ 1/sqrt(batch)``) keeps kicking the
+    encoder and one large leak is diluted by the average; ``C^2`` has a gradient ``2 C`` that
+    vanishes at the noise floor and grows with the leak, so it suppresses the *largest*
+    correlations (what the leakage score measures) and leaves the rest of the residual block
+    free. Zero when ``r = 0`` or no auxiliary has ``min_count`` observed rows.
 
     Parameters
     ----------
@@ -253,11 +275,16 @@ def decorrelation_penalty(
     mask : Tensor of bool, shape ``(n, k)``, optional
     degree : int
         Lift degree ``K``.
+    min_count : int
+        Auxiliaries observed in fewer rows are left out.
+    form : {"abs", "square"}
 
     Returns
     -------
     Tensor, shape ``()``
     """
+    if form not in DECORRELATION_FORMS:
+        raise ValueError(f"expected form in {DECORRELATION_FORMS}, got {form!r}")
     _check_pair(mu_rec, u, "mu_rec")
     n = u.shape[0]
     r = mu_rec.shape[1]
@@ -266,5 +293,7 @@ def decorrelation_penalty(
     lifted_u, lifted_mask = _lifted_with_mask(u, mask, degree)
     lifted_rec = polynomial_lift(mu_rec, degree).reshape(n, r * degree)
     corr, valid = masked_correlation(lifted_rec, lifted_u, lifted_mask, min_count=min_count)
+    if form == "square":
+        return corr.pow(2).sum() / (r * degree)
     n_valid = valid.sum().clamp_min(1)
     return corr.abs().sum() / (r * degree * n_valid)

@@ -52,7 +52,7 @@ def _check_positive_int(value: Any, name: str) -> int:
 
 
 def _standardized_aux(model: Any, ds: xr.Dataset) -> np.ndarray:
-    """The model's auxiliaries of ``ds``, transformed and standardized, ``(n, k)``, NaN = missing."""
+    """The model's auxiliaries in ``ds``, transformed and standardized, ``(n, k)``, NaN missing."""
     missing = [name for name in model.aux_names if name not in ds]
     if missing:
         raise ValueError(
@@ -167,6 +167,9 @@ def alignment_report(
     - ``reconstruction`` (when the model has ``reconstruct``): ``mse`` in the dataset's units,
       ``mse_standardized`` in the model's standardized image units and ``mse_over_variance``
       (MSE over the pixel variance about the mean image); else ``None``;
+    - ``residual``: per residual coordinate, its ``activity`` :math:`\\mathrm{Var}_x(r_i)` (a
+      coordinate below about 0.01 is collapsed onto its prior and carries nothing) and its
+      ``mean_posterior_sd``;
     - ``n``, ``n_complete``, ``tau``, ``degree`` and ``model`` (class, sizes, parameter count and
       the full config).
 
@@ -212,6 +215,7 @@ def alignment_report(
     z_aux = encoding.z_aux_loc.double().cpu().numpy()
     z_aux_scale = encoding.z_aux_scale.double().cpu().numpy()
     z_rec = encoding.z_rec_loc.double().cpu().numpy()
+    z_rec_scale = encoding.z_rec_scale.double().cpu().numpy()
 
     complete = np.isfinite(u).all(axis=1)
     n_complete = int(complete.sum())
@@ -229,6 +233,10 @@ def alignment_report(
             "config": dict(model.config),
         },
         "variables": _variable_entries(model, z_aux, z_aux_scale, u, degree),
+        "residual": {
+            "activity": [_float(v) for v in z_rec.var(axis=0)],
+            "mean_posterior_sd": [_float(v) for v in z_rec_scale.mean(axis=0)],
+        },
     }
     r_values = [v["pearson_r"] for v in report["variables"].values() if v["pearson_r"] is not None]
     report["mean_pearson_r"] = _float(np.mean(r_values)) if r_values else None

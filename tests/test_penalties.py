@@ -141,6 +141,59 @@ def test_decorrelation_with_mask_equals_penalty_on_observed_rows():
     assert torch.isfinite(rec.grad).all()
 
 
+def test_square_decorrelation_is_the_mean_explained_variance():
+    n = 4000
+    u = _normal(n, 2, seed=17)
+    # mu_rec = u_0: the lifted residual (s, s^2) matches (u_0, u_0^2) exactly and is uncorrelated
+    # with u_0^2, u_0 (odd moments of a normal vanish) and with u_1: the two lifted coordinates
+    # each have summed squared correlation 1 (+ O(1/n) from the other three columns).
+    full = decorrelation_penalty(u[:, :1], u, degree=2, form="square").item()
+    assert full == pytest.approx(1.0, abs=0.01)
+    # Independent coordinates: each squared correlation has mean 1/n, so the per-coordinate sum
+    # over k K = 4 columns has mean 4/n = 0.001 (sd about 0.0007 for the mean over 6 of them).
+    independent = decorrelation_penalty(_normal(n, 3, seed=18), u, degree=2, form="square")
+    assert independent.item() < 0.005
+    # Half-strength linear leak: corr(rec, u_0) = 1/sqrt(2) for rec = (u_0 + e) with var(e) = 1,
+    # so corr^2 = 1/2 on the linear coordinate; for jointly normal (rec, u_0) with correlation rho
+    # the squares have correlation rho^2 = 1/2, so corr^2 = 1/4 on the quadratic coordinate: the
+    # mean over the two is 3/8. Sampling sd of each corr^2 at n = 4000 is about 0.015.
+    half = u[:, :1] + _normal(n, 1, seed=19)
+    value = decorrelation_penalty(half, u, degree=2, form="square").item()
+    assert value == pytest.approx(0.375, abs=0.03)
+
+
+def test_square_decorrelation_gradient_vanishes_at_the_noise_floor():
+    n = 256
+    u = _normal(n, 2, seed=20)
+    independent = _normal(n, 2, seed=21).requires_grad_(True)
+    leaking = (u + 0.5 * _normal(n, 2, seed=22)).requires_grad_(True)
+    norms = {}
+    for form in ("abs", "square"):
+        for name, rec in (("independent", independent), ("leaking", leaking)):
+            rec.grad = None
+            decorrelation_penalty(rec, u, degree=2, form=form).backward()
+            norms[form, name] = rec.grad.norm().item()
+    # |C| pushes as hard on noise-level correlations (about 1/sqrt(256) = 0.06) as on leaks;
+    # C^2 pushes in proportion to C, so its push at the noise floor is far below its push on a
+    # leak with C near 0.9.
+    assert norms["abs", "independent"] > 0.3 * norms["abs", "leaking"]
+    assert norms["square", "independent"] < 0.2 * norms["square", "leaking"]
+
+
+def test_square_decorrelation_with_mask_equals_penalty_on_observed_rows():
+    n = 300
+    u = _normal(n, 2, seed=23)
+    rec = 0.8 * u[:, :1] + _normal(n, 2, seed=24)
+    mask = torch.stack([torch.arange(n) % 3 != 0, torch.ones(n, dtype=torch.bool)], -1)
+    u_missing = torch.where(mask, u, torch.full_like(u, float("nan")))
+    masked = decorrelation_penalty(rec, u_missing, mask, degree=1, form="square")
+    rows = mask[:, 0]
+    corr_0 = np.corrcoef(rec[rows].numpy().T, u[rows, 0].numpy())[:2, 2]
+    corr_1 = np.corrcoef(rec.numpy().T, u[:, 1].numpy())[:2, 2]
+    expected = ((corr_0**2).sum() + (corr_1**2).sum()) / 2
+    assert masked.item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_alignment_ignores_a_column_without_observations():
     u = _normal(100, 2, seed=15)
     mask = torch.ones(100, 2, dtype=torch.bool)
@@ -166,6 +219,7 @@ def test_residual_dim_zero_gives_zero():
         (lambda: alignment_penalty(torch.zeros(4, 3), torch.zeros(4, 2)), "mu_aux"),
         (lambda: decorrelation_penalty(torch.zeros(4), torch.zeros(4, 2)), "mu_rec"),
         (lambda: masked_correlation(torch.zeros(4, 1), torch.zeros(3, 1)), "same number of rows"),
+        (lambda: decorrelation_penalty(torch.zeros(4, 1), torch.zeros(4, 2), form="l1"), "form"),
     ],
 )
 def test_bad_inputs_raise(call, match):

@@ -63,3 +63,24 @@ def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
     assert main([*args, "--method", "bogus"]) == 2
     assert main(["invert", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
+    run = tmp_path / "dlcfm"
+    train = ["train", "halos", "--model", "dlcfm", "--out", str(run), "--num", "96"]
+    assert (
+        main([*train, "--size", "16", "--epochs", "1", "--batch-size", "32", "--no-progress"]) == 0
+    )
+    for name in ("model.pt", "report.json", "traversal.png", "scatter.png"):
+        assert (run / name).is_file(), name
+    aux = ["--aux", "log10_M500=14.0", "--aux", "log10_M500=15.0", "--aux", "concentration=3"]
+    assert main(["sample", str(run), "--out", str(tmp_path / "s.nc"), *aux, "--num", "2"]) == 0
+    images = xr.load_dataset(tmp_path / "s.nc", engine="h5netcdf")["image"]
+    assert images.shape == (4, 16, 16) and np.isfinite(images.values).all()
+    tail_args = ["--aux", "log10_M500=14.5", "--aux", "concentration=3", "--num", "4"]
+    assert main(["tails", str(run), "--out", str(tmp_path / "t.png"), *tail_args]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 2000
+    assert main(["anomalies", str(run), "halos", "--out", str(tmp_path / "anom")]) == 0
+    table = xr.load_dataset(tmp_path / "anom" / "anomalies.nc", engine="h5netcdf")
+    assert "disturbed" in table and (np.diff(table["score"].values) <= 0).all()
+    assert main(["sample", str(run), "--out", str(tmp_path / "x.png"), "--aux", "mass"]) == 2

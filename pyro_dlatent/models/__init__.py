@@ -2,5 +2,13 @@
 
 from pyro_dlatent.models.auxvae import AuxVAE, DecoderGenerator
 from pyro_dlatent.models.base import GuidedLatentModel, NonFiniteLossError
+from pyro_dlatent.models.dlcfm import DLCFM, FlowGenerator
 
-__all__ = ["AuxVAE", "DecoderGenerator", "GuidedLatentModel", "NonFiniteLossError"]
+__all__ = [
+    "DLCFM",
+    "AuxVAE",
+    "DecoderGenerator",
+    "FlowGenerator",
+    "GuidedLatentModel",
+    "NonFiniteLossError",
+]

@@ -24,7 +24,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import numpy as np
 import pyro
@@ -190,6 +191,9 @@ class AuxVAE(GuidedLatentModel):
     align_weight, decor_weight : float
         Per-pixel penalty weights (0 switches a penalty off); see
         :class:`~pyro_dlatent.models.base.GuidedLatentModel`.
+    decor_form : {"abs", "square"}
+        Form of the decorrelation penalty (see
+        :func:`pyro_dlatent.penalties.decorrelation_penalty`).
     degree : int
         Polynomial-lift degree of the penalties.
     width, hidden, depth : int
@@ -212,6 +216,9 @@ class AuxVAE(GuidedLatentModel):
     """
 
     _networks = ("encoder", "decoder")
+    fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType(
+        {"lr": 3e-3, "lr_decay": 1.0 / 30.0}
+    )
 
     def __init__(
         self,
@@ -225,6 +232,7 @@ class AuxVAE(GuidedLatentModel):
         obs_scale: str = "global",
         align_weight: float = 0.01,
         decor_weight: float = 1.0,
+        decor_form: str = "abs",
         degree: int = 2,
         width: int = 32,
         hidden: int = 256,
@@ -247,6 +255,7 @@ class AuxVAE(GuidedLatentModel):
             learn_tau=learn_tau,
             align_weight=align_weight,
             decor_weight=decor_weight,
+            decor_form=decor_form,
             degree=degree,
             width=width,
             hidden=hidden,

@@ -39,7 +39,8 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pyro
@@ -59,7 +60,11 @@ from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 from pyro_dlatent.data.io import check_dataset, split
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
 from pyro_dlatent.nn import ACTIVATIONS, NORMS, ConvEncoder, check_image_size
-from pyro_dlatent.penalties import alignment_penalty, decorrelation_penalty
+from pyro_dlatent.penalties import (
+    DECORRELATION_FORMS,
+    alignment_penalty,
+    decorrelation_penalty,
+)
 
 __all__ = [
     "ALIGN_SITE",
@@ -249,6 +254,10 @@ class GuidedLatentModel(PyroModule):
     align_weight, decor_weight : float
         Per-pixel weights of the alignment and decorrelation penalties (``>= 0``; 0 removes the
         factor site).
+    decor_form : {"abs", "square"}
+        Form of the decorrelation penalty (:func:`pyro_dlatent.penalties.decorrelation_penalty`):
+        the paper's mean absolute correlation, or the mean summed squared correlation, which
+        targets the largest leaks.
     degree : int
         Degree ``K`` of the polynomial lifts in the penalties.
     width, hidden, depth : int
@@ -265,6 +274,9 @@ class GuidedLatentModel(PyroModule):
     _networks: tuple[str, ...] = ("encoder",)
     """Attributes holding the plain ``nn.Module`` networks that :meth:`_register` registers."""
 
+    fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType({"lr": 1e-3, "lr_decay": 1.0})
+    """Learning-rate settings :meth:`fit` uses when its ``lr``/``lr_decay`` are left at None."""
+
     def __init__(
         self,
         scaler: AuxScaler,
@@ -275,6 +287,7 @@ class GuidedLatentModel(PyroModule):
         learn_tau: bool = False,
         align_weight: float = 0.01,
         decor_weight: float = 1.0,
+        decor_form: str = "abs",
         degree: int = 2,
         width: int = 32,
         hidden: int = 256,
@@ -295,6 +308,8 @@ class GuidedLatentModel(PyroModule):
         tau = _check_float(tau, "tau", minimum=0.0, strict=True)
         align_weight = _check_float(align_weight, "align_weight", minimum=0.0, strict=False)
         decor_weight = _check_float(decor_weight, "decor_weight", minimum=0.0, strict=False)
+        if decor_form not in DECORRELATION_FORMS:
+            raise ValueError(f"expected decor_form in {DECORRELATION_FORMS}, got {decor_form!r}")
         degree = _check_int(degree, "degree", 1)
         image_loc = _check_float(image_loc, "image_loc", minimum=-math.inf, strict=True)
         image_scale = _check_float(image_scale, "image_scale", minimum=0.0, strict=True)
@@ -308,6 +323,7 @@ class GuidedLatentModel(PyroModule):
         self.image_size = image_size
         self.align_weight = align_weight
         self.decor_weight = decor_weight
+        self.decor_form = decor_form
         self.degree = degree
         self._config: dict[str, Any] = {
             "image_size": image_size,
@@ -316,6 +332,7 @@ class GuidedLatentModel(PyroModule):
             "learn_tau": bool(learn_tau),
             "align_weight": align_weight,
             "decor_weight": decor_weight,
+            "decor_form": decor_form,
             "degree": degree,
             "width": width,
             "hidden": hidden,
@@ -457,7 +474,7 @@ class GuidedLatentModel(PyroModule):
         mu_aux, mu_rec = loc.split([self.aux_dim, self.residual_dim], dim=-1)
         return (
             alignment_penalty(mu_aux, aux, mask, degree=self.degree),
-            decorrelation_penalty(mu_rec, aux, mask, degree=self.degree),
+            decorrelation_penalty(mu_rec, aux, mask, degree=self.degree, form=self.decor_form),
         )
 
     def weighted_penalty(self, alignment: float, decorrelation: float) -> float:
@@ -637,7 +654,8 @@ class GuidedLatentModel(PyroModule):
         *,
         epochs: int = 20,
         batch_size: int = 128,
-        lr: float = 1e-3,
+        lr: float | None = None,
+        lr_decay: float | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
         progress: bool = True,
@@ -664,8 +682,13 @@ class GuidedLatentModel(PyroModule):
         batch_size : int
             Minibatch size (>= 2, since the penalties are batch correlations); an epoch splits
             the shuffled training set into ``ceil(n / batch_size)`` near-equal batches.
-        lr : float
-            Adam learning rate.
+        lr : float, optional
+            Initial Adam learning rate (default: the class's :attr:`fit_defaults`).
+        lr_decay : float, optional
+            Learning rate at the last step divided by ``lr``, in ``(0, 1]``: the rate decays
+            exponentially, by ``lr_decay ** (1 / (epochs * batches_per_epoch))`` per step
+            (``ClippedAdam``'s ``lrd``); 1 keeps it constant (default: the class's
+            :attr:`fit_defaults`). A resumed run keeps the decay of the run it continues.
         val_fraction : float
             Held-out fraction in ``[0, 1)``; 0 disables validation.
         seed : int
@@ -703,7 +726,14 @@ class GuidedLatentModel(PyroModule):
         """
         epochs = _check_int(epochs, "epochs", 1)
         batch_size = _check_int(batch_size, "batch_size", 2)
-        lr = _check_float(lr, "lr", minimum=0.0, strict=True)
+        lr = _check_float(
+            self.fit_defaults["lr"] if lr is None else lr, "lr", minimum=0.0, strict=True
+        )
+        if lr_decay is None:
+            lr_decay = self.fit_defaults["lr_decay"]
+        lr_decay = _check_float(lr_decay, "lr_decay", minimum=0.0, strict=True)
+        if lr_decay > 1.0:
+            raise ValueError(f"expected 0 < lr_decay <= 1, got {lr_decay!r}")
         if not (isinstance(val_fraction, int | float) and 0.0 <= val_fraction < 1.0):
             raise ValueError(f"expected 0 <= val_fraction < 1, got {val_fraction!r}")
         seed = _check_int(seed, "seed", 0)
@@ -722,6 +752,7 @@ class GuidedLatentModel(PyroModule):
         settings = {
             "batch_size": batch_size,
             "lr": lr,
+            "lr_decay": lr_decay,
             "val_fraction": float(val_fraction),
             "seed": seed,
             "clip_norm": clip_norm,
@@ -733,9 +764,15 @@ class GuidedLatentModel(PyroModule):
             checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
         resume_path = self._resume_path(resume, checkpoint)
 
+        n = train.images.shape[0]
+        num_batches = math.ceil(n / batch_size)
         self._forget_params()
         self._optim = ClippedAdam(
-            {"lr": lr, "clip_norm": math.inf if clip_norm is None else clip_norm}
+            {
+                "lr": lr,
+                "lrd": lr_decay ** (1.0 / (epochs * num_batches)),
+                "clip_norm": math.inf if clip_norm is None else clip_norm,
+            }
         )
         svi = _GuardedSVI(self.model, self.guide, self._optim, Trace_ELBO())
         history: list[dict[str, Any]] = []
@@ -743,8 +780,6 @@ class GuidedLatentModel(PyroModule):
             history = self._restore_training(resume_path, settings, fingerprint)
         self.history = history
 
-        n = train.images.shape[0]
-        num_batches = math.ceil(n / batch_size)
         bar = tqdm(
             total=epochs * num_batches,
             initial=min(len(history), epochs) * num_batches,

@@ -1,0 +1,247 @@
+"""Aux-VAE quality on held-out data: alignment, leakage, reconstruction against a plain VAE.
+
+Trains on ``--num`` freshly simulated images of a built-in dataset and evaluates every model on a
+*separate* held-out set simulated with another seed (``--test-num`` images, 4096 by default: the
+leakage score is the largest of ``r K x k K`` absolute correlations, whose noise floor for
+independent variables is about ``3 / sqrt(n)``, 0.047 at ``n = 4096``, well below the 0.1
+target). Each variant is scored with :func:`pyro_dlatent.report.alignment_report`:
+
+- ``auxvae``: the Aux-VAE at the package defaults (or the options given here);
+- ``plain`` (``--baseline``): the same networks with both penalties off, trained on a copy of
+  the training set whose auxiliaries are all missing, so the guided block is untethered (its
+  prior is the marginal ``N(0, 1 + tau^2)``): a plain VAE with ``aux_dim + residual_dim``
+  latents;
+- ``masked`` (``--mask-fraction F`` with ``F > 0``): the Aux-VAE trained with each auxiliary
+  value hidden independently with probability ``F``.
+
+The targets of issue 3 are checked and written with the numbers (``--out``, JSON):
+``sources``: Pearson r >= 0.98 for x0, y0, log_amplitude and width, leakage <= 0.1,
+reconstruction MSE at most 10% above the plain VAE, and r dropping by at most 0.02 when half the
+auxiliaries are masked; ``galaxies``: r >= 0.95 for flux, scale_radius, g1 and g2 (psf_fwhm is
+reported only). For ``sources`` the width target sits at the information limit of the
+simulator: the residual random field (sd 0.25, length 0.15) has the bump's own scale, and the
+exact posterior mean of the width given the image *and* the other three parameters reaches only
+r = 0.980 (600 images, +-0.002), so no estimator reaches 0.98 with all four unknown.
+
+Run ``python benchmarks/auxvae_quality.py --help`` for the options; for example
+``python benchmarks/auxvae_quality.py --dataset sources --baseline --mask-fraction 0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from pyro_dlatent.data import simulate
+from pyro_dlatent.models.auxvae import AuxVAE
+from pyro_dlatent.report import alignment_report, save_report
+
+__all__ = ["TARGETS", "check_targets", "main", "mask_auxiliaries", "train_variant", "unlabelled"]
+
+TARGETS: dict[str, dict[str, Any]] = {
+    "sources": {
+        "pearson_r_min": {"x0": 0.98, "y0": 0.98, "log_amplitude": 0.98, "width": 0.98},
+        "leakage_max": 0.1,
+        "mse_ratio_max": 1.10,
+        "masked_r_drop_max": 0.02,
+    },
+    "galaxies": {
+        "pearson_r_min": {"flux": 0.95, "scale_radius": 0.95, "g1": 0.95, "g2": 0.95},
+    },
+}
+"""Targets of issue 3 point 3, per dataset."""
+
+_TEST_SEED_OFFSET = 10_000
+
+
+def unlabelled(ds: xr.Dataset) -> xr.Dataset:
+    """A deep copy of ``ds`` with every auxiliary value missing (NaN)."""
+    out = ds.copy(deep=True)
+    for name in ds.attrs["aux_names"]:
+        out[name].values[:] = np.nan
+    return out
+
+
+def mask_auxiliaries(ds: xr.Dataset, fraction: float, *, seed: int) -> xr.Dataset:
+    """A deep copy of ``ds`` with each auxiliary value hidden independently with ``fraction``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"expected 0 <= fraction < 1, got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    out = ds.copy(deep=True)
+    for name in ds.attrs["aux_names"]:
+        out[name].values[rng.random(ds.sizes["sample"]) < fraction] = np.nan
+    return out
+
+
+def train_variant(
+    variant: str,
+    train: xr.Dataset,
+    test: xr.Dataset,
+    *,
+    model_kwargs: dict[str, Any],
+    fit_kwargs: dict[str, Any],
+    mask_fraction: float = 0.5,
+    seed: int = 0,
+    save_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Train one variant (``auxvae``, ``plain`` or ``masked``) and report it on ``test``."""
+    kwargs = dict(model_kwargs)
+    data = train
+    if variant == "plain":
+        kwargs.update(align_weight=0.0, decor_weight=0.0)
+        data = unlabelled(train)
+    elif variant == "masked":
+        data = mask_auxiliaries(train, mask_fraction, seed=seed + 1)
+    elif variant != "auxvae":
+        raise ValueError(f"unknown variant {variant!r}")
+    # The scaler and image standardization come from the labelled training set in every variant.
+    model = AuxVAE.from_dataset(train, seed=seed, **kwargs)
+    start = time.perf_counter()
+    history = model.fit(data, seed=seed, **fit_kwargs)
+    train_s = time.perf_counter() - start
+    report = alignment_report(model, test)
+    report["train_s"] = train_s
+    report["epochs"] = len(history)
+    report["final_val_elbo"] = history[-1].get("val_elbo")
+    if save_dir is not None:
+        folder = save_dir / variant
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save(folder / "model.pt")
+        save_report(report, folder / "report.json")
+    return report
+
+
+def check_targets(dataset: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Compare the variants' reports with :data:`TARGETS`; one entry per target, with ``pass``."""
+    targets = TARGETS[dataset]
+    checks: dict[str, Any] = {}
+    aux = results["auxvae"]
+    for name, minimum in targets["pearson_r_min"].items():
+        value = aux["variables"][name]["pearson_r"]
+        checks[f"pearson_r[{name}]"] = {"value": value, "min": minimum, "pass": value >= minimum}
+    if "leakage_max" in targets and aux["leakage"] is not None:
+        value = aux["leakage"]["max"]
+        maximum = targets["leakage_max"]
+        checks["leakage"] = {"value": value, "max": maximum, "pass": value <= maximum}
+    if "mse_ratio_max" in targets and "plain" in results:
+        ratio = aux["reconstruction"]["mse"] / results["plain"]["reconstruction"]["mse"]
+        maximum = targets["mse_ratio_max"]
+        checks["mse_ratio"] = {"value": ratio, "max": maximum, "pass": ratio <= maximum}
+    if "masked_r_drop_max" in targets and "masked" in results:
+        drops = {
+            name: aux["variables"][name]["pearson_r"] - entry["pearson_r"]
+            for name, entry in results["masked"]["variables"].items()
+        }
+        maximum = targets["masked_r_drop_max"]
+        worst = max(drops.values())
+        checks["masked_r_drop"] = {
+            "value": worst,
+            "by_variable": drops,
+            "max": maximum,
+            "pass": worst <= maximum,
+        }
+    return checks
+
+
+def _summary_line(variant: str, report: dict[str, Any]) -> str:
+    r = " ".join(f"{k}={v['pearson_r']:.4f}" for k, v in report["variables"].items())
+    leak = report["leakage"]["max"] if report["leakage"] is not None else math.nan
+    mse = report["reconstruction"]["mse"]
+    return (
+        f"{variant:>7}: r {r} | leakage {leak:.3f} | mse {mse:.5g} | mcc {report['mcc']:.3f} "
+        f"| {report['train_s']:.0f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(TARGETS), default="sources")
+    parser.add_argument("--num", type=int, default=8192, help="training images")
+    parser.add_argument("--test-num", type=int, default=4096, help="held-out images")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=None, help="default: AuxVAE.fit_defaults")
+    parser.add_argument("--lr-decay", type=float, default=None, help="final lr / initial lr")
+    parser.add_argument("--mask-fraction", type=float, default=0.0, help="> 0 adds 'masked'")
+    parser.add_argument("--baseline", action="store_true", help="add the plain VAE")
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON of AuxVAE options, e.g. \'{"tau": 0.05, "residual_dim": 8}\'',
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default=None, help="e.g. cuda")
+    parser.add_argument("--save-dir", type=Path, default=None, help="models and reports")
+    parser.add_argument("--out", type=Path, default=Path("auxvae_quality.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    start = time.perf_counter()
+    train = simulate(args.dataset, args.num, size=args.size, seed=args.seed)
+    test = simulate(args.dataset, args.test_num, size=args.size, seed=args.seed + _TEST_SEED_OFFSET)
+    simulate_s = time.perf_counter() - start
+    fit_kwargs = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "lr_decay": args.lr_decay,
+        "progress": False,
+        "device": args.device,
+    }
+    variants = ["auxvae"]
+    if args.baseline:
+        variants.append("plain")
+    if args.mask_fraction > 0:
+        variants.append("masked")
+    results = {}
+    for variant in variants:
+        results[variant] = train_variant(
+            variant,
+            train,
+            test,
+            model_kwargs=args.model_kwargs,
+            fit_kwargs=fit_kwargs,
+            mask_fraction=args.mask_fraction,
+            seed=args.seed,
+            save_dir=args.save_dir,
+        )
+        print(_summary_line(variant, results[variant]), flush=True)
+    checks = check_targets(args.dataset, results)
+    for name, check in checks.items():
+        bound = f"<= {check['max']}" if "max" in check else f">= {check['min']}"
+        verdict = "pass" if check["pass"] else "FAIL"
+        print(f"{name:>24}: {check['value']:.4f} ({bound}) {verdict}")
+    output = {
+        "dataset": args.dataset,
+        "settings": {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in vars(args).items()
+        },
+        "simulate_s": simulate_s,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "variants": results,
+        "targets": checks,
+    }
+    save_report(output, args.out)
+    print(f"wrote {args.out}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
