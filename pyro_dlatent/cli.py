@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from pyro_dlatent.utils import write_netcdf
+
 __all__ = ["app", "main"]
 
 app = typer.Typer(
@@ -161,9 +163,7 @@ def encode(
     result["z_aux"] = (("sample", "aux"), encoding.z_aux_loc.cpu().numpy())
     result["z_rec"] = (("sample", "residual"), encoding.z_rec_loc.cpu().numpy())
     result = result.assign_coords(aux=net.aux_names)
-    tmp = out.with_name(f".{out.name}.tmp")
-    result.to_netcdf(tmp, engine="h5netcdf")
-    tmp.replace(out)
+    write_netcdf(result, out)
     typer.echo(f"wrote {out} ({ds.sizes['sample']} images)")
 
 
@@ -233,9 +233,7 @@ def _save_images(images, path: Path, aux: dict[str, list[float]]) -> None:
 
         ds = xr.Dataset({"image": (("sample", "y", "x"), images)})
         ds.attrs["requested_aux"] = repr(aux)
-        tmp = path.with_name(f".{path.name}.tmp")
-        ds.to_netcdf(tmp, engine="h5netcdf")
-        tmp.replace(path)
+        write_netcdf(ds, path)
     else:
         ncols = min(8, len(images))
         nrows = -(-len(images) // ncols)
@@ -324,9 +322,7 @@ def anomalies(
     extra = {name: ds[name].values for name in ds.data_vars if ds[name].dims == ("sample",)}
     table = anomaly.rank_anomalies(detector, net.encode(ds).z_rec_loc.cpu().numpy(), extra=extra)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".anomalies.nc.tmp"
-    table.to_netcdf(tmp, engine="h5netcdf")
-    tmp.replace(out / "anomalies.nc")
+    write_netcdf(table, out / "anomalies.nc")
     fig = anomaly.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))
     plots.save_figure(fig, out / "anomalies.png")
     typer.echo(f"ranked {ds.sizes['sample']} images into {out}")

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic JSON files."""
+"""Small shared helpers: atomic JSON and netCDF files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["to_jsonable", "write_json"]
+__all__ = ["to_jsonable", "write_json", "write_netcdf"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -31,5 +31,14 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=to_jsonable))
+    os.replace(tmp, path)
+    return path
+
+
+def write_netcdf(ds: Any, path: str | os.PathLike) -> Path:
+    """Write an ``xarray.Dataset`` to netCDF (h5netcdf) atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.to_netcdf(tmp, engine="h5netcdf")
     os.replace(tmp, path)
     return path

@@ -16,7 +16,7 @@ from pyro_dlatent.export import save_netcdf
 from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
 from pyro_dlatent.inverse.infer import InferenceResult, infer
 from pyro_dlatent.inverse.prior import DeepPrior
-from pyro_dlatent.utils import write_json
+from pyro_dlatent.utils import write_json, write_netcdf
 
 __all__ = [
     "Observations",
@@ -93,10 +93,7 @@ def save_observations(obs: Observations, path: str | os.PathLike) -> Path:
     )
     if obs.truth_field is not None:
         ds["truth_field"] = (("y", "x"), obs.truth_field)
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.to_netcdf(tmp, engine="h5netcdf")
-    os.replace(tmp, path)
-    return path
+    return write_netcdf(ds, path)
 
 
 def load_observations(path: str | os.PathLike) -> Observations:
