@@ -38,6 +38,7 @@ def test_same_seed_same_weights_and_posterior_samples():
         "num_samples": 20,
         "num_warmup": 20,
         "num_chains": 1,
+        "max_tree_depth": 3,
         "progress": False,
         "warn": False,
     }

@@ -153,6 +153,37 @@ def test_zero_weights_remove_the_factor_sites_and_no_aux_removes_penalties():
     assert_close(unguided.nodes["z_aux"]["fn"].base_dist.scale[0], [math.sqrt(1.01)] * 2)
 
 
+def test_square_decorrelation_form_is_the_factor():
+    ds = synthetic(64)
+    model = small_model(ds, decor_weight=3.0, decor_form="square")
+    assert model.config["decor_form"] == "square"
+    images, aux, _ = model.prepare(ds)
+    trace = poutine.trace(model.model).get_trace(images, aux)
+    mu_rec = model.encoder_params(images)[0][:, model.aux_dim :]
+    expected = decorrelation_penalty(mu_rec, aux, form="square")
+    assert expected.item() != pytest.approx(decorrelation_penalty(mu_rec, aux).item())
+    site = trace.nodes[DECOR_SITE]
+    assert site["fn"].log_prob(site["value"]).item() == pytest.approx(
+        -PIXELS * 3.0 * expected.item(), rel=1e-5
+    )
+
+
+def test_learning_rate_decays_to_lr_times_lr_decay():
+    ds = synthetic(96)
+    model = small_model(ds)
+    # 86 training images in batches of 32: 3 steps per epoch, 6 steps in all.
+    model.fit(ds, epochs=2, batch_size=32, lr=1e-2, lr_decay=0.1, progress=False)
+    rates = [o.param_groups[0]["lr"] for o in model._optim.optim_objs.values()]
+    assert len(rates) == len(list(model.parameters()))
+    assert rates == pytest.approx([1e-3] * len(rates), rel=1e-9)
+    defaults = small_model(ds)
+    defaults.fit(ds, epochs=1, batch_size=32, progress=False)
+    lr, decay = AuxVAE.fit_defaults["lr"], AuxVAE.fit_defaults["lr_decay"]
+    rates = [o.param_groups[0]["lr"] for o in defaults._optim.optim_objs.values()]
+    assert rates == pytest.approx([lr * decay] * len(rates), rel=1e-9)
+    assert GuidedLatentModel.fit_defaults == {"lr": 1e-3, "lr_decay": 1.0}
+
+
 def test_elbo_and_penalties_are_reported_separately():
     ds = synthetic(64)
     model = small_model(ds, align_weight=2.0, decor_weight=3.0)
@@ -436,6 +467,7 @@ def _fitted_scaler():
         ({"degree": 0}, "degree"),
         ({"image_scale": 0.0}, "image_scale"),
         ({"activation": "relu"}, "activation"),
+        ({"decor_form": "l1"}, "decor_form"),
     ],
 )
 def test_bad_constructor_arguments_raise(kwargs, match):
@@ -481,6 +513,8 @@ def untrained():
         (lambda m: m.fit(synthetic(8), batch_size=1), ValueError, "batch_size"),
         (lambda m: m.fit(synthetic(8), val_fraction=1.0), ValueError, "val_fraction"),
         (lambda m: m.fit(synthetic(8), lr=0.0), ValueError, "lr"),
+        (lambda m: m.fit(synthetic(8), lr_decay=0.0), ValueError, "lr_decay"),
+        (lambda m: m.fit(synthetic(8), lr_decay=1.5), ValueError, "lr_decay"),
         (lambda m: m.fit(synthetic(8), resume=True), ValueError, "checkpoint_dir"),
         (lambda m: m.fit(synthetic(8), resume="no/such/file.pt"), ValueError, r"file\.pt"),
         (lambda m: m.fit(np.zeros((4, 16, 16))), TypeError, "dataset"),
