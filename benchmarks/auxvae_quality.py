@@ -92,8 +92,14 @@ def train_variant(
     mask_fraction: float = 0.5,
     seed: int = 0,
     save_dir: Path | None = None,
+    figures: bool = False,
 ) -> dict[str, Any]:
-    """Train one variant (``auxvae``, ``plain`` or ``masked``) and report it on ``test``."""
+    """Train one variant (``auxvae``, ``plain`` or ``masked``) and report it on ``test``.
+
+    With ``save_dir``, ``save_dir/<variant>/`` receives ``model.pt`` and ``report.json``, and
+    with ``figures`` also the traversal and aux-vs-latent scatter figures of
+    :func:`pyro_dlatent.runs.explain` (on ``test``).
+    """
     kwargs = dict(model_kwargs)
     data = train
     if variant == "plain":
@@ -116,6 +122,10 @@ def train_variant(
         folder = save_dir / variant
         folder.mkdir(parents=True, exist_ok=True)
         model.save(folder / "model.pt")
+        if figures:
+            from pyro_dlatent.runs import explain
+
+            explain(model, test, folder)
         save_report(report, folder / "report.json")
     return report
 
@@ -184,8 +194,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default=None, help="e.g. cuda")
     parser.add_argument("--save-dir", type=Path, default=None, help="models and reports")
+    parser.add_argument("--figures", action="store_true", help="also figures in --save-dir")
     parser.add_argument("--out", type=Path, default=Path("auxvae_quality.json"))
     args = parser.parse_args(argv)
+    if args.figures and args.save_dir is None:
+        parser.error("--figures needs --save-dir")
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
@@ -216,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mask_fraction=args.mask_fraction,
             seed=args.seed,
             save_dir=args.save_dir,
+            figures=args.figures,
         )
         print(_summary_line(variant, results[variant]), flush=True)
     checks = check_targets(args.dataset, results)

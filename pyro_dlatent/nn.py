@@ -150,6 +150,19 @@ class ConvDecoder(nn.Module):
     The last level's transposed convolution outputs the single image channel with no activation,
     so the output is unbounded.
 
+    Optionally the first ``harmonic_inputs`` inputs are also fed to the MLP as Fourier
+    features (a fixed embedding, no parameters):
+
+    .. math::
+
+        \\phi(z) = \\bigl(z,\\ \\sin(f z_j),\\ \\cos(f z_j)\\bigr)_{j < m,\\ f = 1, \\dots, F},
+
+    ``2 F m`` extra inputs for ``F = harmonics``. A coordinate that stands for a position or a
+    size on a bounded range (such as a standardized guided latent) is then available to the
+    first layer as localized, periodic features as well as a ramp, which the MLP would otherwise
+    have to build from the ramp alone; in the Aux-VAE this lets the decoder draw a bump at a
+    precise position from the guided coordinates without borrowing residual coordinates.
+
     Parameters
     ----------
     in_features : int
@@ -158,6 +171,10 @@ class ConvDecoder(nn.Module):
         ``H = W``, a power of two ``>= 16``.
     width, hidden, depth, activation, norm
         As in :class:`ConvEncoder`.
+    harmonics : int
+        Number ``F`` of frequencies of the Fourier features (0: none).
+    harmonic_inputs : int, optional
+        How many leading inputs get Fourier features (default: all).
     """
 
     def __init__(
@@ -170,6 +187,8 @@ class ConvDecoder(nn.Module):
         depth: int = 1,
         activation: str = "silu",
         norm: str = "group",
+        harmonics: int = 0,
+        harmonic_inputs: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = _check_positive_int(in_features, "in_features")
@@ -177,10 +196,28 @@ class ConvDecoder(nn.Module):
         _check_positive_int(width, "width")
         _check_positive_int(hidden, "hidden")
         _check_positive_int(depth, "depth")
+        if isinstance(harmonics, bool) or not isinstance(harmonics, int) or harmonics < 0:
+            raise ValueError(f"expected harmonics >= 0 (an int), got {harmonics!r}")
+        if harmonic_inputs is None:
+            harmonic_inputs = in_features
+        if (
+            isinstance(harmonic_inputs, bool)
+            or not isinstance(harmonic_inputs, int)
+            or not 0 <= harmonic_inputs <= in_features
+        ):
+            raise ValueError(
+                f"expected 0 <= harmonic_inputs <= in_features = {in_features} (an int), "
+                f"got {harmonic_inputs!r}"
+            )
+        self.harmonics = harmonics
+        self.harmonic_inputs = harmonic_inputs if harmonics else 0
+        self.register_buffer(
+            "frequencies", torch.arange(1, harmonics + 1, dtype=torch.float32), persistent=False
+        )
         channels = level_channels(width, _levels(image_size))[::-1]
         self.coarse_channels = channels[0]
         self.head = nn.Sequential(
-            nn.Linear(in_features, hidden),
+            nn.Linear(in_features + 2 * harmonics * self.harmonic_inputs, hidden),
             make_activation(activation),
             nn.Linear(hidden, channels[0] * 16),
             make_activation(activation),
@@ -195,7 +232,20 @@ class ConvDecoder(nn.Module):
         layers.append(nn.ConvTranspose2d(channels[-1], 1, 4, stride=2, padding=1))
         self.features = nn.Sequential(*layers)
 
+    def features_of(self, latent: torch.Tensor) -> torch.Tensor:
+        """The MLP's input: ``latent`` ``(batch, in_features)`` with its Fourier features appended.
+
+        Returns
+        -------
+        Tensor, shape ``(batch, in_features + 2 * harmonics * harmonic_inputs)``
+        """
+        if not self.harmonic_inputs:
+            return latent
+        phase = latent[..., : self.harmonic_inputs, None] * self.frequencies.to(latent.dtype)
+        phase = phase.flatten(-2)
+        return torch.cat([latent, torch.sin(phase), torch.cos(phase)], dim=-1)
+
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """Map ``latent`` of shape ``(batch, in_features)`` to images ``(batch, H, W)``."""
-        h = self.head(latent).unflatten(-1, (self.coarse_channels, 4, 4))
+        h = self.head(self.features_of(latent)).unflatten(-1, (self.coarse_channels, 4, 4))
         return self.features(h).squeeze(-3)

@@ -56,6 +56,27 @@ def test_encoding_does_not_depend_on_the_rest_of_the_batch():
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_harmonics_append_fourier_features_of_the_leading_inputs():
+    decoder = ConvDecoder(5, 16, width=4, hidden=16, harmonics=3, harmonic_inputs=2)
+    latent = torch.randn(7, 5)
+    features = decoder.features_of(latent)
+    assert features.shape == (7, 5 + 2 * 3 * 2)
+    torch.testing.assert_close(features[:, :5], latent)
+    # Order: sin(f z_j) for j < 2 and f = 1, 2, 3 (frequency fastest), then the cosines.
+    phase = torch.stack([f * latent[:, j] for j in range(2) for f in (1, 2, 3)], dim=-1)
+    torch.testing.assert_close(features[:, 5:11], torch.sin(phase))
+    torch.testing.assert_close(features[:, 11:], torch.cos(phase))
+    assert decoder.head[0].in_features == 17
+    assert decoder(latent).shape == (7, 16, 16)
+    # No parameters and nothing extra in the state dict: the features are a fixed map.
+    plain = ConvDecoder(5, 16, width=4, hidden=16)
+    assert plain.features_of(latent) is latent
+    assert set(decoder.state_dict()) == set(plain.state_dict())
+    latent.requires_grad_(True)
+    decoder(latent).sum().backward()
+    assert torch.isfinite(latent.grad).all() and latent.grad.abs().sum() > 0
+
+
 def test_channel_schedule_caps_at_four_times_width():
     assert level_channels(16, 5) == [16, 32, 64, 64, 64]
     assert isinstance(make_norm("group", 12), torch.nn.GroupNorm)
@@ -80,6 +101,8 @@ def test_bad_image_size_raises(size):
         (lambda: ConvDecoder(4, 16, depth=0), "depth"),
         (lambda: ConvDecoder(4, 16, norm="batch"), "norm"),
         (lambda: ConvEncoder(16, 4, activation="relu"), "activation"),
+        (lambda: ConvDecoder(4, 16, harmonics=-1), "harmonics"),
+        (lambda: ConvDecoder(4, 16, harmonics=2, harmonic_inputs=5), "harmonic_inputs"),
     ],
 )
 def test_bad_arguments_raise(call, match):

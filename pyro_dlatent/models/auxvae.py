@@ -198,12 +198,29 @@ class AuxVAE(GuidedLatentModel):
         Polynomial-lift degree of the penalties.
     width, hidden, depth : int
         Size of the encoder and decoder (:mod:`pyro_dlatent.nn`).
+    harmonics : int
+        Fourier features ``sin(f z_j), cos(f z_j)``, ``f = 1..harmonics``, of the guided
+        coordinates at the decoder's input (:class:`~pyro_dlatent.nn.ConvDecoder`; 0: none).
     activation : {"silu", "gelu"}
     norm : {"group", "none"}
     image_loc, image_scale : float
         Image standardization.
     seed : int, optional
         Seed of the weight initialization.
+
+    Notes
+    -----
+    The defaults (``tau=0.05``, ``decor_form="square"``, ``harmonics=3``, and in
+    :attr:`fit_defaults` an Adam rate of ``3e-3`` decaying exponentially to ``1e-4``) were
+    chosen with ``benchmarks/auxvae_quality.py`` on the built-in ``sources`` data (32x32, 8192
+    training images, 30 epochs of batches of 128, scored on 4096 freshly simulated images):
+    Pearson r of 0.993, 0.993, 0.988 and 0.960 for x0, y0, log_amplitude and width (the width
+    is limited by the data: its exact posterior mean reaches r = 0.980 even with the other three
+    known), leakage 0.072, reconstruction MSE 9% above the same networks trained as a plain VAE,
+    and r lower by at most 0.009 with half the auxiliary values missing. The ``"square"``
+    decorrelation suppresses the largest leaks without the noise-floor push of ``"abs"``; the
+    Fourier features let the decoder draw from the guided coordinates alone what it would
+    otherwise take from the residual block (without them the MSE gap to the plain VAE was 26-28%).
 
     Examples
     --------
@@ -226,17 +243,18 @@ class AuxVAE(GuidedLatentModel):
         image_size: int,
         residual_dim: int = 4,
         *,
-        tau: float = 0.1,
+        tau: float = 0.05,
         learn_tau: bool = False,
         likelihood: str = "gaussian",
         obs_scale: str = "global",
         align_weight: float = 0.01,
         decor_weight: float = 1.0,
-        decor_form: str = "abs",
+        decor_form: str = "square",
         degree: int = 2,
         width: int = 32,
         hidden: int = 256,
         depth: int = 1,
+        harmonics: int = 3,
         activation: str = "silu",
         norm: str = "group",
         image_loc: float = 0.0,
@@ -267,7 +285,7 @@ class AuxVAE(GuidedLatentModel):
             seed=seed,
         )
         self.likelihood_kind = likelihood
-        self._config.update(likelihood=likelihood, obs_scale=obs_scale)
+        self._config.update(likelihood=likelihood, obs_scale=obs_scale, harmonics=harmonics)
         with _initialization_rng(None if seed is None else seed + 1):
             self.decoder = _Decoder(
                 self.latent_dim,
@@ -278,6 +296,8 @@ class AuxVAE(GuidedLatentModel):
                 depth=depth,
                 activation=activation,
                 norm=norm,
+                harmonics=harmonics,
+                harmonic_inputs=self.aux_dim,
             )
 
     @classmethod
