@@ -24,6 +24,7 @@ Run with ``--help`` for every option.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -90,6 +91,25 @@ def concentration_mass_check(
     }
 
 
+def _budgeted(fit: dict[str, Any], model: Any, train: Any, minutes: float | None) -> dict:
+    """``fit`` with ``epochs`` cut to what ``minutes`` of training allow (a timed one-epoch probe).
+
+    The probe trains a deep copy of ``model`` for one epoch on the same data and settings; its
+    wall time (which includes any device warm-up, so the estimate errs short) sets
+    ``epochs = min(--epochs, floor(budget / probe))``. The epochs actually run are recorded in
+    the results' ``settings`` through ``fit``'s history.
+    """
+    if minutes is None:
+        return fit
+    probe = copy.deepcopy(model)
+    start = time.perf_counter()
+    probe.fit(train, **{**fit, "epochs": 1, "progress": False})
+    per_epoch = time.perf_counter() - start
+    epochs = max(1, min(fit["epochs"], int(minutes * 60.0 / per_epoch)))
+    print(f"{type(model).__name__}: {per_epoch:.2f} s per epoch -> {epochs} epochs", flush=True)
+    return {**fit, "epochs": epochs}
+
+
 def train_models(
     train: Any, args: argparse.Namespace, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, float]]:
@@ -101,6 +121,7 @@ def train_models(
         "tau": args.tau,
         "align_weight": args.align_weight,
         "decor_weight": args.decor_weight,
+        **({} if args.decor_form is None else {"decor_form": args.decor_form}),
         "width": args.width,
         "hidden": args.hidden,
         "seed": args.seed,
@@ -123,13 +144,16 @@ def train_models(
         **common,
     )
     start = time.perf_counter()
-    dlcfm.fit(train, checkpoint_dir=run_dir / "dlcfm", **fit)
+    dlcfm.fit(
+        train, checkpoint_dir=run_dir / "dlcfm", **_budgeted(fit, dlcfm, train, args.train_minutes)
+    )
     seconds["dlcfm"] = time.perf_counter() - start
     models["dlcfm"] = dlcfm
     if args.auxvae:
         vae = AuxVAE.from_dataset(train, **common)
+        minutes = args.train_minutes if args.auxvae_minutes is None else args.auxvae_minutes
         start = time.perf_counter()
-        vae.fit(train, checkpoint_dir=run_dir / "auxvae", **fit)
+        vae.fit(train, checkpoint_dir=run_dir / "auxvae", **_budgeted(fit, vae, train, minutes))
         seconds["auxvae"] = time.perf_counter() - start
         models["auxvae"] = vae
     return models, seconds
@@ -230,13 +254,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num", type=int, default=8192, help="simulated maps in all")
     parser.add_argument("--size", type=int, default=32, help="pixels per side")
     parser.add_argument("--held-out", type=float, default=0.2, help="held-out fraction")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=40, help="epochs (the most, with a budget)")
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        help="wall-time budget of each model's training: epochs are cut to fit it",
+    )
+    parser.add_argument(
+        "--auxvae-minutes", type=float, default=None, help="the Aux-VAE's (default: the same)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--residual-dim", type=int, default=6)
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--align-weight", type=float, default=0.01)
     parser.add_argument("--decor-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--decor-form", choices=["abs", "square"], default=None, help="default: each model's"
+    )
     parser.add_argument("--intensity", choices=["identity", "asinh"], default="identity")
     parser.add_argument(
         "--intensity-scale", type=float, default=None, help="asinh scale (default: pixel MAD)"
@@ -277,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_held_out": int(held.sizes["sample"]),
         "simulate_seconds": simulate_seconds,
         "train_seconds": train_seconds,
+        "epochs_run": {name: len(model.history) for name, model in models.items()},
+        "device": str(args.device),
         "platform": {"python": platform.python_version(), "torch": torch.__version__},
         "models": {},
     }
