@@ -22,8 +22,9 @@ limit=${JOB_SECONDS:-480}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg
+py=${PYTHON:-python3}
 pids=()
-python "$here/cuda_smoke.py" --device cuda 2>&1 | tee "$out/cuda_smoke.log"
+"$py" "$here/cuda_smoke.py" --device cuda 2>&1 | tee "$out/cuda_smoke.log"
 
 job() { # job NAME COMMAND...: run in the background, output to NAME.log
     local name=$1
@@ -35,7 +36,7 @@ job() { # job NAME COMMAND...: run in the background, output to NAME.log
 halos() { # halos NAME EXTRA_ARGS...
     local name=$1
     shift
-    job "$name" python "$here/dlcfm_halos.py" --num 10240 --held-out 0.2 --epochs 400 \
+    job "$name" "$py" "$here/dlcfm_halos.py" --num 10240 --held-out 0.2 --epochs 400 \
         --train-minutes "$minutes" --auxvae-minutes 1.5 --device cuda --run-dir "$out/$name" \
         --output "$out/$name.json" "$@"
 }
@@ -49,7 +50,7 @@ halos halos64 --size 64 --tau 0.1 --align-weight 1.0 --decor-weight 5.0
 quality() { # quality NAME EXTRA_ARGS...
     local name=$1
     shift
-    job "$name" python "$here/auxvae_quality.py" --dataset sources --num 8192 --test-num 4096 \
+    job "$name" "$py" "$here/auxvae_quality.py" --dataset sources --num 8192 --test-num 4096 \
         --device cuda --out "$out/$name.json" "$@"
 }
 
@@ -65,6 +66,6 @@ for log in "$out"/*.log; do
     echo "== $(basename "$log")"
     grep -E "^ *(auxvae|plain|masked):|FAIL|pass$|per epoch|Error|exit " "$log" | tail -20
 done
-python "$here/summarize_halos.py" "$out"/halos*.json
+"$py" "$here/summarize_halos.py" "$out"/halos*.json
 tar -czf "$out.tar.gz" --exclude='*.pt' -C "$(dirname "$out")" "$(basename "$out")"
 echo "packed $out.tar.gz"
