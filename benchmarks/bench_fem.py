@@ -11,7 +11,12 @@ independently from scikit-fem in its own node order):
 (c) ``SourceProblem.solve`` forward + backward through torch, for 1 and for a batch of RHS;
 (d) ``SourceProblem.forward`` (dense sensor operator) forward + backward vs bare numpy products;
 (e) one ``ConductivityProblem.forward`` + backward vs a bare scikit-fem assemble, LU, solve and
-    adjoint solve.
+    adjoint solve;
+(f) the issue's target (<= 1.3x): one Gaussian log-likelihood + gradient evaluation through the
+    package against bare scipy, for the source problem (package: the dense sensor operator;
+    bare: a factorized forward + adjoint solve, and also bare numpy products with the same
+    operator) and for the conductivity problem (both re-assemble ``K(kappa)`` with the same
+    linear assembly map, factorize, solve forward and adjoint; the bare one in plain scipy).
 """
 
 from __future__ import annotations
@@ -152,7 +157,88 @@ def run(size: int = 64, sensors_per_axis: int = 5, batch: int = 64, repeats: int
         )
     )
 
-    ratios = {}
+    # One log-likelihood + gradient evaluation, l(f) = -|(d - F(f)) / sigma|^2 / 2, per problem.
+    sigma = 0.01
+    data = rng.standard_normal(problem.num_sensors)
+    data_t = torch.as_tensor(data)
+    source_image = rng.standard_normal((size, size))
+    source_field = torch.as_tensor(source_image).requires_grad_()
+    source_flat = source_image.ravel()  # image order, as the sensor operator and mesh nodes
+
+    def bare_source_likelihood() -> object:
+        # Factorized forward solve K^-1 M f, sensor values, adjoint solve K^-T H^T r, M^T.
+        state = factor.solve(mass_interior @ problem.to_mesh(source_image).ravel())
+        residual = (data - probes_interior @ state) / sigma
+        adjoint = factor.solve(probes_interior.T @ (residual / sigma), trans="T")
+        return -0.5 * residual @ residual, mass_interior_t @ adjoint
+
+    def torch_source_likelihood() -> object:
+        residual = (data_t - problem.forward(source_field)) / sigma
+        value = -0.5 * residual.square().sum()
+        return value, torch.autograd.grad(value, source_field)
+
+    def bare_operator_likelihood() -> object:
+        residual = (data - sensor_operator @ source_flat) / sigma
+        return -0.5 * residual @ residual, sensor_operator.T @ (residual / sigma)
+
+    derivative = conductivity._stiffness_derivative
+    pattern_rows, pattern_cols = conductivity._pattern_rows, conductivity._pattern_cols
+    indptr = conductivity._indptr
+    n_interior = interior.size
+    kappa_image = np.exp(log_kappa_image).ravel()
+    load_interior = conductivity._load_interior
+    observation = conductivity._observation
+
+    def bare_conductivity_likelihood() -> object:
+        # Cheapest assembly of the same P1 stiffness: the precomputed linear map kappa -> K_II
+        # entries (one sparse product), then LU, forward solve, adjoint solve, gradient.
+        values = derivative @ kappa_image
+        lu = _factorize(sp.csc_matrix((values, pattern_rows, indptr), shape=(n_interior,) * 2))
+        state = lu.solve(load_interior)
+        full = np.zeros(size * size)
+        full[conductivity._interior] = state
+        residual = (data - observation @ full) / sigma
+        cotangent = observation.T @ (residual / sigma)
+        adjoint = lu.solve(cotangent[conductivity._interior], trans="T")
+        grad = (derivative.T @ (adjoint[pattern_rows] * state[pattern_cols])) * kappa_image
+        return -0.5 * residual @ residual, grad
+
+    def torch_conductivity_likelihood() -> object:
+        residual = (data_t - conductivity.forward(log_kappa)) / sigma
+        value = -0.5 * residual.square().sum()
+        return value, torch.autograd.grad(value, log_kappa)
+
+    # The two likelihood implementations must agree before they are timed.
+    for bare_fn, torch_fn in (
+        (bare_conductivity_likelihood, torch_conductivity_likelihood),
+        (bare_operator_likelihood, torch_source_likelihood),
+        (bare_source_likelihood, torch_source_likelihood),
+    ):
+        (bare_value, _), (torch_value, _) = bare_fn(), torch_fn()
+        if not np.isclose(bare_value, float(torch_value), rtol=1e-8):
+            raise RuntimeError(f"{bare_fn.__name__} and {torch_fn.__name__} disagree")
+    timings.update(
+        _best_ms(
+            {
+                "bare_source_likelihood_solve": bare_source_likelihood,
+                "bare_source_likelihood_operator": bare_operator_likelihood,
+                "torch_source_likelihood": torch_source_likelihood,
+                "bare_conductivity_likelihood": bare_conductivity_likelihood,
+                "torch_conductivity_likelihood": torch_conductivity_likelihood,
+            },
+            repeats=repeats,
+            number=4,
+        )
+    )
+
+    ratios = {
+        "likelihood_source_vs_bare_solve": timings["torch_source_likelihood"]
+        / timings["bare_source_likelihood_solve"],
+        "likelihood_source_vs_bare_operator": timings["torch_source_likelihood"]
+        / timings["bare_source_likelihood_operator"],
+        "likelihood_conductivity_vs_bare": timings["torch_conductivity_likelihood"]
+        / timings["bare_conductivity_likelihood"],
+    }
     for count in (1, batch):
         ratios[f"solve_{count}"] = (
             timings[f"torch_solve_backward_{count}"] / timings[f"bare_solve_adjoint_{count}"]

@@ -7,10 +7,14 @@ generator to a 64x64 nodal field, the scikit-fem source problem with 25 sensors.
   backward (no Pyro);
 - ``kernel_floor``: NUTS on a quadratic potential of the same dimension, i.e. Pyro's own
   per-gradient bookkeeping (leapfrog updates, tree building, adaptation);
-- NUTS on the deep-prior model with four potentials: Pyro's default trace-based one
-  (``initialize_model``, what ``NUTS(model)`` uses), :class:`LatentPotential` through the
+- ``package_floor``: the same quadratic under the package's kernel (``_RecordingNUTS``: Pyro's
+  NUTS with a lean single-site trajectory and per-draw statistics);
+- Pyro's stock NUTS on the deep-prior model with four potentials: Pyro's default trace-based
+  one (``initialize_model``, what ``NUTS(model)`` uses), :class:`LatentPotential` through the
   model's sites (one packed site, log joint accumulated by a messenger), its fast path
-  (``InverseProblemModel.log_joint``), and the fast path traced with ``torch.jit.trace``.
+  (``InverseProblemModel.log_joint``), and the fast path traced with ``torch.jit.trace``;
+- ``package`` and ``package_jit``: what ``infer(..., method="nuts")`` runs (its kernel on the
+  fast potential, eager or traced; traced is the default where the trace checks out).
 
 For each, milliseconds per gradient inside NUTS (CPU time of warmup plus sampling, one thread,
 divided by potential evaluations), the ratio to ``bare`` (the target is <= 1.5) and the ratio
@@ -36,7 +40,7 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 
 from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
-from pyro_dlatent.inverse.infer import LatentPotential
+from pyro_dlatent.inverse.infer import LatentPotential, _RecordingNUTS
 from pyro_dlatent.inverse.prior import DeepPrior, InverseProblemModel
 from pyro_dlatent.latent import AuxScaler
 
@@ -127,6 +131,21 @@ class _Counting:
         return self.potential(params)
 
 
+class _Quadratic:
+    """``U(theta) = |theta / s|^2 / 2`` as a flat potential (``site``, ``energy``, dict call)."""
+
+    site = "theta"
+
+    def __init__(self, scales: torch.Tensor) -> None:
+        self.scales = scales
+
+    def energy(self, theta: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (theta / self.scales).square().sum()
+
+    def __call__(self, params: dict) -> torch.Tensor:
+        return self.energy(params[self.site])
+
+
 def _nuts_ms_per_gradient(
     potential: Any,
     initial: dict,
@@ -134,11 +153,21 @@ def _nuts_ms_per_gradient(
     num_samples: int,
     seed: int,
     max_tree_depth: int,
+    package: bool = False,
 ) -> dict[str, float]:
-    counting = _Counting(potential)
+    """Run NUTS once and time it per potential-gradient evaluation.
+
+    ``package``: the kernel ``infer(..., method="nuts")`` runs (:class:`_RecordingNUTS`, lean
+    single-site trajectory and per-draw statistics) instead of Pyro's stock :class:`NUTS`.
+    """
     pyro.set_rng_seed(seed)
+    if package:
+        kernel = _RecordingNUTS(potential_fn=potential, max_tree_depth=max_tree_depth)
+    else:
+        counting = _Counting(potential)
+        kernel = NUTS(potential_fn=counting, max_tree_depth=max_tree_depth)
     mcmc = MCMC(
-        NUTS(potential_fn=counting, max_tree_depth=max_tree_depth),
+        kernel,
         num_samples=num_samples,
         warmup_steps=num_warmup,
         initial_params=initial,
@@ -148,13 +177,14 @@ def _nuts_ms_per_gradient(
     start, wall = time.process_time(), time.perf_counter()
     mcmc.run()
     seconds = time.process_time() - start
+    calls = kernel.potential_fn.calls
     return {
         "seconds": seconds,
         "wall_seconds": time.perf_counter() - wall,
-        "gradients": counting.calls,
-        "gradients_per_transition": counting.calls / (num_warmup + num_samples),
-        "ms_per_gradient": 1e3 * seconds / counting.calls,
-        "gradients_per_second": counting.calls / seconds,
+        "gradients": calls,
+        "gradients_per_transition": calls / (num_warmup + num_samples),
+        "ms_per_gradient": 1e3 * seconds / calls,
+        "gradients_per_second": calls / seconds,
     }
 
 
@@ -168,6 +198,7 @@ def bench(
     max_tree_depth: int = 7,
     repeats: int = 200,
     seed: int = 0,
+    only: tuple[str, ...] = (),
     report: Any = print,
 ) -> dict[str, Any]:
     """Time NUTS per gradient for each potential; see the module docstring.
@@ -208,18 +239,24 @@ def bench(
     pyro_start = fast.unpack(theta0[0])
     scales = torch.linspace(0.5, 2.0, fast.dim)
 
-    def quadratic(params: dict) -> torch.Tensor:
-        return 0.5 * (params["theta"] / scales).square().sum()
+    quadratic = _Quadratic(scales)
+    zero = {"theta": torch.zeros(fast.dim)}
 
+    # (potential, initial point, whether the package's kernel runs it)
     runs = {
-        "kernel_floor": (quadratic, {"theta": torch.zeros(fast.dim)}),
-        "pyro_trace": (pyro_potential, pyro_start),
-        "latent_messenger": (messenger, start),
-        "latent_fast": (fast, start),
-        "latent_fast_jit": (traced, start),
+        "kernel_floor": (quadratic, zero, False),
+        "package_floor": (quadratic, zero, True),
+        "pyro_trace": (pyro_potential, pyro_start, False),
+        "latent_messenger": (messenger, start, False),
+        "latent_fast": (fast, start, False),
+        "latent_fast_jit": (traced, start, False),
+        "package": (fast, start, True),
+        "package_jit": (traced, start, True),
     }
+    if only:
+        runs = {k: v for k, v in runs.items() if k in only}
     results: dict[str, Any] = {"nuts": {}}
-    for name, (potential, initial) in runs.items():
+    for name, (potential, initial, package) in runs.items():
         # The machine is shared: time the bare potential and this potential right before and
         # after the NUTS run, and compare with their mean, so that load drift cancels.
         before = [
@@ -227,7 +264,7 @@ def bench(
             _time_per_call(_grad_call(potential, initial), repeats),
         ]
         run = _nuts_ms_per_gradient(
-            potential, initial, num_warmup, num_samples, seed, max_tree_depth
+            potential, initial, num_warmup, num_samples, seed, max_tree_depth, package
         )
         after = [
             _time_per_call(bare, repeats),
@@ -245,6 +282,16 @@ def bench(
             f"{run['bare_ms']:.3f} ms: {run['overhead_vs_bare']:.2f}x bare, "
             f"{run['overhead_vs_potential']:.2f}x its own potential"
         )
+    nuts = results["nuts"]
+    for name in ("package_jit", "package"):
+        if name in nuts:
+            run = nuts[name]
+            report(
+                f"package NUTS path ({name}): {run['ms_per_gradient']:.3f} ms per gradient "
+                f"against the bare potential's forward+backward {run['bare_ms']:.3f} ms: "
+                f"{run['overhead_vs_bare']:.2f}x (target <= 1.5)"
+            )
+            break
     return results
 
 
@@ -261,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--max-tree-depth", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=(), help="run only these variants")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     results = {
@@ -276,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_samples=args.samples,
             max_tree_depth=args.max_tree_depth,
             seed=args.seed,
+            only=tuple(args.only),
             report=lambda line: print(line, flush=True),
         ),
     }

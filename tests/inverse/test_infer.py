@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import arviz as az
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import pytest
 import scipy.stats
 import torch
 import xarray as xr
+from pyro.infer import MCMC, NUTS
 from pyro.infer.mcmc.util import initialize_model
 
 from pyro_dlatent.export import load_netcdf, save_netcdf
@@ -19,6 +22,7 @@ from pyro_dlatent.inverse.grf import GRFPrior
 from pyro_dlatent.inverse.infer import (
     InferenceWarning,
     LatentPotential,
+    _RecordingNUTS,
     infer,
     loss_settled,
 )
@@ -300,6 +304,64 @@ def test_fullrank_svi_reproduces_the_grf_posterior():
 
 
 # --------------------------------------------------------------------------- NUTS bookkeeping
+class _BananaPotential:
+    """A curved 3-d potential that is NaN past ``theta_0 > 2.5`` (diverging trajectories)."""
+
+    site = "theta"
+
+    def energy(self, theta):
+        curved = theta[1] - 0.5 * theta[0].square()
+        value = 0.5 * (theta[0].square() + 4.0 * curved.square() + (theta[2] / 3.0).square())
+        return torch.where(theta[0] > 2.5, torch.full_like(value, math.nan), value)
+
+    def __call__(self, params):
+        return self.energy(params[self.site])
+
+
+@pytest.mark.parametrize("full_mass", [False, True])
+@pytest.mark.parametrize("multinomial", [True, False])
+def test_lean_nuts_kernel_draws_exactly_what_pyro_nuts_draws(full_mass, multinomial):
+    # The package's single-site trajectory must be Pyro's NUTS, op for op: same seed, same
+    # draws, bit for bit (including divergent transitions at the NaN wall).
+    draws, diagnostics = [], []
+    for kernel_class in (NUTS, _RecordingNUTS):
+        pyro.set_rng_seed(11)
+        kernel = kernel_class(
+            potential_fn=_BananaPotential(),
+            full_mass=full_mass,
+            use_multinomial_sampling=multinomial,
+            max_tree_depth=6,
+        )
+        mcmc = MCMC(
+            kernel,
+            num_samples=60,
+            warmup_steps=40,
+            initial_params={"theta": torch.tensor([0.3, -0.2, 1.0], dtype=F64)},
+            transforms={},
+            disable_progbar=True,
+        )
+        mcmc.run()
+        draws.append(mcmc.get_samples()["theta"])
+        diagnostics.append(mcmc.diagnostics())
+    assert torch.equal(draws[0], draws[1])
+    for key in ("divergences", "acceptance rate"):
+        assert diagnostics[0][key] == diagnostics[1][key]
+    stats = diagnostics[1]
+    assert len(stats["n_steps"]["chain 0"]) == 60
+    assert sum(stats["diverging"]["chain 0"]) == len(diagnostics[0]["divergences"]["chain 0"])
+
+
+def test_auto_jit_draws_match_the_eager_potential():
+    problem, prior, _, data = _linear_setup("source", noise_sd=0.5)
+    runs = [
+        infer(problem, prior, data, "nuts", num_samples=15, num_warmup=15, num_chains=1,
+              jit_compile=jit, seed=2, warn=False, **QUIET).samples
+        for jit in (None, False)
+    ]  # fmt: skip
+    for name in runs[0]:
+        assert_close(runs[0][name], runs[1][name], atol=1e-6, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def short_nuts():
     problem, prior, _, data = _linear_setup(noise_sd=0.5)
