@@ -215,9 +215,11 @@ class AuxVAE(GuidedLatentModel):
     chosen with ``benchmarks/auxvae_quality.py`` on the built-in ``sources`` data (32x32, 8192
     training images, 30 epochs of batches of 128, scored on 4096 freshly simulated images):
     Pearson r of 0.993, 0.993, 0.988 and 0.960 for x0, y0, log_amplitude and width (the width
-    is limited by the data: its exact posterior mean reaches r = 0.980 even with the other three
-    known), leakage 0.072, reconstruction MSE 9% above the same networks trained as a plain VAE,
-    and r lower by at most 0.009 with half the auxiliary values missing. The ``"square"``
+    is limited by the data: its exact posterior mean, the best-correlated estimator there is,
+    reaches r = 0.980 +- 0.001 even with the other three known, ``benchmarks/sources_ceiling.py``;
+    100 epochs on a GPU gave 0.962), leakage 0.072, reconstruction MSE 9% above the same
+    networks trained as a plain VAE, and r lower by at most 0.009 with half the auxiliary values
+    missing. The ``"square"``
     decorrelation suppresses the largest leaks without the noise-floor push of ``"abs"``; the
     Fourier features let the decoder draw from the guided coordinates alone what it would
     otherwise take from the residual block (without them the MSE gap to the plain VAE was 26-28%).
