@@ -314,6 +314,34 @@ class AuxScaler:
         return cls.from_state_dict(state)
 
 
+def _check_tau(tau: Any, aux_dim: int) -> torch.Tensor:
+    """``tau`` as a default-dtype tensor of shape ``()`` or ``(aux_dim,)``; all must be > 0."""
+    if isinstance(tau, bool):
+        raise ValueError(f"expected tau > 0, got {tau!r}")
+    if isinstance(tau, int | float):
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"expected tau > 0, got {tau}")
+        return torch.tensor(float(tau))
+    try:
+        values = (
+            tau.detach().cpu().double()
+            if _is_torch(tau)
+            else torch.as_tensor(np.asarray(tau, dtype=np.float64))
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"expected tau > 0 (a float or {aux_dim} floats), got {tau!r}") from err
+    if values.dim() == 0:
+        return _check_tau(float(values), aux_dim)
+    if values.shape != (aux_dim,):
+        raise ValueError(
+            f"expected tau to be a float or have shape ({aux_dim},) (one per guided "
+            f"coordinate), got shape {tuple(values.shape)}"
+        )
+    if not (torch.isfinite(values).all() and (values > 0).all()):
+        raise ValueError(f"expected tau > 0 for every coordinate, got {values.tolist()}")
+    return values.to(torch.get_default_dtype())
+
+
 class LatentSplit(PyroModule):
     """Prior over the guided block ``z_aux`` and the residual block ``z_rec``.
 
@@ -339,29 +367,35 @@ class LatentSplit(PyroModule):
         Number of guided coordinates (one per auxiliary variable).
     residual_dim : int
         Number of residual coordinates (may be 0).
-    tau : float
-        Prior standard deviation of the guided block around the standardized auxiliaries.
+    tau : float or sequence of float
+        Prior standard deviation of the guided block around the standardized auxiliaries:
+        one value for every coordinate (stored as a 0-d tensor), or one per coordinate
+        (length ``aux_dim``, stored with shape ``(aux_dim,)``), i.e.
+        :math:`z_{aux} \\mid u \\sim \\mathcal{N}(\\tilde u, \\mathrm{diag}(\\tau_j^2))`.
     learn_tau : bool
         If true, ``tau`` is a positive Pyro parameter initialised at ``tau``.
     """
 
     def __init__(
-        self, aux_dim: int, residual_dim: int, tau: float = 0.1, learn_tau: bool = False
+        self,
+        aux_dim: int,
+        residual_dim: int,
+        tau: float | Sequence[float] | np.ndarray | torch.Tensor = 0.1,
+        learn_tau: bool = False,
     ) -> None:
         super().__init__()
         if int(aux_dim) != aux_dim or aux_dim < 1:
             raise ValueError(f"expected aux_dim >= 1, got {aux_dim}")
         if int(residual_dim) != residual_dim or residual_dim < 0:
             raise ValueError(f"expected residual_dim >= 0, got {residual_dim}")
-        if not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"expected tau > 0, got {tau}")
         self.aux_dim = int(aux_dim)
         self.residual_dim = int(residual_dim)
         self.learn_tau = bool(learn_tau)
+        tau = _check_tau(tau, self.aux_dim)
         if self.learn_tau:
-            self.tau = PyroParam(torch.tensor(float(tau)), constraint=constraints.positive)
+            self.tau = PyroParam(tau, constraint=constraints.positive)
         else:
-            self.register_buffer("tau", torch.tensor(float(tau)))
+            self.register_buffer("tau", tau)
 
     @property
     def latent_dim(self) -> int:

@@ -8,7 +8,14 @@ from pyro_dlatent.inverse.fem import (
 )
 from pyro_dlatent.inverse.grf import GRFPrior
 from pyro_dlatent.inverse.infer import InferenceResult, InferenceWarning, infer, run_health
-from pyro_dlatent.inverse.prior import AuxPrior, DeepPrior, GRFFieldPrior, InverseProblemModel
+from pyro_dlatent.inverse.prior import (
+    AuxPrior,
+    DeepPrior,
+    GRFFieldPrior,
+    InverseProblemModel,
+    TauCalibration,
+    calibrate_tau,
+)
 
 __all__ = [
     "AuxPrior",
@@ -20,6 +27,8 @@ __all__ = [
     "InferenceWarning",
     "InverseProblemModel",
     "SourceProblem",
+    "TauCalibration",
+    "calibrate_tau",
     "default_sensors",
     "infer",
     "run_health",

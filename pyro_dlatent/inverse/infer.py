@@ -779,25 +779,29 @@ def _run_svi(
         max_plate_nesting=0,
     )
     svi = SVI(model, autoguide, optim, elbo)
-    try:
-        losses = _optimize(svi, steps, f"SVI ({guide})", progress)
-    except RuntimeError as err:
-        if init != "map" or guide != "fullrank":
-            raise
-        # The Laplace start can be too wide where the Hessian is nearly singular (a weakly
-        # identified direction); restart from the MAP point with a narrow guide instead.
-        warnings.warn(
-            f"{err}; restarting full-rank SVI from the MAP with init_scale={init_scale}",
-            InferenceWarning,
-            stacklevel=3,
-        )
-        store = pyro.get_param_store()
-        for name in [n for n in store.keys() if n.startswith(autoguide._pyro_name)]:
-            del store[name]
-        autoguide = _make_guide(model, guide, rank, init_scale, init_fn)
-        optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": lr_decay ** (1.0 / max(steps, 1))})
-        svi = SVI(model, autoguide, optim, elbo)
-        losses = _optimize(svi, steps, f"SVI ({guide})", progress)
+    # Restarts after a non-finite loss: the Laplace start can be too wide where the Hessian is
+    # nearly singular (a weakly identified direction), so first a narrow guide at the MAP point;
+    # a MAP point itself can sit where the gradient overflows, so then the prior median.
+    restarts = []
+    if init == "map" and guide == "fullrank":
+        restarts.append((f"the MAP with init_scale={init_scale}", init_fn))
+    if init == "map":
+        restarts.append(("the prior median", init_to_median(num_samples=15)))
+    while True:
+        try:
+            losses = _optimize(svi, steps, f"SVI ({guide})", progress)
+            break
+        except RuntimeError as err:
+            if not restarts:
+                raise
+            where, init_fn = restarts.pop(0)
+            warnings.warn(f"{err}; restarting SVI from {where}", InferenceWarning, stacklevel=3)
+            store = pyro.get_param_store()
+            for name in [n for n in store.keys() if n.startswith(autoguide._pyro_name)]:
+                del store[name]
+            autoguide = _make_guide(model, guide, rank, init_scale, init_fn)
+            optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": lr_decay ** (1.0 / max(steps, 1))})
+            svi = SVI(model, autoguide, optim, elbo)
     draws: dict[str, list[torch.Tensor]] = {k: [] for k in model.prior.latent_sites}
     with torch.no_grad():
         for start in range(0, num_samples, chunk_size):

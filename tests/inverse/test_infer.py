@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import arviz as az
@@ -531,3 +532,39 @@ def test_deep_prior_from_a_trained_model_generator_runs_end_to_end():
     assert list(posterior["aux"].values) == ["x0", "y0", "log_amplitude", "width"]
     assert posterior["u"].shape == (1, 1, 4)
     assert np.isfinite(result.idata.field_summary["field_mean"].values).all()
+
+
+def test_svi_restarts_after_non_finite_losses(monkeypatch):
+    # The first two optimizations fail as a non-finite loss would; SVI then restarts from the
+    # MAP with a narrow guide, then from the prior median, and the third attempt's draws are kept.
+    # (The package exports the function ``infer``, which shadows the module of that name.)
+    infer_module = sys.modules["pyro_dlatent.inverse.infer"]
+    real = infer_module._optimize
+    calls = []
+
+    def flaky(svi, steps, desc, progress, fail=2):
+        if not desc.startswith("SVI"):  # the MAP runs that start SVI go through as usual
+            return real(svi, steps, desc, progress)
+        calls.append(svi.guide)
+        if len(calls) <= fail:
+            raise RuntimeError(f"{desc}: the loss became non-finite at step 0")
+        return real(svi, steps, desc, progress)
+
+    monkeypatch.setattr(infer_module, "_optimize", flaky)
+    problem, prior, _, data = _linear_setup()
+    settings = {"steps": 20, "num_samples": 10, "warn": False, **QUIET}
+    with pytest.warns(InferenceWarning) as record:
+        result = infer(problem, prior, data, "svi", guide="fullrank", **settings)
+    messages = [str(w.message) for w in record if issubclass(w.category, InferenceWarning)]
+    assert any("restarting SVI from the MAP" in m for m in messages), messages
+    assert any("restarting SVI from the prior median" in m for m in messages), messages
+    assert len(calls) == 3 and len({id(guide) for guide in calls}) == 3
+    assert np.isfinite(_stack(result.samples)).all()
+
+    calls.clear()
+    monkeypatch.setattr(infer_module, "_optimize", lambda *args: flaky(*args, fail=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InferenceWarning)
+        with pytest.raises(RuntimeError, match="non-finite"):
+            infer(problem, prior, data, "svi", guide="normal", **settings)
+    assert len(calls) == 2  # the diagonal guide has only the prior-median restart

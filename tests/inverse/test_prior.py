@@ -19,6 +19,7 @@ from pyro_dlatent.inverse.prior import (
     DeepPrior,
     GRFFieldPrior,
     InverseProblemModel,
+    calibrate_tau,
     check_observations,
 )
 from pyro_dlatent.latent import AuxScaler
@@ -222,6 +223,99 @@ def test_deep_prior_rejects_incomplete_generators():
         DeepPrior(generator, tau=0.1)
     with pytest.raises(TypeError, match="generator"):
         DeepPrior(lambda z_aux, z_rec: z_aux, tau=0.1)
+
+
+def test_deep_prior_per_coordinate_tau_log_density_is_analytic():
+    tau = [0.05, 0.3]
+    prior = DeepPrior(LinearGenerator(transforms=["log", "identity"]), tau=tau)
+    assert prior.tau == pytest.approx(tuple(tau))
+    assert_close(prior.tau_vector, torch.tensor(tau, dtype=F64))
+    assert prior.arviz_metadata()["attrs"]["z_aux"]["tau"] == pytest.approx(tau)
+    trace = poutine.trace(prior).get_trace()
+    values = {k: trace.nodes[k]["value"] for k in ("u", "z_aux", "z_rec")}
+    log_prob, _ = prior.log_density(values)
+    assert_close(log_prob, trace.log_prob_sum(), atol=1e-10, rtol=1e-10)
+    # Analytic: log p(u) + sum_j log N(z_aux_j; u~_j, tau_j^2) + log N(z_rec; 0, I).
+    u, z_aux, z_rec = (values[k].numpy() for k in ("u", "z_aux", "z_rec"))
+    u_std = prior.scaler.transform(u[None])[0]
+    # tau is stored in the default dtype (float32) like a scalar tau, then cast to float64.
+    tau_arr = prior.tau_vector.numpy()
+    assert_close(tau_arr, tau, atol=1e-8)
+    expected = (
+        float(prior.u_prior.log_prob(values["u"]))
+        + np.sum(-0.5 * ((z_aux - u_std) / tau_arr) ** 2 - np.log(tau_arr))
+        - 0.5 * np.sum(z_rec**2)
+        - 0.5 * (2 + 3) * math.log(2 * math.pi)
+    )
+    assert float(log_prob) == pytest.approx(expected, rel=1e-12, abs=1e-10)
+
+
+def test_deep_prior_scalar_tau_still_reports_a_float():
+    prior = DeepPrior(LinearGenerator(), tau=0.2)
+    assert isinstance(prior.tau, float)
+    assert_close(prior.tau_vector, torch.full((2,), 0.2, dtype=F64))
+
+
+@pytest.mark.parametrize("tau", [[0.1], [0.1, 0.0], [0.1, float("inf")], [[0.1, 0.2]]])
+def test_deep_prior_rejects_bad_per_coordinate_tau(tau):
+    with pytest.raises(ValueError, match="tau"):
+        DeepPrior(LinearGenerator(), tau=tau)
+
+
+def test_calibrate_tau_recovers_the_least_squares_latent_of_a_linear_generator():
+    # Noisy images of a linear generator at z* = (u~ + e, w): the mode of the calibration objective
+    # is the ridge solution z_hat = (W^T W / s^2 + P)^-1 W^T (x - b) / s^2 with
+    # P = diag(1 / (1 + tau0^2) (aux), 1 (rec)), so tau must equal RMS(z_hat_aux - u~).
+    generator = LinearGenerator(aux_dim=2, residual_dim=3, size=4, seed=3)
+    generator.tau = 0.1
+    rng = np.random.default_rng(4)
+    n, noise_sd = 40, 0.05
+    aux = np.exp(rng.normal(0.7, 0.3, size=(n, 2)))
+    aux_std = generator.scaler.transform(aux)
+    shift = rng.normal(0.0, [0.1, 0.4], size=(n, 2))
+    z_rec = rng.normal(size=(n, 3))
+    with torch.no_grad():
+        images = generator(torch.as_tensor(aux_std + shift), torch.as_tensor(z_rec)).numpy()
+    images = images + noise_sd * rng.standard_normal(images.shape)
+    result = calibrate_tau(
+        generator, images, aux, noise_sd=noise_sd, steps=1500, lr=0.05, batch_size=16
+    )
+    weight = generator.weight.detach().numpy()
+    bias = generator.bias.detach().numpy()
+    precision = np.diag([1 / (1 + 0.1**2)] * 2 + [1.0] * 3)
+    normal = weight.T @ weight / noise_sd**2 + precision
+    z_hat = np.linalg.solve(normal, weight.T @ (images.reshape(n, -1) - bias).T / noise_sd**2).T
+    assert_close(result.z_aux, z_hat[:, :2], atol=1e-4)
+    expected = np.sqrt(np.mean((z_hat[:, :2] - aux_std) ** 2, axis=0))
+    assert_close(result.tau, expected, atol=1e-4)
+    assert_close(result.tau**2, result.bias**2 + result.sd**2, atol=1e-10)
+    residuals = images.reshape(n, -1) - z_hat @ weight.T - bias
+    # The pixel noise (sd 0.05) makes the residuals O(0.05); Adam's latent error (~1e-3 in
+    # z_rec) times rows of W (entries ~N(0, 1), 5 columns) stays below 5e-3.
+    assert np.abs(residuals).max() > 0.05
+    assert_close(result.residuals.reshape(n, -1), residuals, atol=5e-3)
+    assert_close(result.pixel_rmse, np.sqrt(np.mean(result.residuals**2, axis=(1, 2))))
+    prior = DeepPrior(generator, tau=result.tau)
+    assert prior.tau == pytest.approx(tuple(result.tau))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise_sd": 0.0}, "noise_sd > 0"),
+        ({"noise_sd": 0.1, "steps": 0}, "steps >= 1"),
+        ({"noise_sd": 0.1, "lr": -1.0}, "lr > 0"),
+        ({"noise_sd": 0.1, "init_z_aux": np.zeros((5, 3))}, "init_z_aux"),
+    ],
+)
+def test_calibrate_tau_rejects_bad_arguments(kwargs, message):
+    generator = LinearGenerator()
+    images = np.zeros((5, 4, 4))
+    aux = np.ones((5, 2))
+    with pytest.raises(ValueError, match=message):
+        calibrate_tau(generator, images, aux, **kwargs)
+    with pytest.raises(ValueError, match="aux of shape"):
+        calibrate_tau(generator, images, np.ones((5, 3)), noise_sd=0.1)
 
 
 # --------------------------------------------------------------------------- GRF prior
