@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -38,3 +42,15 @@ def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-6) ->
             atol=atol,
             rtol=rtol,
         )
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module (loaded once per test session)."""
+    key = f"_benchmark_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before running it, so its dataclasses can find it
+        spec.loader.exec_module(module)
+    return sys.modules[key]

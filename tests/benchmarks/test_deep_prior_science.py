@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pyro_dlatent.data.sources import gaussian_bump, sample_matern_field
+from tests.conftest import load_benchmark
 
 __all__: list[str] = []
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "deep_prior_science.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("deep_prior_science_shards", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("deep_prior_science_shards", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-science = _load_script()
+science = load_benchmark("deep_prior_science")
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from pyro_dlatent.data import simulate
 from pyro_dlatent.data.sources import matern_covariance
+from tests.conftest import load_benchmark
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sources_ceiling.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sources_ceiling", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("sources_ceiling", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-ceiling = _load_script()
+ceiling = load_benchmark("sources_ceiling")
 
 
 def test_whitener_whitens_the_matern_covariance():

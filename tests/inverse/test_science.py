@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyro
@@ -15,21 +12,11 @@ import torch
 from pyro_dlatent.data import simulate
 from pyro_dlatent.data.io import make_scaler
 from pyro_dlatent.inverse import DeepPrior, infer, simulate_observations
+from tests.conftest import load_benchmark
 
 __all__: list[str] = []
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "deep_prior_science.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("deep_prior_science", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("deep_prior_science", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-science = _load_script()
+science = load_benchmark("deep_prior_science")
 
 
 def test_cosine_moments_manufactured() -> None:

@@ -12,10 +12,7 @@ Thresholds come from runs of exactly these settings with data and training seeds
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,19 +20,9 @@ import pytest
 from pyro_dlatent import metrics
 from pyro_dlatent.data import simulate
 from pyro_dlatent.models.auxvae import AuxVAE
+from tests.conftest import load_benchmark
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "auxvae_quality.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("auxvae_quality", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("auxvae_quality", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_script()
+quality = load_benchmark("auxvae_quality")
 
 NUM = 1024
 EPOCHS = 10

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dlcfm_halos.py"
+from tests.conftest import load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("dlcfm_halos", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("dlcfm_halos", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-halos = _load_script()
+halos = load_benchmark("dlcfm_halos")
 TINY = ["--num", "80", "--size", "16", "--width", "4", "--hidden", "16", "--field-channels", "4"]
 TINY += ["--residual-dim", "2", "--batch-size", "32"]
 
