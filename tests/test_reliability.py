@@ -55,7 +55,15 @@ def test_ctrl_c_during_training_leaves_a_resumable_run(tmp_path):
         "--num", "2048", "--size", "16", "--epochs", "6", "--batch-size", "64", "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell that starts jobs in the background (as CI runners may) hands them SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: give the child the default back.
+    proc = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     checkpoint = run / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
