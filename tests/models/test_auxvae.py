@@ -10,10 +10,13 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.optim import PyroOptim
+from pyro.optim.clipped_adam import ClippedAdam as ClippedAdamRule
 
 from pyro_dlatent.checkpoint import load_checkpoint
 from pyro_dlatent.data import aux_array, from_arrays
 from pyro_dlatent.latent import AuxScaler
+from pyro_dlatent.models import base
 from pyro_dlatent.models.auxvae import AuxVAE, DecoderGenerator
 from pyro_dlatent.models.base import (
     ALIGN_SITE,
@@ -21,6 +24,7 @@ from pyro_dlatent.models.base import (
     OBS_SITE,
     GuidedLatentModel,
     NonFiniteLossError,
+    _ForeachClippedAdam,
 )
 from pyro_dlatent.penalties import decorrelation_penalty
 from tests.conftest import assert_close
@@ -174,13 +178,13 @@ def test_learning_rate_decays_to_lr_times_lr_decay():
     model = small_model(ds)
     # 86 training images in batches of 32: 3 steps per epoch, 6 steps in all.
     model.fit(ds, epochs=2, batch_size=32, lr=1e-2, lr_decay=0.1, progress=False)
-    rates = [o.param_groups[0]["lr"] for o in model._optim.optim_objs.values()]
+    rates = [s["param_groups"][0]["lr"] for s in model._optim.get_state().values()]
     assert len(rates) == len(list(model.parameters()))
     assert rates == pytest.approx([1e-3] * len(rates), rel=1e-9)
     defaults = small_model(ds)
     defaults.fit(ds, epochs=1, batch_size=32, progress=False)
     lr, decay = AuxVAE.fit_defaults["lr"], AuxVAE.fit_defaults["lr_decay"]
-    rates = [o.param_groups[0]["lr"] for o in defaults._optim.optim_objs.values()]
+    rates = [s["param_groups"][0]["lr"] for s in defaults._optim.get_state().values()]
     assert rates == pytest.approx([lr * decay] * len(rates), rel=1e-9)
     assert GuidedLatentModel.fit_defaults == {"lr": 1e-3, "lr_decay": 1.0}
 
@@ -446,6 +450,88 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     assert len(ckpt.history) == 1
     # The failing step did not touch the parameters: they equal the epoch-0 checkpoint.
     assert_close(dict(model.state_dict()), ckpt.state["model"], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- optimizer
+class _PerParameterClippedAdam(PyroOptim):
+    """Pyro's own ClippedAdam (one torch optimizer per parameter), as fit used it before."""
+
+    def __init__(self, **optim_args):
+        super().__init__(ClippedAdamRule, optim_args)
+
+    def param_states(self):
+        return {p: optimizer.state_dict() for p, optimizer in self.optim_objs.items()}
+
+
+def test_foreach_clipped_adam_is_pyro_clipped_adam_step_by_step():
+    # Large gradients (so the clamp binds), a parameter that is seen without a gradient on some
+    # steps (its rate still decays, its step count does not) and one first seen late.
+    # Tolerance 0: on the CPU the foreach ops run the per-tensor kernels of ClippedAdam with
+    # the same Python-float step sizes, so every bit must agree.
+    generator = torch.Generator().manual_seed(3)
+    settings = {"lr": 0.05, "lrd": 0.9, "clip_norm": 0.7}
+    sides = {
+        "pyro": _PerParameterClippedAdam(**settings),
+        "foreach": _ForeachClippedAdam(**settings),
+    }
+    params = {}
+    for side in sides:
+        init = torch.Generator().manual_seed(1)
+        values = [torch.randn(3, 4, generator=init) for _ in range(3)]
+        params[side] = [pyro.param(f"{side}.p{i}", v).unconstrained() for i, v in enumerate(values)]
+    for step in range(6):
+        grads = [2.0 * torch.randn(3, 4, generator=generator) for _ in range(3)]
+        for side, optim in sides.items():
+            seen = params[side] if step >= 2 else params[side][:2]
+            for i, p in enumerate(seen):
+                p.grad = None if (i == 1 and step % 3 == 0) else grads[i].clone()
+            optim(seen)
+    assert_close(params["foreach"], params["pyro"], atol=0, rtol=0)
+    states = {side: optim.param_states() for side, optim in sides.items()}
+    state = [states["foreach"][p] for p in params["foreach"]]
+    assert_close(state, [states["pyro"][p] for p in params["pyro"]], atol=0, rtol=0)
+    assert state[1]["state"][0]["step"] == 4
+    assert state[1]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.9**6)
+    assert state[2]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.9**4)
+    assert set(sides["foreach"].get_state()) == {"foreach.p0", "foreach.p1", "foreach.p2"}
+
+
+def test_fit_trains_exactly_as_with_pyro_clipped_adam(monkeypatch):
+    # The whole fit, with clipping, decay and a learned tau: the per-parameter ClippedAdam and
+    # the foreach update must give bit-identical weights and optimizer state (see above for
+    # why the tolerance is 0).
+    ds = synthetic(96)
+    settings = {"epochs": 2, "batch_size": 32, "lr": 1e-2, "lr_decay": 0.3, "clip_norm": 0.5}
+    new = small_model(ds, learn_tau=True)
+    new.fit(ds, progress=False, **settings)
+    unclipped = small_model(ds, learn_tau=True)
+    unclipped.fit(ds, progress=False, **{**settings, "clip_norm": None})
+    monkeypatch.setattr(base, "_ForeachClippedAdam", _PerParameterClippedAdam)
+    old = small_model(ds, learn_tau=True)
+    old.fit(ds, progress=False, **settings)
+    assert_close(dict(new.state_dict()), dict(old.state_dict()), atol=0, rtol=0)
+    assert_close(new._optimizer_state(), old._optimizer_state(), atol=0, rtol=0)
+    assert new.history[-1]["elbo"] == old.history[-1]["elbo"]
+    # The clamp binds in this setting, so the comparison covers it.
+    pairs = zip(new.parameters(), unclipped.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_resume_from_a_checkpoint_of_the_per_parameter_optimizer(monkeypatch, tmp_path):
+    # Checkpoints written while fit used Pyro's ClippedAdam resume exactly with the foreach one.
+    ds = synthetic(96)
+    settings = {"batch_size": 32, "progress": False, "seed": 2, "lr_decay": 1.0}
+    reference = small_model(ds, learn_tau=True)
+    reference.fit(ds, epochs=2, **settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "_ForeachClippedAdam", _PerParameterClippedAdam)
+        small_model(ds, learn_tau=True).fit(ds, epochs=1, checkpoint_dir=tmp_path, **settings)
+    resumed = small_model(ds, learn_tau=True)
+    resumed.fit(ds, epochs=2, checkpoint_dir=tmp_path, resume=True, **settings)
+    assert _without_time(resumed.history) == _without_time(reference.history)
+    assert_close(dict(resumed.state_dict()), dict(reference.state_dict()), atol=0, rtol=0)
+    saved = load_checkpoint(tmp_path / "last.pt").state["optimizer"]
+    assert_close(saved, reference._optimizer_state(), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------- bad input
