@@ -199,7 +199,7 @@ def invert_run(
         summary["az_summary"] = json.loads(table.to_json(orient="index"))
     truth = observations.truth_field
     if truth is not None:
-        summary["relative_l2_error"] = float(metrics.relative_l2_error(mean, truth)[0])
+        summary["relative_l2_error"] = float(metrics.relative_l2_error(mean[None], truth[None])[0])
     if observations.truth_aux:
         summary["truth_aux"] = observations.truth_aux
     write_json(summary, out / "summary.json")
