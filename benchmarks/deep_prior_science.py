@@ -66,7 +66,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_dlatent.data import from_arrays, simulate
-from pyro_dlatent.data.sources import gaussian_bump, matern_covariance
+from pyro_dlatent.data.sources import gaussian_bump, residual_covariance
 from pyro_dlatent.data.sources import grid as sources_grid
 from pyro_dlatent.inverse import (
     ConductivityProblem,
@@ -99,7 +99,6 @@ __all__ = [
     "grf_dataset",
     "interval_hits",
     "main",
-    "matern_residual_covariance",
     "merge",
     "merge_results",
     "misspec",
@@ -289,22 +288,6 @@ def sources_problems(
     return torch.stack(truths), np.asarray(u_true), torch.stack(data)
 
 
-def matern_residual_covariance(
-    size: int = SIZE, sd: float = 0.25, length_scale: float = 0.15, smoothness: float = 1.0
-) -> np.ndarray:
-    """The ``sources`` residual's exact covariance on the node grid, shape ``(N, N)``, image order.
-
-    Node ``(i, j)`` (row-major, ``N = size**2``) sits at ``(x_j, y_i)``; the covariance is
-    :func:`pyro_dlatent.data.sources.matern_covariance` of the node distances, the law
-    :func:`pyro_dlatent.data.sources.sample_matern_field` samples exactly.
-    """
-    t = sources_grid(size)
-    xx, yy = np.meshgrid(t, t, indexing="xy")
-    points = np.stack([xx.ravel(), yy.ravel()], axis=-1)
-    distance = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
-    return matern_covariance(distance, sd=sd, length_scale=length_scale, smoothness=smoothness)
-
-
 def oracle_bump_mean(
     problem: SourceProblem, u_true: np.ndarray, data: torch.Tensor, covariance: np.ndarray
 ) -> np.ndarray:
@@ -322,7 +305,7 @@ def oracle_bump_mean(
         True ``x0, y0, log_amplitude, width``.
     data : Tensor, shape ``(n, m)``
     covariance : ndarray, shape ``(N, N)``
-        :func:`matern_residual_covariance`.
+        :func:`pyro_dlatent.data.sources.residual_covariance` of the grid.
 
     Returns
     -------
@@ -381,7 +364,7 @@ def misspec(args: argparse.Namespace) -> dict[str, Any]:
     truths, u_true, data = sources_problems(problem, start, args.num_problems, args.test_seed)
     grf_mean, _ = grf.posterior(problem, data)
     grf_err = relative_l2_error(grf_mean.numpy(), truths.numpy())
-    oracle_mean = oracle_bump_mean(problem, u_true, data, matern_residual_covariance())
+    oracle_mean = oracle_bump_mean(problem, u_true, data, residual_covariance(SIZE))
     oracle_err = relative_l2_error(oracle_mean, truths.numpy())
     prior, deep_problem, deep_data = None, problem, data
     if args.method != "none":

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pyro_dlatent.data import simulate
-from pyro_dlatent.data.sources import gaussian_bump, grid, matern_covariance
+from pyro_dlatent.data.sources import gaussian_bump, grid, residual_covariance
 
 __all__ = ["main", "posterior_means", "whitener"]
 
@@ -34,11 +34,7 @@ NAMES = ("x0", "y0", "log_amplitude", "width")
 
 def whitener(size: int, sd: float, length_scale: float, smoothness: float) -> np.ndarray:
     """``W`` with ``W^T C W = I`` for the Matérn covariance ``C`` on the ``size x size`` grid."""
-    t = grid(size)
-    xx, yy = np.meshgrid(t, t)
-    points = np.stack([xx.ravel(), yy.ravel()], axis=1)
-    distance = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
-    cov = matern_covariance(distance, sd=sd, length_scale=length_scale, smoothness=smoothness)
+    cov = residual_covariance(size, sd=sd, length_scale=length_scale, smoothness=smoothness)
     chol = np.linalg.cholesky(cov + 1e-9 * sd**2 * np.eye(len(cov)))
     return np.linalg.inv(chol).T
 

@@ -12,7 +12,14 @@ from scipy import fft, special
 
 from pyro_dlatent.data.io import from_arrays
 
-__all__ = ["gaussian_bump", "grid", "matern_covariance", "sample_matern_field", "simulate"]
+__all__ = [
+    "gaussian_bump",
+    "grid",
+    "matern_covariance",
+    "residual_covariance",
+    "sample_matern_field",
+    "simulate",
+]
 
 _CHUNK_ELEMENTS = 2**20
 """Complex FFT elements held at once by :func:`sample_matern_field` (16 MiB)."""
@@ -96,6 +103,27 @@ def matern_covariance(
     with np.errstate(invalid="ignore", over="ignore"):
         cov = norm * scaled**smoothness * special.kv(smoothness, scaled)
     return np.where(scaled == 0.0, sd**2, np.nan_to_num(cov, nan=0.0))
+
+
+def residual_covariance(
+    size: int, *, sd: float = 0.25, length_scale: float = 0.15, smoothness: float = 1.0
+) -> np.ndarray:
+    """Exact covariance of the ``sources`` residual on the ``size x size`` node grid.
+
+    Node ``(i, j)`` of an image (row-major, flat index ``i * size + j``) sits at
+    ``(x_j, y_i)`` of :func:`grid`; entry ``[a, b]`` is :func:`matern_covariance` of the
+    distance between nodes ``a`` and ``b``: the law :func:`sample_matern_field` samples exactly.
+    The defaults are :func:`simulate`'s.
+
+    Returns
+    -------
+    numpy.ndarray, shape ``(size**2, size**2)``
+    """
+    t = grid(size)
+    xx, yy = np.meshgrid(t, t, indexing="xy")
+    points = np.stack([xx.ravel(), yy.ravel()], axis=-1)
+    distance = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
+    return matern_covariance(distance, sd=sd, length_scale=length_scale, smoothness=smoothness)
 
 
 def _check_matern(*, sd: float, length_scale: float, smoothness: float) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_dlatent.data.sources import gaussian_bump, sample_matern_field
+from pyro_dlatent.data.sources import gaussian_bump, residual_covariance, sample_matern_field
 from tests.conftest import load_benchmark
 
 __all__: list[str] = []
@@ -135,7 +135,7 @@ def test_oracle_error_matches_the_gaussian_posterior_variance(problem) -> None:
     truths = gaussian_bump(t, t, *u_true.T) + residual
     forward = problem.sensor_operator
     data = truths.reshape(n, -1) @ forward.T + problem.noise_sd * rng.standard_normal((n, 25))
-    covariance = science.matern_residual_covariance()
+    covariance = residual_covariance(science.SIZE)
     mean = science.oracle_bump_mean(problem, u_true, data, covariance)
     squared = ((mean - truths) ** 2).reshape(n, -1).sum(-1)
     cross = covariance @ forward.T

@@ -153,12 +153,8 @@ def test_sources_bump_location_recovered_within_residual_error():
         smoothness=smoothness,
     )
     t = ds["x"].values
-    nodes = np.stack(np.meshgrid(t, t), axis=-1).reshape(-1, 2)
-    cov = sources.matern_covariance(
-        np.linalg.norm(nodes[:, None] - nodes[None], axis=-1),
-        sd=residual_sd,
-        length_scale=length_scale,
-        smoothness=smoothness,
+    cov = sources.residual_covariance(
+        t.size, sd=residual_sd, length_scale=length_scale, smoothness=smoothness
     )
 
     def model(theta):
@@ -178,6 +174,21 @@ def test_sources_bump_location_recovered_within_residual_error():
     z = np.array(z)
     assert np.abs(z).max() < 5.0
     assert abs((z**2).mean() - 1.0) < 4.5 * math.sqrt(2.0 / z.size)
+
+
+def test_residual_covariance_pairs_nodes_in_image_order():
+    # Entry [a, b] is C(|p_a - p_b|) with node (i, j) of the image at (x_j, y_i), flat i * size + j.
+    size = 5
+    cov = sources.residual_covariance(size, sd=0.3, length_scale=0.2, smoothness=1.5)
+    h = 1.0 / (size - 1)
+    assert cov.shape == (size * size, size * size)
+    np.testing.assert_allclose(cov, cov.T)
+    for (i, j), (k, m) in [((0, 0), (0, 1)), ((0, 0), (1, 0)), ((1, 2), (4, 0)), ((3, 3), (3, 3))]:
+        expected = sources.matern_covariance(
+            np.array(math.hypot(i - k, j - m) * h), sd=0.3, length_scale=0.2, smoothness=1.5
+        )
+        assert cov[i * size + j, k * size + m] == pytest.approx(float(expected), rel=1e-12)
+    assert np.linalg.eigvalsh(cov).min() > 0
 
 
 def test_sources_residual_has_matern_covariance():
