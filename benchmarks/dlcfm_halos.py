@@ -164,6 +164,7 @@ def train_models(
         intensity=args.intensity,
         intensity_scale=args.intensity_scale,
         field_channels=args.field_channels,
+        flow_weight=args.flow_weight,
         method=args.method,
         steps=args.steps,
         **common,
@@ -199,6 +200,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Every held-out metric of one trained model; writes its figures."""
     names = list(model.scaler.names)
+    if model.calibrate_after_fit and not model.generation_calibrated:  # an older checkpoint
+        model.calibrate_generation(train)
     aux_held = aux_array(held)
     standardized = model.scaler.transform(aux_held)
     encoding = model.encode(held)
@@ -309,6 +312,9 @@ def _parser() -> argparse.ArgumentParser:
         "--intensity-scale", type=float, default=None, help="asinh scale (default: pixel MAD)"
     )
     parser.add_argument("--field-channels", type=int, default=32)
+    parser.add_argument(
+        "--flow-weight", type=float, default=1.0, help="DL-CFM surrogate weight w (KL: 1 / (w D))"
+    )
     parser.add_argument("--width", type=int, default=32, help="encoder (and decoder) width")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--method", default="rk4", help="DL-CFM sampling solver")

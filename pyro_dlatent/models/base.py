@@ -101,6 +101,10 @@ class Encoding(NamedTuple):
     z_rec_scale: torch.Tensor
 
 
+_GUIDED_BUFFERS = ("guided_fitted", "guided_loc", "guided_matrix", "guided_scale_tril")
+"""Buffers of the guided block's generation map (:meth:`GuidedLatentModel.calibrate_generation`)."""
+
+
 class ModelTensors(NamedTuple):
     """A dataset as the tensors that :meth:`GuidedLatentModel.model` takes.
 
@@ -453,6 +457,9 @@ class GuidedLatentModel(PyroModule):
     fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType({"lr": 1e-3, "lr_decay": 1.0})
     """Learning-rate settings :meth:`fit` uses when its ``lr``/``lr_decay`` are left at None."""
 
+    calibrate_after_fit: ClassVar[bool] = False
+    """Whether :meth:`fit` ends with :meth:`calibrate_generation` on its training part."""
+
     def __init__(
         self,
         scaler: AuxScaler,
@@ -522,6 +529,12 @@ class GuidedLatentModel(PyroModule):
         self.split = LatentSplit(scaler.dim, residual_dim, tau=tau, learn_tau=bool(learn_tau))
         self.register_buffer("image_loc", torch.tensor(image_loc))
         self.register_buffer("image_scale", torch.tensor(image_scale))
+        # Generation map of the guided block (see calibrate_generation); the identity until fitted.
+        k = scaler.dim
+        self.register_buffer("guided_fitted", torch.tensor(False))
+        self.register_buffer("guided_loc", torch.zeros(k))
+        self.register_buffer("guided_matrix", torch.eye(k))
+        self.register_buffer("guided_scale_tril", torch.zeros(k, k))
         with _initialization_rng(seed):
             self.encoder = ConvEncoder(
                 image_size,
@@ -979,6 +992,13 @@ class GuidedLatentModel(PyroModule):
         finally:
             bar.close()
             self.eval()
+        complete = train.images.shape[0] if train.mask is None else int(train.mask.all(1).sum())
+        if self.calibrate_after_fit and complete >= self.aux_dim + 2:
+            self.calibrate_generation(train, batch_size=eval_batch_size)
+            if checkpoint is not None:
+                self.save(checkpoint, extra=self._fit_extra(settings, fingerprint))
+        else:
+            self.reset_generation()
         return history
 
     def _train_epoch(
@@ -1087,10 +1107,19 @@ class GuidedLatentModel(PyroModule):
         weights = state.get("model")
         if not isinstance(weights, dict):
             raise ValueError(f"{what} holds no model weights")
+        optional = {key for key in self.state_dict() if key in _GUIDED_BUFFERS}
         try:
-            self.load_state_dict(weights, strict=True)
+            result = self.load_state_dict(weights, strict=False)
         except RuntimeError as err:
             raise ValueError(f"{what} does not match {type(self).__name__}: {err}") from err
+        missing = sorted(set(result.missing_keys) - optional)
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{what} does not match {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {sorted(result.unexpected_keys)}"
+            )
+        if set(result.missing_keys) & optional:  # written before generation maps existed
+            self.reset_generation()
         optimizer = state.get("optimizer") or {}
         if self._optim is not None and optimizer:
             store_names = self._store_names()
@@ -1262,13 +1291,117 @@ class GuidedLatentModel(PyroModule):
             torch.as_tensor(observed).to(self.device),
         )
 
+    @property
+    def generation_calibrated(self) -> bool:
+        """Whether :meth:`calibrate_generation` has fitted the guided block's generation map."""
+        return bool(self.guided_fitted)
+
+    def reset_generation(self) -> None:
+        """Forget the generation map: :meth:`sample_latent` draws from the prior again."""
+        with torch.no_grad():
+            self.guided_fitted.fill_(False)
+            self.guided_loc.zero_()
+            self.guided_matrix.copy_(torch.eye(self.aux_dim, device=self.device))
+            self.guided_scale_tril.zero_()
+
+    def calibrate_generation(
+        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 1024
+    ) -> dict[str, np.ndarray]:
+        """Fit the distribution of the encoded guided block given the auxiliaries, for generation.
+
+        The prior ties ``z_aux`` to the standardized auxiliaries only softly, and a trained
+        encoder settles on its own affine version of them (on ``halos``, ``z_aux`` of
+        ``log10_M500`` came out 1.08 times ``u~`` and that of ``concentration`` 1.2 times), which
+        the generator learns to read. Generating at ``z_aux = u~`` then asks for the wrong
+        physics: the heaviest halos came out 21% too faint in Y_500. This fits the encoder's
+        aggregate posterior of the guided block given the auxiliaries as a linear-Gaussian map,
+
+        .. math:: z_{aux} \\mid \\tilde u \\sim \\mathcal{N}(c + A \\tilde u,\\ S),
+
+        ``(c, A)`` the least-squares fit of the encoder means on ``[1, u~]`` over the images with
+        every auxiliary observed and ``S`` the covariance of its residuals plus the mean encoder
+        variance; :meth:`sample_latent` (hence ``generate``/``sample``) then draws ``z_aux`` from
+        it. The map is saved with the model. :meth:`fit` ends with this on its training part
+        for classes with :attr:`calibrate_after_fit` (``DLCFM``: on ``halos`` it cut the
+        power-spectrum error of generated maps from 0.41 to 0.038; not ``AuxVAE``, whose decoder
+        means it made worse there, 0.18 to 0.39). The inverse-problem deep prior is unaffected
+        (it keeps the model's prior).
+
+        Parameters
+        ----------
+        data : xarray.Dataset or ModelTensors
+            Labelled images; at least ``aux_dim + 2`` with every auxiliary observed.
+        batch_size : int
+            Images encoded at once.
+
+        Returns
+        -------
+        dict
+            ``loc`` ``(k,)``, ``matrix`` ``(k, k)``, ``covariance`` ``(k, k)``, as numpy arrays.
+        """
+        tensors = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        k = self.aux_dim
+        complete = (
+            torch.ones(tensors.aux.shape[0], dtype=torch.bool, device=tensors.aux.device)
+            if tensors.mask is None
+            else tensors.mask.all(dim=1)
+        )
+        n = int(complete.sum())
+        if n < k + 2:
+            raise ValueError(
+                f"data needs at least {k + 2} images with every auxiliary observed to calibrate "
+                f"generation, got {n}"
+            )
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            images = tensors.images[complete]
+            parts = [self.encoder_params(b) for b in images.split(batch_size)]
+        self.train(was_training)
+        loc = torch.cat([p[0][:, :k] for p in parts]).double()
+        variance = torch.cat([p[1][:, :k] for p in parts]).double().pow(2).mean(dim=0)
+        design = torch.cat(
+            [
+                torch.ones(n, 1, dtype=torch.float64, device=loc.device),
+                tensors.aux[complete].double(),
+            ],
+            dim=1,
+        )
+        coef = torch.linalg.lstsq(design, loc).solution
+        resid = loc - design @ coef
+        covariance = resid.T @ resid / max(n - k - 1, 1) + torch.diag(variance)
+        scale_tril = torch.linalg.cholesky(covariance)
+        with torch.no_grad():
+            self.guided_loc.copy_(coef[0].float())
+            self.guided_matrix.copy_(coef[1:].T.float())
+            self.guided_scale_tril.copy_(scale_tril.float())
+            self.guided_fitted.fill_(True)
+        return {
+            "loc": coef[0].cpu().numpy(),
+            "matrix": coef[1:].T.cpu().numpy(),
+            "covariance": covariance.cpu().numpy(),
+        }
+
+    def guided_mean(self, standardized: torch.Tensor) -> torch.Tensor:
+        """Mean of ``z_aux`` for generation at standardized auxiliaries ``(n, aux_dim)``.
+
+        ``c + A u~`` once :meth:`calibrate_generation` has run, else the prior mean ``u~``.
+        """
+        if not self.generation_calibrated:
+            return standardized
+        return self.guided_loc + standardized @ self.guided_matrix.T
+
     def sample_latent(
         self, aux: Mapping[str, Any] | None = None, num: int = 1, *, seed: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw latent codes from the prior at auxiliaries given in physical units.
+        """Draw latent codes for generation at auxiliaries given in physical units.
 
-        ``z_aux ~ N(u~, tau^2)`` for the auxiliaries given and the marginal ``N(0, 1 + tau^2)``
-        for those left out; ``z_rec ~ N(0, I)``.
+        Before :meth:`calibrate_generation` (which ``DLCFM.fit`` runs at its end), from the
+        prior: ``z_aux ~ N(u~, tau^2)`` for the auxiliaries given and the marginal
+        ``N(0, 1 + tau^2)`` for those left out. After it, ``z_aux ~ N(c + A u~, S)``, the fitted
+        aggregate posterior, with each auxiliary left out drawn as ``u~_j ~ N(0, 1)`` first.
+        Always ``z_rec ~ N(0, I)``.
 
         Parameters
         ----------
@@ -1294,12 +1427,22 @@ class GuidedLatentModel(PyroModule):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(_check_int(seed, "seed", 0))
+        k = self.aux_dim
+        if self.generation_calibrated:
+            noise = torch.randn(
+                (standardized.shape[0], self.latent_dim + k),
+                generator=generator,
+                device=self.device,
+            )
+            filled = torch.where(observed, standardized, noise[:, self.latent_dim :])
+            z_aux = self.guided_mean(filled) + noise[:, :k] @ self.guided_scale_tril.T
+            return z_aux, noise[:, k : self.latent_dim]
         noise = torch.randn(
             (standardized.shape[0], self.latent_dim), generator=generator, device=self.device
         )
         with torch.no_grad():
-            z_aux = prior.loc + prior.scale * noise[:, : self.aux_dim]
-        return z_aux, noise[:, self.aux_dim :]
+            z_aux = prior.loc + prior.scale * noise[:, :k]
+        return z_aux, noise[:, k:]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:

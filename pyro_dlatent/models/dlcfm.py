@@ -258,6 +258,7 @@ class DLCFM(GuidedLatentModel):
     """
 
     _networks = ("encoder", "field")
+    calibrate_after_fit = True
 
     def __init__(
         self,
@@ -512,8 +513,10 @@ class DLCFM(GuidedLatentModel):
     ) -> torch.Tensor:
         """Images generated at auxiliaries given in physical units.
 
-        ``z_aux ~ N(u~, tau^2)`` at the given auxiliaries (the marginal for names left out),
-        ``z_rec ~ N(0, I)``, ``x_0 ~ N(0, I)``, then the ODE from ``t = 0`` to ``1``.
+        ``z_aux`` from :meth:`sample_latent` (after :meth:`fit`, the encoder's aggregate
+        posterior given the auxiliaries, :meth:`calibrate_generation`; before, the prior
+        ``N(u~, tau^2)``), ``z_rec ~ N(0, I)``, ``x_0 ~ N(0, I)``, then the ODE from ``t = 0``
+        to ``1``.
 
         Parameters
         ----------
@@ -558,7 +561,8 @@ class DLCFM(GuidedLatentModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images with the guided block fixed and the residual block in the tail of its prior.
 
-        ``z_aux = u~`` exactly (the prior mean at the given physics) and ``z_rec`` from
+        ``z_aux`` at its mean for the given physics (:meth:`guided_mean`: ``u~`` before
+        :meth:`calibrate_generation`, ``c + A u~`` after) and ``z_rec`` from
         :func:`pyro_dlatent.anomaly.tail_latents`: ``||z_rec||^2`` above the ``quantile`` of
         :math:`\\chi^2_r`, direction uniform.
 
@@ -586,7 +590,7 @@ class DLCFM(GuidedLatentModel):
         if aux is None or not isinstance(aux, Mapping) or set(aux) != set(self.scaler.names):
             raise ValueError(f"aux must give every auxiliary {self.scaler.names} for tails")
         standardized, _ = self._aux_rows(aux)
-        z_aux = standardized.repeat_interleave(num, dim=0)
+        z_aux = self.guided_mean(standardized).repeat_interleave(num, dim=0)
         rng = np.random.default_rng(None if seed is None else _check_int(seed, "seed", 0))
         z_rec = tail_latents(z_aux.shape[0], self.residual_dim, quantile, rng).to(self.device)
         noise_seed = None if seed is None else _derived_seed(seed, 2)

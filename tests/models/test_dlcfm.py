@@ -257,6 +257,10 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     history = resumed.fit(ds, epochs=2, checkpoint_dir=tmp_path / "b", resume=True, **settings)
     assert _without_time(history) == _without_time(reference.history)
     assert_close(dict(resumed.state_dict()), dict(reference.state_dict()), atol=0, rtol=0)
+    # the checkpoint left by the finished fit carries the generation map fit ended with
+    saved = GuidedLatentModel.load(tmp_path / "b" / "last.pt")
+    assert saved.generation_calibrated
+    assert torch.equal(saved.guided_scale_tril, reference.guided_scale_tril)
 
 
 @pytest.mark.parametrize(
@@ -283,3 +287,75 @@ def test_decode_rejects_bad_shapes(trained):
         trained.decode(torch.zeros(2, 2), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="x0"):
         trained.decode(torch.zeros(2, 2), torch.zeros(2, 2), x0=torch.zeros(2, 8, 8))
+
+
+# ---------------------------------------------------------------------------- generation map
+def test_fit_calibrates_generation_to_the_least_squares_map(trained, data):
+    # fit ends with calibrate_generation on its training part; refitting on all the data must
+    # give the least-squares fit of the encoder means on [1, u~] (computed here with numpy)
+    assert trained.generation_calibrated
+    fitted = trained.calibrate_generation(data)
+    encoding = trained.encode(data)
+    u = trained.scaler.transform(np.stack([data["mass"].values, data["width"].values], -1))
+    design = np.column_stack([np.ones(len(u)), u])
+    z = encoding.z_aux_loc.numpy().astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, z, rcond=None)
+    assert_close(fitted["loc"], coef[0], atol=1e-4)
+    assert_close(fitted["matrix"], coef[1:].T, atol=1e-4)
+    resid = z - design @ coef
+    variance = encoding.z_aux_scale.numpy().astype(np.float64) ** 2
+    expected = resid.T @ resid / (len(u) - 3) + np.diag(variance.mean(0))
+    assert_close(fitted["covariance"], expected, rtol=1e-3)
+
+
+def test_calibrated_latents_follow_the_fitted_gaussian(trained, data):
+    fitted = trained.calibrate_generation(data)
+    n = 20000
+    z_aux, z_rec = trained.sample_latent({"mass": 1e14, "width": 2.0}, num=n, seed=3)
+    u = trained.scaler.transform(np.array([[1e14, 2.0]]))[0]
+    mean = fitted["loc"] + fitted["matrix"] @ u
+    sd = np.sqrt(np.diag(fitted["covariance"]))
+    # sample mean within 4 standard errors, sample sd within 4 of its standard errors
+    got = z_aux.numpy().astype(np.float64)
+    assert (np.abs(got.mean(0) - mean) < 4 * sd / np.sqrt(n)).all()
+    assert (np.abs(got.std(0) - sd) < 4 * sd / np.sqrt(2 * n)).all()
+    assert (np.abs(z_rec.numpy().std(0) - 1.0) < 4 / np.sqrt(2 * n)).all()
+    # a left-out auxiliary is drawn as u~ ~ N(0, 1) through the same map
+    partial, _ = trained.sample_latent({"mass": 1e14}, num=n, seed=4)
+    a = fitted["matrix"]
+    marginal_var = a[:, 1] ** 2 + np.diag(fitted["covariance"])
+    assert (
+        np.abs(partial.numpy().std(0) - np.sqrt(marginal_var)) < 0.05 * np.sqrt(marginal_var)
+    ).all()
+    # sample_tails holds z_aux at the map's mean
+    tails_mean = trained.guided_mean(torch.as_tensor(u[None], dtype=torch.float32))
+    assert_close(tails_mean.numpy()[0], mean, atol=1e-5)
+
+
+def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, tmp_path):
+    from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
+
+    path = trained.save(tmp_path / "m.pt")
+    loaded = GuidedLatentModel.load(path)
+    assert loaded.generation_calibrated
+    assert torch.equal(loaded.guided_matrix, trained.guided_matrix)
+    ckpt = load_checkpoint(path)
+    weights = {k: v for k, v in ckpt.state["model"].items() if not k.startswith("guided_")}
+    old = save_checkpoint(
+        tmp_path / "old.pt",
+        kind=ckpt.kind,
+        config=ckpt.config,
+        scaler=ckpt.scaler,
+        state={**ckpt.state, "model": weights},
+        history=ckpt.history,
+        extra=ckpt.extra,
+    )
+    before = GuidedLatentModel.load(old)
+    assert not before.generation_calibrated
+    assert torch.equal(before.guided_matrix, torch.eye(2))
+    # the prior again: z_aux ~ N(u~, tau^2)
+    z_aux, _ = before.sample_latent({"mass": 1e14, "width": 2.0}, num=4000, seed=0)
+    u = before.scaler.transform(np.array([[1e14, 2.0]]))[0]
+    assert (np.abs(z_aux.numpy().mean(0) - u) < 4 * before.tau / np.sqrt(4000)).all()
+    with pytest.raises(ValueError, match="at least 4 images"):
+        before.calibrate_generation(synthetic(3))
