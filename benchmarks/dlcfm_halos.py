@@ -15,7 +15,8 @@ held-out maps:
 - the concentration–mass relation read from the encoded latents (``predict_aux``) against the
   simulator's median relation, in units of its log-normal scatter;
 - AUROC of the residual-block Mahalanobis anomaly score for the simulator's ``disturbed`` flag
-  (never used in training).
+  (never used in training), against the whole training population and against training maps of
+  similar encoded mass.
 
 Results go to a JSON file, figures to a folder. Example (the issue's setting)::
 
@@ -258,6 +259,14 @@ def evaluate_model(
         scores = detector.score(z_rec)
         flag = held["disturbed"].values.astype(bool)
         result["anomaly_auroc_disturbed"] = metrics.auroc(scores, flag)
+        # the same radius against images of similar encoded mass (8 equal-count bins)
+        mass = names.index("log10_M500") if "log10_M500" in names else 0
+        by_mass = fit_anomaly_detector(
+            reference_rec, condition=model.encode(train).z_aux_loc[:, mass].cpu().numpy()
+        )
+        result["anomaly_auroc_disturbed_by_mass"] = metrics.auroc(
+            by_mass.score(z_rec, z_aux[:, mass]), flag
+        )
         table = rank_anomalies(detector, z_rec, extra={"disturbed": flag})
         top = min(50, table.sizes["rank"])
         result["disturbed_fraction_in_top50"] = float(table["disturbed"].values[:top].mean())

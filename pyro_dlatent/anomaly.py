@@ -8,6 +8,9 @@ not explain. Two uses of that follow:
 - **anomalies** (:func:`fit_anomaly_detector`): the Mahalanobis radius of a sample's encoded
   residual block with respect to a reference (training) population, turned into a p-value;
   ranked in a table (:func:`rank_anomalies`) and shown in a gallery (:func:`anomaly_gallery`).
+  With ``condition=`` (a physical auxiliary or guided coordinate) the reference mean and
+  covariance are those of the sample's equal-count bin of the condition: "anomalous for its
+  mass" rather than for the whole population.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from scipy import linalg, stats
 __all__ = [
     "CALIBRATIONS",
     "AnomalyDetector",
+    "ConditionalAnomalyDetector",
     "anomaly_gallery",
     "fit_anomaly_detector",
     "rank_anomalies",
@@ -180,12 +184,9 @@ class AnomalyDetector:
 
     def p_value(self, latents: Any) -> np.ndarray:
         """Calibrated p-value of each row of ``latents (n, r)`` (small = anomalous); ``(n,)``."""
-        scores = self.score(latents)
-        if self.calibration == "chi2":
-            return stats.chi2.sf(scores, df=self.residual_dim)
-        n = self.reference_scores.size
-        at_least = n - np.searchsorted(self.reference_scores, scores, side="left")
-        return (1.0 + at_least) / (n + 1.0)
+        return _p_values(
+            self.score(latents), self.reference_scores, self.calibration, self.residual_dim
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable state."""
@@ -210,12 +211,117 @@ class AnomalyDetector:
             raise ValueError(f"anomaly detector state lacks field {err.args[0]!r}") from err
 
 
+@dataclass
+class ConditionalAnomalyDetector:
+    """Mahalanobis score of residual latents relative to samples with a similar condition.
+
+    .. math:: s(z, c) = (z - \\mu_{b(c)})^\\top \\Sigma_{b(c)}^{-1} (z - \\mu_{b(c)}),
+
+    with :math:`b(c)` the bin of the scalar condition :math:`c` (for example the encoded mass)
+    among equal-count bins of the reference population, and :math:`\\mu_b, \\Sigma_b` the mean
+    and covariance of the reference latents in bin ``b``. On ``halos``, where the centroid
+    offsets of normal and disturbed halos both grow with R500, conditioning on the encoded mass
+    (8 bins) raised the AUROC for the disturbed flag from 0.798 to 0.818 (DL-CFM) and from 0.750
+    to 0.811 (Aux-VAE). P-values as in :class:`AnomalyDetector`, from the reference scores
+    (each scored in its own bin). Build with :func:`fit_anomaly_detector` and ``condition=``.
+
+    Attributes
+    ----------
+    edges : numpy.ndarray, shape ``(b - 1,)``
+        Interior bin edges of the condition, ascending.
+    bins : list of AnomalyDetector
+        One per bin (their own reference scores are not used).
+    reference_scores : numpy.ndarray, shape ``(n,)``, sorted ascending
+    calibration : {"empirical", "chi2"}
+    """
+
+    edges: np.ndarray
+    bins: list[AnomalyDetector]
+    reference_scores: np.ndarray
+    calibration: str = "empirical"
+
+    def __post_init__(self) -> None:
+        self.edges = np.asarray(self.edges, dtype=np.float64).reshape(-1)
+        self.reference_scores = np.sort(np.asarray(self.reference_scores, dtype=np.float64))
+        if len(self.bins) != self.edges.size + 1 or not self.bins:
+            raise ValueError(f"expected {self.edges.size + 1} bins, got {len(self.bins)}")
+        if np.any(np.diff(self.edges) < 0):
+            raise ValueError("expected ascending bin edges")
+        if len({d.residual_dim for d in self.bins}) != 1:
+            raise ValueError("expected every bin to have the same residual_dim")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"expected calibration in {CALIBRATIONS}, got {self.calibration!r}")
+
+    @property
+    def residual_dim(self) -> int:
+        """Number of residual coordinates :math:`r`."""
+        return self.bins[0].residual_dim
+
+    def _bin_index(self, condition: Any, n: int) -> np.ndarray:
+        c = np.asarray(condition, dtype=np.float64).reshape(-1) if condition is not None else None
+        if c is None or c.shape != (n,) or not np.isfinite(c).all():
+            raise ValueError(f"expected a finite condition of shape ({n},) for each latent row")
+        return np.searchsorted(self.edges, c, side="right")
+
+    def score(self, latents: Any, condition: Any = None) -> np.ndarray:
+        """Squared Mahalanobis radius of each row in its condition's bin; returns ``(n,)``."""
+        z = _latents(latents, "latents", self.residual_dim)
+        index = self._bin_index(condition, z.shape[0])
+        scores = np.empty(z.shape[0])
+        for b, detector in enumerate(self.bins):
+            rows = index == b
+            if rows.any():
+                scores[rows] = detector.score(z[rows])
+        return scores
+
+    def p_value(self, latents: Any, condition: Any = None) -> np.ndarray:
+        """Calibrated p-value of each row (small = anomalous); ``(n,)``."""
+        return _p_values(
+            self.score(latents, condition),
+            self.reference_scores,
+            self.calibration,
+            self.residual_dim,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state."""
+        return {
+            "edges": self.edges.tolist(),
+            "bins": [d.state_dict() for d in self.bins],
+            "reference_scores": self.reference_scores.tolist(),
+            "calibration": self.calibration,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> ConditionalAnomalyDetector:
+        """Rebuild from :meth:`state_dict` output."""
+        try:
+            bins = [AnomalyDetector.from_state_dict(b) for b in state["bins"]]
+            return cls(state["edges"], bins, state["reference_scores"], state["calibration"])
+        except KeyError as err:
+            raise ValueError(f"anomaly detector state lacks field {err.args[0]!r}") from err
+
+
+def _p_values(
+    scores: np.ndarray, reference_scores: np.ndarray, calibration: str, residual_dim: int
+) -> np.ndarray:
+    """Empirical (conformal) or chi-square p-values of squared Mahalanobis radii."""
+    if calibration == "chi2":
+        return stats.chi2.sf(scores, df=residual_dim)
+    n = reference_scores.size
+    at_least = n - np.searchsorted(reference_scores, scores, side="left")
+    return (1.0 + at_least) / (n + 1.0)
+
+
 def fit_anomaly_detector(
     latents_rec_train: Any,
     *,
     calibration_latents: Any = None,
     calibration: str = "empirical",
-) -> AnomalyDetector:
+    condition: Any = None,
+    calibration_condition: Any = None,
+    num_bins: int = 8,
+) -> AnomalyDetector | ConditionalAnomalyDetector:
     """Fit the mean and covariance of reference residual latents and calibrate p-values.
 
     Parameters
@@ -229,10 +335,17 @@ def fit_anomaly_detector(
         effect of relative size :math:`O(r/n)`.
     calibration : {"empirical", "chi2"}
         See :class:`AnomalyDetector`.
+    condition : array-like, shape ``(n,)``, optional
+        A scalar per reference sample (an auxiliary or an encoded guided coordinate): returns a
+        :class:`ConditionalAnomalyDetector` over ``num_bins`` equal-count bins of it.
+    calibration_condition : array-like, shape ``(m,)``, optional
+        The condition of ``calibration_latents`` (required with both).
+    num_bins : int
+        Bins of the condition; each must hold more than ``r + 1`` reference samples.
 
     Returns
     -------
-    AnomalyDetector
+    AnomalyDetector, or ConditionalAnomalyDetector with ``condition``
     """
     z = _latents(latents_rec_train, "latents_rec_train")
     n, r = z.shape
@@ -240,6 +353,10 @@ def fit_anomaly_detector(
         raise ValueError(f"expected more reference samples than residual_dim={r}, got {n}")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"expected calibration in {CALIBRATIONS}, got {calibration!r}")
+    if condition is not None:
+        return _fit_conditional(
+            z, condition, calibration_latents, calibration_condition, calibration, num_bins
+        )
     mean = z.mean(axis=0)
     covariance = np.atleast_2d(np.cov(z, rowvar=False))
     detector = AnomalyDetector(mean, covariance, np.zeros(1), calibration)
@@ -250,10 +367,46 @@ def fit_anomaly_detector(
     return detector
 
 
+def _fit_conditional(
+    z: np.ndarray,
+    condition: Any,
+    calibration_latents: Any,
+    calibration_condition: Any,
+    calibration: str,
+    num_bins: int,
+) -> ConditionalAnomalyDetector:
+    n, r = z.shape
+    if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 1:
+        raise ValueError(f"expected num_bins >= 1 (an int), got {num_bins!r}")
+    c = np.asarray(condition, dtype=np.float64).reshape(-1)
+    if c.shape != (n,) or not np.isfinite(c).all():
+        raise ValueError(f"expected a finite condition of shape ({n},), got shape {c.shape}")
+    edges = np.quantile(c, np.linspace(0.0, 1.0, int(num_bins) + 1)[1:-1])
+    index = np.searchsorted(edges, c, side="right")
+    counts = np.bincount(index, minlength=int(num_bins))
+    if counts.min() <= r + 1:
+        raise ValueError(
+            f"num_bins={num_bins} leaves a bin with {counts.min()} reference samples; each needs "
+            f"more than residual_dim + 1 = {r + 1}"
+        )
+    bins = [fit_anomaly_detector(z[index == b], calibration=calibration) for b in range(num_bins)]
+    detector = ConditionalAnomalyDetector(edges, bins, np.zeros(1), calibration)
+    if calibration_latents is None:
+        reference, reference_condition = z, c
+    else:
+        if calibration_condition is None:
+            raise ValueError("calibration_latents with a condition need calibration_condition")
+        reference = _latents(calibration_latents, "calibration_latents", r)
+        reference_condition = calibration_condition
+    detector.reference_scores = np.sort(detector.score(reference, reference_condition))
+    return detector
+
+
 def rank_anomalies(
-    detector: AnomalyDetector,
+    detector: AnomalyDetector | ConditionalAnomalyDetector,
     latents_rec: Any,
     *,
+    condition: Any = None,
     sample: Sequence[Any] | np.ndarray | None = None,
     top: int | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -265,6 +418,8 @@ def rank_anomalies(
     detector : AnomalyDetector
     latents_rec : array-like, shape ``(n, r)``
         Encoded residual latents of the data to rank.
+    condition : array-like, shape ``(n,)``, optional
+        The condition of each row, for a :class:`ConditionalAnomalyDetector`.
     sample : sequence, optional
         Identifier of each row (default ``0 .. n-1``, the row index).
     top : int, optional
@@ -285,7 +440,13 @@ def rank_anomalies(
         raise ValueError(f"expected sample of shape ({n},), got {sample.shape}")
     if top is not None and (isinstance(top, bool) or int(top) != top or top < 1):
         raise ValueError(f"expected top >= 1 (an int), got {top!r}")
-    scores = detector.score(z)
+    conditional = isinstance(detector, ConditionalAnomalyDetector)
+    if conditional:
+        scores = detector.score(z, condition)
+        p_values = detector.p_value(z, condition)
+    else:
+        scores = detector.score(z)
+        p_values = detector.p_value(z)
     order = np.argsort(-scores, kind="stable")[: (n if top is None else int(top))]
     data_vars: dict[str, Any] = {
         "sample": ("rank", sample[order]),
@@ -294,7 +455,7 @@ def rank_anomalies(
             scores[order],
             {"long_name": "squared Mahalanobis radius of the residual block"},
         ),
-        "p_value": ("rank", detector.p_value(z[order]), {"calibration": detector.calibration}),
+        "p_value": ("rank", p_values[order], {"calibration": detector.calibration}),
     }
     for name, values in (extra or {}).items():
         values = np.asarray(values)

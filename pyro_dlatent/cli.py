@@ -310,17 +310,39 @@ def anomalies(
         str | None, typer.Option(help="Reference dataset for calibration (default: DATA).")
     ] = None,
     top: Annotated[int, typer.Option(help="Images in the gallery.")] = 16,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="Score against images of similar encoded AUX (a guided coordinate), in 8 bins."
+        ),
+    ] = None,
 ) -> None:
     """Rank images by the Mahalanobis radius of their encoded residual block, with p-values."""
     from pyro_dlatent import anomaly, plots
     from pyro_dlatent.runs import load_model, open_dataset
 
     net = load_model(model)
+    if by is not None and by not in net.scaler.names:
+        raise typer.BadParameter(
+            f"expected one of {net.scaler.names}, got {by!r}", param_hint="--by"
+        )
     ds = open_dataset(data, size=net.image_size, seed=1)
     ref = ds if reference is None else open_dataset(reference, size=net.image_size)
-    detector = anomaly.fit_anomaly_detector(net.encode(ref).z_rec_loc.cpu().numpy())
+    encoded_ref, encoded = net.encode(ref), net.encode(ds)
+    condition = {}
+    if by is not None:
+        column = net.scaler.names.index(by)
+        ref_condition = encoded_ref.z_aux_loc[:, column].cpu().numpy()
+        condition = {"condition": encoded.z_aux_loc[:, column].cpu().numpy()}
+        detector = anomaly.fit_anomaly_detector(
+            encoded_ref.z_rec_loc.cpu().numpy(), condition=ref_condition
+        )
+    else:
+        detector = anomaly.fit_anomaly_detector(encoded_ref.z_rec_loc.cpu().numpy())
     extra = {name: ds[name].values for name in ds.data_vars if ds[name].dims == ("sample",)}
-    table = anomaly.rank_anomalies(detector, net.encode(ds).z_rec_loc.cpu().numpy(), extra=extra)
+    table = anomaly.rank_anomalies(
+        detector, encoded.z_rec_loc.cpu().numpy(), extra=extra, **condition
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_netcdf(table, out / "anomalies.nc")
     fig = anomaly.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))

@@ -217,3 +217,59 @@ def test_anomaly_gallery_shows_top_k_with_scores():
         anomaly_gallery(images, table, annotate=["missing"])
     with pytest.raises(ValueError, match="out of range"):
         anomaly_gallery(images[:2], table, top_k=6)
+
+
+# ---------------------------------------------------------------------------- conditional scores
+def _heteroscedastic(n, rng, inflate=1.0):
+    """2-d latents with sd 1 for condition < 0.5 and sd 4 above, times ``inflate``."""
+    c = rng.uniform(0.0, 1.0, n)
+    sd = np.where(c < 0.5, 1.0, 4.0) * inflate
+    return rng.standard_normal((n, 2)) * sd[:, None], c
+
+
+def test_conditional_detector_scores_each_sample_against_its_own_bin():
+    from pyro_dlatent.anomaly import ConditionalAnomalyDetector
+    from pyro_dlatent.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    z, c = _heteroscedastic(20000, rng)
+    detector = fit_anomaly_detector(z, condition=c, num_bins=2)
+    assert isinstance(detector, ConditionalAnomalyDetector)
+    assert detector.edges == pytest.approx([0.5], abs=0.02)
+    null, c_null = _heteroscedastic(4000, rng)
+    odd, c_odd = _heteroscedastic(4000, rng, inflate=2.5)
+    # in its bin a null score is chi2_2 (mean 2, sd 2) and an anomaly's is 6.25 times one, so
+    # AUROC = 6.25 / 7.25 = 0.862; its Monte Carlo sd at 4000 + 4000 is about 0.004
+    scores = np.concatenate([detector.score(null, c_null), detector.score(odd, c_odd)])
+    flags = np.r_[np.zeros(4000, bool), np.ones(4000, bool)]
+    assert auroc(scores, flags) == pytest.approx(6.25 / 7.25, abs=0.02)
+    assert detector.score(null, c_null).mean() == pytest.approx(2.0, abs=4 * 2.0 / np.sqrt(4000))
+    # the unconditional radius mixes the two scales and ranks far worse
+    pooled = fit_anomaly_detector(z)
+    plain = np.concatenate([pooled.score(null), pooled.score(odd)])
+    assert auroc(plain, flags) < auroc(scores, flags) - 0.05
+    # empirical p-values of fresh null data are uniform: P(p <= 0.1) = 0.1 +- 4 sd
+    p = detector.p_value(null, c_null)
+    assert np.mean(p <= 0.1) == pytest.approx(0.1, abs=4 * np.sqrt(0.09 / 4000))
+    again = ConditionalAnomalyDetector.from_state_dict(detector.state_dict())
+    assert np.array_equal(again.score(odd, c_odd), detector.score(odd, c_odd))
+
+
+def test_conditional_ranking_and_bad_arguments():
+    rng = np.random.default_rng(1)
+    z, c = _heteroscedastic(400, rng)
+    detector = fit_anomaly_detector(z, condition=c, num_bins=4)
+    table = rank_anomalies(detector, z[:50], condition=c[:50], top=5)
+    assert table.sizes["rank"] == 5
+    assert np.all(np.diff(table["score"].values) <= 0)
+    assert table["score"].values[0] == detector.score(z[:50], c[:50]).max()
+    with pytest.raises(ValueError, match="condition"):
+        detector.score(z[:5])
+    with pytest.raises(ValueError, match="condition"):
+        rank_anomalies(detector, z[:5], condition=c[:4])
+    with pytest.raises(ValueError, match="num_bins"):
+        fit_anomaly_detector(z, condition=c, num_bins=200)
+    with pytest.raises(ValueError, match="condition"):
+        fit_anomaly_detector(z, condition=c[:10])
+    with pytest.raises(ValueError, match="calibration_condition"):
+        fit_anomaly_detector(z, condition=c, calibration_latents=z)

@@ -87,4 +87,10 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     assert main(["anomalies", str(run), "halos", "--out", str(tmp_path / "anom")]) == 0
     table = xr.load_dataset(tmp_path / "anom" / "anomalies.nc", engine="h5netcdf")
     assert "disturbed" in table and (np.diff(table["score"].values) <= 0).all()
+    by = ["anomalies", str(run), "halos", "--out", str(tmp_path / "by"), "--by", "log10_M500"]
+    assert main(by) == 0
+    conditional = xr.load_dataset(tmp_path / "by" / "anomalies.nc", engine="h5netcdf")
+    assert conditional.sizes["rank"] == table.sizes["rank"]
+    assert not np.allclose(np.sort(conditional["score"].values), np.sort(table["score"].values))
+    assert main([*by[:-1], "mass"]) == 2
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png"), "--aux", "mass"]) == 2
