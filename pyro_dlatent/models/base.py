@@ -1340,7 +1340,6 @@ class GuidedLatentModel(PyroModule):
             ``loc`` ``(k,)``, ``matrix`` ``(k, k)``, ``covariance`` ``(k, k)``, as numpy arrays.
         """
         tensors = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
-        batch_size = _check_int(batch_size, "batch_size", 1)
         k = self.aux_dim
         complete = (
             torch.ones(tensors.aux.shape[0], dtype=torch.bool, device=tensors.aux.device)
@@ -1353,14 +1352,9 @@ class GuidedLatentModel(PyroModule):
                 f"data needs at least {k + 2} images with every auxiliary observed to calibrate "
                 f"generation, got {n}"
             )
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            images = tensors.images[complete]
-            parts = [self.encoder_params(b) for b in images.split(batch_size)]
-        self.train(was_training)
-        loc = torch.cat([p[0][:, :k] for p in parts]).double()
-        variance = torch.cat([p[1][:, :k] for p in parts]).double().pow(2).mean(dim=0)
+        encoding = self.encode(tensors.images[complete], batch_size=batch_size)
+        loc = encoding.z_aux_loc.double()
+        variance = encoding.z_aux_scale.double().pow(2).mean(dim=0)
         design = torch.cat(
             [
                 torch.ones(n, 1, dtype=torch.float64, device=loc.device),
