@@ -254,7 +254,8 @@ def evaluate_model(
     }
 
     if model.residual_dim > 0 and "disturbed" in held:
-        reference_rec = model.encode(train).z_rec_loc.cpu().numpy()
+        train_encoding = model.encode(train)
+        reference_rec = train_encoding.z_rec_loc.cpu().numpy()
         detector = fit_anomaly_detector(reference_rec)
         scores = detector.score(z_rec)
         flag = held["disturbed"].values.astype(bool)
@@ -262,7 +263,7 @@ def evaluate_model(
         # the same radius against images of similar encoded mass (8 equal-count bins)
         mass = names.index("log10_M500") if "log10_M500" in names else 0
         by_mass = fit_anomaly_detector(
-            reference_rec, condition=model.encode(train).z_aux_loc[:, mass].cpu().numpy()
+            reference_rec, condition=train_encoding.z_aux_loc[:, mass].cpu().numpy()
         )
         result["anomaly_auroc_disturbed_by_mass"] = metrics.auroc(
             by_mass.score(z_rec, z_aux[:, mass]), flag
