@@ -222,7 +222,7 @@ class ConditionalAnomalyDetector:
     and covariance of the reference latents in bin ``b``. On ``halos``, where the centroid
     offsets of normal and disturbed halos both grow with R500, conditioning on the encoded mass
     (8 bins) raised the AUROC for the disturbed flag from 0.798 to 0.818 (DL-CFM) and from 0.750
-    to 0.811 (Aux-VAE). P-values as in :class:`AnomalyDetector`, from the reference scores
+    to 0.809 (Aux-VAE). P-values as in :class:`AnomalyDetector`, from the reference scores
     (each scored in its own bin). Build with :func:`fit_anomaly_detector` and ``condition=``.
 
     Attributes
