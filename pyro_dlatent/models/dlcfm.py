@@ -564,7 +564,7 @@ class DLCFM(GuidedLatentModel):
         """Images with the guided block fixed and the residual block in the tail of its prior.
 
         ``z_aux`` at its mean for the given physics (:meth:`guided_mean`: ``u~`` before
-        :meth:`calibrate_generation`, ``c + A u~`` after) and ``z_rec`` from
+        :meth:`calibrate_generation`, its fitted mean after) and ``z_rec`` from
         :func:`pyro_dlatent.anomaly.tail_latents`: ``||z_rec||^2`` above the ``quantile`` of
         :math:`\\chi^2_r`, direction uniform.
 

@@ -13,7 +13,16 @@ from scipy import stats
 from pyro_dlatent.data import from_arrays
 from pyro_dlatent.flow import flow_matching_loss
 from pyro_dlatent.inverse.prior import DeepPrior
-from pyro_dlatent.models.base import ALIGN_SITE, DECOR_SITE, OBS_SITE, GuidedLatentModel
+from pyro_dlatent.models.base import (
+    _SPLINE_BUFFERS,
+    ALIGN_SITE,
+    DECOR_SITE,
+    OBS_SITE,
+    SPLINE_KNOT_QUANTILES,
+    SPLINE_MIN_IMAGES,
+    GuidedLatentModel,
+    natural_spline_terms,
+)
 from pyro_dlatent.models.dlcfm import DLCFM, FlowGenerator
 from tests.conftest import assert_close
 
@@ -290,26 +299,85 @@ def test_decode_rejects_bad_shapes(trained):
 
 
 # ---------------------------------------------------------------------------- generation map
-def test_fit_calibrates_generation_to_the_least_squares_map(trained, data):
+def test_natural_spline_terms_span_natural_cubic_splines():
+    from scipy.interpolate import CubicSpline
+
+    knots = np.array([-1.3, -0.4, 0.1, 0.9, 1.6])
+    values = np.array([0.5, -1.0, 2.0, 0.3, 1.1])
+    natural = CubicSpline(knots, values, bc_type="natural")
+    x = np.linspace(knots[0], knots[-1], 400)
+    terms = natural_spline_terms(torch.as_tensor(x[:, None]), torch.as_tensor(knots[None]))
+    design = np.column_stack([np.ones_like(x), x, terms.numpy()])
+    coef, *_ = np.linalg.lstsq(design, natural(x), rcond=None)
+    # scipy's natural spline through these knots lies in the span, to rounding
+    assert np.abs(design @ coef - natural(x)).max() < 1e-9
+    # and a plain cubic does not (the span is not all cubics): its fit misses by far more
+    cubic = x**3
+    coef, *_ = np.linalg.lstsq(design, cubic, rcond=None)
+    assert np.abs(design @ coef - cubic).max() > 1e-2
+    # beyond the outer knots every term is linear: zero second differences
+    for side in (np.linspace(-5.0, knots[0], 50), np.linspace(knots[-1], 5.0, 50)):
+        t = natural_spline_terms(torch.as_tensor(side[:, None]), torch.as_tensor(knots[None]))
+        assert np.abs(np.diff(t.numpy(), n=2, axis=0)).max() < 1e-9
+    # columns are laid out auxiliary by auxiliary
+    both = torch.as_tensor(np.tile(knots, (2, 1)))
+    two = natural_spline_terms(torch.as_tensor(np.c_[x, -x]), both)
+    assert two.shape == (400, 6)
+    assert torch.equal(two[:, :3], terms)
+
+
+def test_fit_calibrates_generation_to_the_least_squares_spline_map(trained, data):
     # fit ends with calibrate_generation on its training part; refitting on all the data must
-    # give the least-squares fit of the encoder means on [1, u~] (computed here with numpy)
+    # give the least-squares fit of the encoder means on [1, u~, natural spline terms of u~]
+    # with knots at the quantiles of u~ (computed here with numpy)
     assert trained.generation_calibrated
     fitted = trained.calibrate_generation(data)
     encoding = trained.encode(data)
     u = trained.scaler.transform(np.stack([data["mass"].values, data["width"].values], -1))
-    design = np.column_stack([np.ones(len(u)), u])
+    knots = np.quantile(u, SPLINE_KNOT_QUANTILES, axis=0).T
+    assert_close(fitted["knots"], knots, atol=1e-5)
+    terms = natural_spline_terms(torch.as_tensor(u), torch.as_tensor(knots)).numpy()
+    design = np.column_stack([np.ones(len(u)), u, terms])
     z = encoding.z_aux_loc.numpy().astype(np.float64)
     coef, *_ = np.linalg.lstsq(design, z, rcond=None)
     assert_close(fitted["loc"], coef[0], atol=1e-4)
-    assert_close(fitted["matrix"], coef[1:].T, atol=1e-4)
+    assert_close(fitted["matrix"], coef[1:3].T, atol=1e-4)
+    assert_close(fitted["spline"], coef[3:].T, atol=1e-4)
     resid = z - design @ coef
     variance = encoding.z_aux_scale.numpy().astype(np.float64) ** 2
-    expected = resid.T @ resid / (len(u) - 3) + np.diag(variance.mean(0))
+    expected = resid.T @ resid / (len(u) - design.shape[1]) + np.diag(variance.mean(0))
     assert_close(fitted["covariance"], expected, rtol=1e-3)
+    # the model's mean map is that fit, at new points too (float32 rounding)
+    new = np.array([[-2.5, 0.3], [0.0, 0.0], [1.2, -1.7], [3.0, 2.5]])
+    new_terms = natural_spline_terms(torch.as_tensor(new), torch.as_tensor(knots)).numpy()
+    want = np.column_stack([np.ones(4), new, new_terms]) @ coef
+    got = trained.guided_mean(torch.as_tensor(new, dtype=torch.float32)).numpy()
+    assert_close(got, want, atol=1e-4)
+    # spline=False is the linear least-squares map on [1, u~]
+    linear = trained.calibrate_generation(data, spline=False)
+    coef, *_ = np.linalg.lstsq(design[:, :3], z, rcond=None)
+    assert_close(linear["matrix"], coef[1:].T, atol=1e-4)
+    assert not linear["spline"].any()
+    trained.calibrate_generation(data)
+
+
+def test_spline_terms_are_left_out_for_few_images_or_tied_knots(trained):
+    few = trained.calibrate_generation(synthetic(SPLINE_MIN_IMAGES - 1, seed=5))
+    assert not few["spline"].any()
+    # a width that takes two values: its quantiles tie, so only mass gets spline terms
+    tied = synthetic(300, seed=6)
+    tied["width"].values[:] = np.where(np.arange(300) % 2 == 0, 2.0, 3.0)
+    fitted = trained.calibrate_generation(tied)
+    inner = len(SPLINE_KNOT_QUANTILES) - 2
+    assert fitted["spline"][:, :inner].any()
+    assert not fitted["spline"][:, inner:].any()
+    assert np.isfinite(fitted["covariance"]).all()
+    assert np.all(np.diff(fitted["knots"], axis=1) > 0)
+    trained.calibrate_generation(synthetic(512))
 
 
 def test_calibrated_latents_follow_the_fitted_gaussian(trained, data):
-    fitted = trained.calibrate_generation(data)
+    fitted = trained.calibrate_generation(data, spline=False)  # a linear map: closed-form marginals
     n = 20000
     z_aux, z_rec = trained.sample_latent({"mass": 1e14, "width": 2.0}, num=n, seed=3)
     u = trained.scaler.transform(np.array([[1e14, 2.0]]))[0]
@@ -330,6 +398,7 @@ def test_calibrated_latents_follow_the_fitted_gaussian(trained, data):
     # sample_tails holds z_aux at the map's mean
     tails_mean = trained.guided_mean(torch.as_tensor(u[None], dtype=torch.float32))
     assert_close(tails_mean.numpy()[0], mean, atol=1e-5)
+    trained.calibrate_generation(data)
 
 
 def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, tmp_path):
@@ -339,6 +408,8 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
     loaded = GuidedLatentModel.load(path)
     assert loaded.generation_calibrated
     assert torch.equal(loaded.guided_matrix, trained.guided_matrix)
+    assert torch.equal(loaded.guided_spline, trained.guided_spline)
+    assert torch.equal(loaded.guided_knots, trained.guided_knots)
     ckpt = load_checkpoint(path)
     weights = {k: v for k, v in ckpt.state["model"].items() if not k.startswith("guided_")}
     old = save_checkpoint(
@@ -349,6 +420,27 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
         state={**ckpt.state, "model": weights},
         history=ckpt.history,
         extra=ckpt.extra,
+    )
+    # a checkpoint with the linear map of the version before splines loads as that map
+    linear_only = {k: v for k, v in ckpt.state["model"].items() if k not in _SPLINE_BUFFERS}
+    linear = GuidedLatentModel.load(
+        save_checkpoint(
+            tmp_path / "linear.pt",
+            kind=ckpt.kind,
+            config=ckpt.config,
+            scaler=ckpt.scaler,
+            state={**ckpt.state, "model": linear_only},
+            history=ckpt.history,
+            extra=ckpt.extra,
+        )
+    )
+    assert linear.generation_calibrated
+    assert not linear.guided_spline.any()
+    u = torch.tensor([[0.4, -1.1], [2.0, 0.5]])
+    assert_close(
+        linear.guided_mean(u).numpy(),
+        (trained.guided_loc + u @ trained.guided_matrix.T).numpy(),
+        atol=1e-6,
     )
     before = GuidedLatentModel.load(old)
     assert not before.generation_calibrated
