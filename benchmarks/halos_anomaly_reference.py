@@ -20,7 +20,7 @@ that bound what such a score can reach on the same maps and the same train / hel
   separate the two populations when the labels are given: an unsupervised score can only do
   worse, up to the classifier's own shortfall.
 
-Example (the issue's setting, about 6 minutes on 2 CPU cores)::
+Example (the issue's setting, 7 minutes on one CPU thread)::
 
     python benchmarks/halos_anomaly_reference.py --num 10240 --output reference.json
 """

@@ -107,7 +107,7 @@ _SPLINE_BUFFERS = ("guided_knots", "guided_spline")
 """Its spline terms; checkpoints written before them load as the linear map they held."""
 SPLINE_KNOT_QUANTILES = (0.05, 0.275, 0.5, 0.725, 0.95)
 """Knots of the generation map's natural cubic splines: these quantiles of each auxiliary (the
-placement Harrell, *Regression Modeling Strategies*, 2nd ed., sec. 2.4.6, recommends for five)."""
+placement of five knots that Harrell recommends in *Regression Modeling Strategies*)."""
 SPLINE_MIN_IMAGES = 100
 """Fewest complete images for which :meth:`GuidedLatentModel.calibrate_generation` fits splines."""
 
