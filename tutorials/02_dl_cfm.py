@@ -50,8 +50,10 @@ for name in model.aux_names:
 
 # %% [markdown]
 # ## 3. Generate at chosen mass and concentration
-# Guided coordinates are given in physical units. The fixed-step midpoint solver with a few
-# dozen evaluations is the default; `method="dopri5"` integrates adaptively.
+# Guided coordinates are given in physical units. `fit` ended by fitting the encoded guided
+# block given the auxiliaries (`calibrate_generation`), so a requested mass is drawn where the
+# encoder puts maps of that mass. Four fixed rk4 steps (16 evaluations of the vector field) are
+# the default; `method="dopri5"` integrates adaptively.
 
 # %%
 masses = [13.8, 14.2, 14.6, 15.0]
