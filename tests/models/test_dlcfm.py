@@ -411,29 +411,22 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
     assert torch.equal(loaded.guided_spline, trained.guided_spline)
     assert torch.equal(loaded.guided_knots, trained.guided_knots)
     ckpt = load_checkpoint(path)
-    weights = {k: v for k, v in ckpt.state["model"].items() if not k.startswith("guided_")}
-    old = save_checkpoint(
-        tmp_path / "old.pt",
-        kind=ckpt.kind,
-        config=ckpt.config,
-        scaler=ckpt.scaler,
-        state={**ckpt.state, "model": weights},
-        history=ckpt.history,
-        extra=ckpt.extra,
-    )
-    # a checkpoint with the linear map of the version before splines loads as that map
-    linear_only = {k: v for k, v in ckpt.state["model"].items() if k not in _SPLINE_BUFFERS}
-    linear = GuidedLatentModel.load(
-        save_checkpoint(
-            tmp_path / "linear.pt",
+
+    def rewritten(name, keep):
+        weights = {k: v for k, v in ckpt.state["model"].items() if keep(k)}
+        return save_checkpoint(
+            tmp_path / name,
             kind=ckpt.kind,
             config=ckpt.config,
             scaler=ckpt.scaler,
-            state={**ckpt.state, "model": linear_only},
+            state={**ckpt.state, "model": weights},
             history=ckpt.history,
             extra=ckpt.extra,
         )
-    )
+
+    old = rewritten("old.pt", lambda k: not k.startswith("guided_"))
+    # a checkpoint with the linear map of the version before splines loads as that map
+    linear = GuidedLatentModel.load(rewritten("linear.pt", lambda k: k not in _SPLINE_BUFFERS))
     assert linear.generation_calibrated
     assert not linear.guided_spline.any()
     u = torch.tensor([[0.4, -1.1], [2.0, 0.5]])
