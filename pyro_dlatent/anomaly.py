@@ -440,13 +440,13 @@ def rank_anomalies(
         raise ValueError(f"expected sample of shape ({n},), got {sample.shape}")
     if top is not None and (isinstance(top, bool) or int(top) != top or top < 1):
         raise ValueError(f"expected top >= 1 (an int), got {top!r}")
-    conditional = isinstance(detector, ConditionalAnomalyDetector)
-    if conditional:
+    if isinstance(detector, ConditionalAnomalyDetector):
         scores = detector.score(z, condition)
-        p_values = detector.p_value(z, condition)
     else:
         scores = detector.score(z)
-        p_values = detector.p_value(z)
+    p_values = _p_values(
+        scores, detector.reference_scores, detector.calibration, detector.residual_dim
+    )
     order = np.argsort(-scores, kind="stable")[: (n if top is None else int(top))]
     data_vars: dict[str, Any] = {
         "sample": ("rank", sample[order]),

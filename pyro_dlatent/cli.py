@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -328,20 +328,19 @@ def anomalies(
         )
     ds = open_dataset(data, size=net.image_size, seed=1)
     ref = ds if reference is None else open_dataset(reference, size=net.image_size)
-    encoded_ref, encoded = net.encode(ref), net.encode(ds)
-    condition = {}
-    if by is not None:
-        column = net.scaler.names.index(by)
-        ref_condition = encoded_ref.z_aux_loc[:, column].cpu().numpy()
-        condition = {"condition": encoded.z_aux_loc[:, column].cpu().numpy()}
-        detector = anomaly.fit_anomaly_detector(
-            encoded_ref.z_rec_loc.cpu().numpy(), condition=ref_condition
-        )
-    else:
-        detector = anomaly.fit_anomaly_detector(encoded_ref.z_rec_loc.cpu().numpy())
+    encoded = net.encode(ds)
+    encoded_ref = encoded if reference is None else net.encode(ref)
+    column = None if by is None else net.scaler.names.index(by)
+
+    def condition(encoding: Any) -> Any:
+        return None if column is None else encoding.z_aux_loc[:, column].cpu().numpy()
+
+    detector = anomaly.fit_anomaly_detector(
+        encoded_ref.z_rec_loc.cpu().numpy(), condition=condition(encoded_ref)
+    )
     extra = {name: ds[name].values for name in ds.data_vars if ds[name].dims == ("sample",)}
     table = anomaly.rank_anomalies(
-        detector, encoded.z_rec_loc.cpu().numpy(), extra=extra, **condition
+        detector, encoded.z_rec_loc.cpu().numpy(), condition=condition(encoded), extra=extra
     )
     out.mkdir(parents=True, exist_ok=True)
     write_netcdf(table, out / "anomalies.nc")
