@@ -122,7 +122,16 @@ class ConditionalVectorField(nn.Module):
     .. math:: c = \\mathrm{MLP}_t(e(t)) + \\mathrm{MLP}_z(z),
 
     with :math:`e(t)` the sinusoidal features of :func:`sinusoidal_embedding`; each block applies
-    it through adaptive group norm (a FiLM scale and shift after normalization). The U-Net has
+    it through adaptive group norm (a FiLM scale and shift after normalization). FiLM is global: it
+    scales and shifts whole channels, so on its own it cannot say *where* something lies in the
+    image (a displaced centroid, a substructure clump). With ``spatial_channels > 0`` the code
+    also enters as an image: a map
+
+    .. math:: m(z) = \\mathrm{upsample}\\big(\\mathrm{MLP}_m(z)\\big) \\in
+        \\mathbb{R}^{c_m \\times H \\times W},
+
+    an MLP output reshaped to ``spatial_channels`` maps of ``spatial_size`` squared and upsampled
+    bilinearly, concatenated with :math:`x` at the U-Net's input. The U-Net has
     ``num_levels`` resolutions (default 2 for images up to 32 pixels, 3 above), one residual block
     per level on the way down and on the way up, and skip connections by concatenation.
 
@@ -140,6 +149,11 @@ class ConditionalVectorField(nn.Module):
         Number of resolutions; default 2 if ``image_size <= 32`` else 3.
     embed_dim : int
         Size of the time and latent embeddings (even).
+    spatial_channels : int
+        Channels of the latent map :math:`m(z)` (0: FiLM conditioning only).
+    spatial_size : int, optional
+        Side of the latent map before upsampling; default ``image_size // 4``. Must divide
+        ``image_size``.
 
     Examples
     --------
@@ -156,9 +170,19 @@ class ConditionalVectorField(nn.Module):
         channel_mult: tuple[int, ...] | None = None,
         num_levels: int | None = None,
         embed_dim: int = 64,
+        spatial_channels: int = 0,
+        spatial_size: int | None = None,
     ) -> None:
         super().__init__()
         image_size = _check_positive_int(image_size, "image_size", 4)
+        spatial_channels = _check_positive_int(spatial_channels, "spatial_channels", 0)
+        spatial_size = _check_positive_int(
+            image_size // 4 if spatial_size is None else spatial_size, "spatial_size"
+        )
+        if image_size % spatial_size != 0:
+            raise ValueError(
+                f"expected spatial_size dividing image_size={image_size}, got {spatial_size}"
+            )
         latent_dim = _check_positive_int(latent_dim, "latent_dim")
         channels = _check_positive_int(channels, "channels")
         if num_levels is None:
@@ -186,6 +210,8 @@ class ConditionalVectorField(nn.Module):
         self.channel_mult = channel_mult
         self.num_levels = num_levels
         self.embed_dim = embed_dim
+        self.spatial_channels = spatial_channels
+        self.spatial_size = spatial_size
 
         cond_dim = 4 * embed_dim
         self.time_mlp = nn.Sequential(
@@ -194,8 +220,17 @@ class ConditionalVectorField(nn.Module):
         self.latent_mlp = nn.Sequential(
             nn.Linear(latent_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
         )
+        self.latent_map = (
+            nn.Sequential(
+                nn.Linear(latent_dim, cond_dim),
+                nn.SiLU(),
+                nn.Linear(cond_dim, spatial_channels * spatial_size**2),
+            )
+            if spatial_channels
+            else None
+        )
         widths = [channels * m for m in channel_mult]
-        self.conv_in = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(1 + spatial_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         previous = widths[0]
@@ -231,6 +266,8 @@ class ConditionalVectorField(nn.Module):
             "channel_mult": list(self.channel_mult),
             "num_levels": self.num_levels,
             "embed_dim": self.embed_dim,
+            "spatial_channels": self.spatial_channels,
+            "spatial_size": self.spatial_size,
         }
 
     def forward(self, t: float | torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -265,10 +302,18 @@ class ConditionalVectorField(nn.Module):
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(f"expected t of shape () or ({batch},), got {tuple(t.shape)}")
-        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.latent_mlp(
-            z.to(x.dtype)
-        )
-        h = self.conv_in(x[:, None])
+        z = z.to(x.dtype)
+        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.latent_mlp(z)
+        h = x[:, None]
+        if self.latent_map is not None:
+            side = self.spatial_size
+            m = self.latent_map(z).reshape(batch, self.spatial_channels, side, side)
+            if side != self.image_size:
+                m = nn.functional.interpolate(
+                    m, size=(self.image_size,) * 2, mode="bilinear", align_corners=False
+                )
+            h = torch.cat([h, m], dim=1)
+        h = self.conv_in(h)
         skips = []
         for level, block in enumerate(self.down_blocks):
             h = block(h, cond)

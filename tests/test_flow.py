@@ -76,8 +76,45 @@ def test_vector_field_depends_on_time_and_latent():
     assert (field(0.3, x, z + 1.0) - base).abs().max() > 1e-4
 
 
-def test_vector_field_gradients_reach_every_parameter():
-    field = ConditionalVectorField(16, latent_dim=3, channels=8)
+@pytest.mark.parametrize(
+    ("size", "spatial_size", "side"), [(16, None, 4), (32, 8, 8), (16, 16, 16)]
+)
+def test_vector_field_latent_map_shapes_and_config(size, spatial_size, side):
+    field = ConditionalVectorField(
+        size, latent_dim=3, channels=4, embed_dim=8, spatial_channels=2, spatial_size=spatial_size
+    )
+    assert field.spatial_size == side
+    assert field.conv_in.in_channels == 3
+    assert field.latent_map[-1].out_features == 2 * side**2
+    x, z = torch.randn(2, size, size), torch.randn(2, 3)
+    assert field(0.5, x, z).shape == (2, size, size)
+    rebuilt = ConditionalVectorField(**field.config())
+    rebuilt.load_state_dict(field.state_dict())
+    assert_close(rebuilt(0.5, x, z), field(0.5, x, z))
+
+
+def test_vector_field_latent_map_is_the_only_spatial_path_of_z():
+    """With FiLM switched off (zero weights), z still moves the field through the latent map, and
+    through it alone: each pixel's change follows the upsampled map."""
+    torch.manual_seed(0)
+    field = ConditionalVectorField(16, latent_dim=2, channels=8, spatial_channels=1)
+    with torch.no_grad():
+        for p in field.latent_mlp.parameters():
+            p.zero_()
+    x = torch.randn(1, 16, 16).expand(2, 16, 16)
+    z = torch.randn(2, 2)
+    out = field(0.3, x, z)
+    assert (out[0] - out[1]).abs().max() > 1e-4
+    with torch.no_grad():
+        for p in field.latent_map.parameters():
+            p.zero_()
+    out = field(0.3, x, z)
+    assert_close(out[0], out[1])
+
+
+@pytest.mark.parametrize("spatial", [0, 2])
+def test_vector_field_gradients_reach_every_parameter(spatial):
+    field = ConditionalVectorField(16, latent_dim=3, channels=8, spatial_channels=spatial)
     loss = flow_matching_loss(field, torch.randn(4, 16, 16), torch.randn(4, 3)).mean()
     loss.backward()
     for name, param in field.named_parameters():
@@ -94,6 +131,9 @@ def test_vector_field_gradients_reach_every_parameter():
         {"image_size": 16, "latent_dim": 2, "channels": 0},
         {"image_size": 16, "latent_dim": 2, "embed_dim": 7},
         {"image_size": 16, "latent_dim": 2, "channel_mult": (1,)},
+        {"image_size": 16, "latent_dim": 2, "spatial_channels": -1},
+        {"image_size": 16, "latent_dim": 2, "spatial_channels": 2, "spatial_size": 3},
+        {"image_size": 16, "latent_dim": 2, "spatial_channels": 2, "spatial_size": 0},
     ],
 )
 def test_vector_field_rejects_bad_arguments(kwargs):

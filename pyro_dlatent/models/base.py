@@ -1545,6 +1545,11 @@ class GuidedLatentModel(PyroModule):
         )
 
     @classmethod
+    def _upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's constructor arguments, completed for options added since."""
+        return config
+
+    @classmethod
     def load(
         cls, path: str | os.PathLike, *, device: str | torch.device | None = None
     ) -> GuidedLatentModel:
@@ -1567,7 +1572,7 @@ class GuidedLatentModel(PyroModule):
             scaler = AuxScaler.from_state_dict(ckpt.scaler or {})
         except ValueError as err:
             raise ValueError(f"{what} has an invalid scaler: {err}") from err
-        config = dict(ckpt.config)
+        config = klass._upgrade_config(dict(ckpt.config))
         config.pop("class", None)
         try:
             model = klass(scaler, **config)

@@ -231,6 +231,10 @@ class DLCFM(GuidedLatentModel):
         U-Net resolutions (default 2 up to 32 pixels, 3 above).
     embed_dim : int
         Size of the time and latent embeddings of the vector field.
+    field_spatial_channels : int
+        Channels of the vector field's latent map (``spatial_channels`` of
+        :class:`~pyro_dlatent.flow.ConditionalVectorField`): the code enters as an image as
+        well as through FiLM, so it can say where structure lies. 0 gives FiLM only.
     intensity : {"identity", "asinh"}
         Pixel transform before standardization; ``"asinh"`` (``asinh(x / intensity_scale)``)
         compresses the bright cores of high-dynamic-range maps such as Compton-y, but mapping
@@ -274,6 +278,7 @@ class DLCFM(GuidedLatentModel):
         field_channels: int = 32,
         field_levels: int | None = None,
         embed_dim: int = 64,
+        field_spatial_channels: int = 0,
         intensity: str = "identity",
         intensity_scale: float = 1.0,
         method: str = DEFAULT_METHOD,
@@ -326,17 +331,24 @@ class DLCFM(GuidedLatentModel):
                 channels=field_channels,
                 num_levels=field_levels,
                 embed_dim=embed_dim,
+                spatial_channels=field_spatial_channels,
             )
         self._config.update(
             flow_weight=flow_weight,
             field_channels=field_channels,
             field_levels=self.field.num_levels,
             embed_dim=embed_dim,
+            field_spatial_channels=field_spatial_channels,
             intensity=intensity,
             intensity_scale=intensity_scale,
             method=method,
             steps=steps,
         )
+
+    @classmethod
+    def _upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        # checkpoints from before the latent map: FiLM conditioning only
+        return {"field_spatial_channels": 0, **config}
 
     @classmethod
     def from_dataset(

@@ -444,3 +444,36 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
     assert (np.abs(z_aux.numpy().mean(0) - u) < 4 * before.tau / np.sqrt(4000)).all()
     with pytest.raises(ValueError, match="at least 4 images"):
         before.calibrate_generation(synthetic(3))
+
+
+def test_checkpoint_from_before_the_latent_map_loads_with_film_only(data, tmp_path):
+    from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
+
+    model = small_model(data, field_spatial_channels=0)
+    path = model.save(tmp_path / "film.pt")
+    ckpt = load_checkpoint(path)
+    config = {k: v for k, v in ckpt.config.items() if k != "field_spatial_channels"}
+    old = save_checkpoint(
+        tmp_path / "old.pt",
+        kind=ckpt.kind,
+        config=config,
+        scaler=ckpt.scaler,
+        state=ckpt.state,
+        history=ckpt.history,
+        extra=ckpt.extra,
+    )
+    loaded = GuidedLatentModel.load(old)
+    assert loaded.field.latent_map is None
+    assert loaded.config["field_spatial_channels"] == 0
+    aux = {"mass": [1e13, 1e15], "width": [2.0, 3.0]}
+    assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
+
+
+def test_latent_map_model_trains_saves_and_loads(data, tmp_path):
+    model = small_model(data, field_spatial_channels=2)
+    assert model.field.latent_map is not None
+    model.fit(data, **{**FIT, "epochs": 2})
+    loaded = GuidedLatentModel.load(model.save(tmp_path / "map.pt"))
+    assert loaded.field.spatial_channels == 2
+    aux = {"mass": [1e14], "width": [2.5]}
+    assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
