@@ -36,7 +36,7 @@ import torch
 
 from pyro_dlatent import metrics
 from pyro_dlatent.data import aux_array, simulate
-from pyro_dlatent.flow import FIXED_STEP_METHODS, sample_ode
+from pyro_dlatent.flow import FIXED_STEP_METHODS, base_noise, sample_ode
 from pyro_dlatent.models.base import GuidedLatentModel
 from pyro_dlatent.models.dlcfm import DLCFM
 from pyro_dlatent.plots import save_figure
@@ -60,7 +60,7 @@ def run_solvers(
     z = torch.cat([z_aux, z_rec], dim=-1)
     gen = torch.Generator(device=model.device).manual_seed(seed + 1)
     size = model.image_size
-    x0 = torch.randn((z.shape[0], size, size), generator=gen, device=model.device)
+    x0 = base_noise((z.shape[0], size, size), model.noise, generator=gen, device=model.device)
     maps = reference["image"].values
     model.eval()
 

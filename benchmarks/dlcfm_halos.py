@@ -165,6 +165,8 @@ def train_models(
         intensity=args.intensity,
         intensity_scale=args.intensity_scale,
         field_channels=args.field_channels,
+        field_spatial_channels=args.field_spatial_channels,
+        noise=args.noise,
         flow_weight=args.flow_weight,
         method=args.method,
         steps=args.steps,
@@ -322,6 +324,15 @@ def _parser() -> argparse.ArgumentParser:
         "--intensity-scale", type=float, default=None, help="asinh scale (default: pixel MAD)"
     )
     parser.add_argument("--field-channels", type=int, default=32)
+    parser.add_argument(
+        "--field-spatial-channels",
+        type=int,
+        default=8,
+        help="channels of the vector field's latent map (0: FiLM conditioning only)",
+    )
+    parser.add_argument(
+        "--noise", choices=["zero-mean", "white"], default="zero-mean", help="flow's initial noise"
+    )
     parser.add_argument(
         "--flow-weight", type=float, default=1.0, help="DL-CFM surrogate weight w (KL: 1 / (w D))"
     )

@@ -23,10 +23,12 @@ import torchdiffeq
 from torch import nn
 
 __all__ = [
+    "BASE_NOISES",
     "FIXED_STEP_METHODS",
     "ODE_METHODS",
     "ConditionalVectorField",
     "ODESolution",
+    "base_noise",
     "flow_matching_loss",
     "linear_path",
     "sample_ode",
@@ -38,6 +40,39 @@ FIXED_STEP_METHODS = ("euler", "midpoint", "rk4")
 
 ODE_METHODS = (*FIXED_STEP_METHODS, "dopri5")
 """Every solver :func:`sample_ode` accepts (``dopri5`` is adaptive)."""
+
+BASE_NOISES = ("white", "zero-mean")
+"""Source distributions of the flow (:func:`base_noise`)."""
+
+
+def base_noise(
+    shape: tuple[int, ...],
+    kind: str = "white",
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Initial noise :math:`x_0` of the flow, images of shape ``(..., H, W)``.
+
+    - ``"white"``: :math:`x_0 \\sim \\mathcal{N}(0, I)`;
+    - ``"zero-mean"``: the same with each image's spatial mean subtracted,
+      :math:`x_0 \\sim \\mathcal{N}(0, I - \\mathbf{1}\\mathbf{1}^\\top / D)`.
+
+    A flow whose target images have a nearly deterministic mean level (the sky background of a
+    map) must otherwise contract the mean of the white noise, whose sd is :math:`D^{-1/2}`, by
+    the ratio of the two; the convolutions and group norms of a U-Net see that level poorly. On
+    ``halos`` a white-noise DL-CFM passed it almost unchanged to its samples: the mean over the
+    pixels beyond 10 of the centre of the lightest quarter of maps varied with sd 0.14 between
+    generated maps against 0.010 between simulated ones, with any solver. With zero-mean noise
+    the level of :math:`x_t` is :math:`t` times the data's, and the field only has to carry it.
+    """
+    if kind not in BASE_NOISES:
+        raise ValueError(f"expected noise in {BASE_NOISES}, got {kind!r}")
+    x0 = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    if kind == "zero-mean":
+        x0 = x0 - x0.mean(dim=(-2, -1), keepdim=True)
+    return x0
 
 
 def _check_positive_int(value: int, name: str, minimum: int = 1) -> int:
@@ -362,11 +397,12 @@ def flow_matching_loss(
     x1: torch.Tensor,
     z: torch.Tensor,
     generator: torch.Generator | None = None,
+    noise: str = "white",
 ) -> torch.Tensor:
     """Per-sample conditional flow-matching loss on the linear path.
 
-    With :math:`x_0 \\sim \\mathcal{N}(0, I)` and :math:`t \\sim U(0, 1)` drawn independently for
-    each sample,
+    With :math:`x_0` from :func:`base_noise` (default :math:`\\mathcal{N}(0, I)`) and
+    :math:`t \\sim U(0, 1)` drawn independently for each sample,
 
     .. math:: \\ell(x_1, z) = \\frac{1}{D} \\big\\| v_\\theta(t, x_t, z) - (x_1 - x_0) \\big\\|^2,
 
@@ -384,13 +420,15 @@ def flow_matching_loss(
         Conditioning codes.
     generator : torch.Generator, optional
         Source of the noise and times (default: torch's global generator).
+    noise : {"white", "zero-mean"}
+        Kind of :func:`base_noise`.
 
     Returns
     -------
     Tensor, shape ``(batch,)``
     """
     batch = x1.shape[0]
-    x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
+    x0 = base_noise(x1.shape, noise, generator=generator, dtype=x1.dtype, device=x1.device)
     t = torch.rand((batch,), generator=generator, dtype=x1.dtype, device=x1.device)
     x_t, u_t = linear_path(x0, x1, t)
     residual = field(t, x_t, z) - u_t

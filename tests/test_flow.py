@@ -10,6 +10,7 @@ from torch import nn
 
 from pyro_dlatent.flow import (
     ConditionalVectorField,
+    base_noise,
     flow_matching_loss,
     linear_path,
     sample_ode,
@@ -182,7 +183,8 @@ def test_linear_path_endpoints_and_velocity():
         linear_path(x0, x1[:2], 0.5)
 
 
-def test_flow_matching_loss_is_zero_for_the_exact_field_of_a_point_mass():
+@pytest.mark.parametrize("noise", ["white", "zero-mean"])
+def test_flow_matching_loss_is_zero_for_the_exact_field_of_a_point_mass(noise):
     # All data equal m: x_0 = (x_t - t m) / (1 - t) is known from x_t, so the regression target
     # x_1 - x_0 = (m - x_t) / (1 - t) is a deterministic function and the loss is exactly 0.
     m = torch.tensor(1.7, dtype=torch.float64)
@@ -192,9 +194,41 @@ def test_flow_matching_loss_is_zero_for_the_exact_field_of_a_point_mass():
 
     x1 = m.expand(64, 8, 8).clone()
     gen = torch.Generator().manual_seed(1)
-    loss = flow_matching_loss(exact, x1, torch.zeros(64, 1, dtype=torch.float64), generator=gen)
+    z = torch.zeros(64, 1, dtype=torch.float64)
+    loss = flow_matching_loss(exact, x1, z, generator=gen, noise=noise)
     assert loss.shape == (64,)
     assert loss.max() < 1e-16
+
+
+def test_base_noise_kinds():
+    gen = torch.Generator().manual_seed(0)
+    white = base_noise((4000, 4, 8), generator=gen)
+    assert torch.equal(white, torch.randn(4000, 4, 8, generator=torch.Generator().manual_seed(0)))
+    zero = base_noise((4000, 4, 8), "zero-mean", generator=torch.Generator().manual_seed(0))
+    assert_close(zero, white - white.mean(dim=(-2, -1), keepdim=True))
+    assert zero.mean(dim=(-2, -1)).abs().max() < 1e-6
+    # per-pixel variance 1 - 1/D (D = 32), within 5 standard errors of a variance estimate
+    var = zero.var(dim=0)
+    assert ((var - (1 - 1 / 32)).abs() < 5 * (1 - 1 / 32) * math.sqrt(2 / 4000)).all()
+    with pytest.raises(ValueError, match="noise"):
+        base_noise((2, 4, 4), "pink")
+
+
+def test_zero_mean_noise_gives_a_field_blind_to_the_mean_level_the_exact_level():
+    # A field that ignores x and returns the data's level m moves every sample's spatial mean
+    # from x0's to x0's + m: exactly m from zero-mean noise, m +- D^-1/2 from white noise.
+    m = 0.3
+
+    def level(t, x, z):
+        return torch.full_like(x, m)
+
+    z = torch.zeros(500, 1)
+    gen = torch.Generator().manual_seed(2)
+    for noise, sd in (("zero-mean", 0.0), ("white", 1 / 8)):
+        x0 = base_noise((500, 8, 8), noise, generator=gen)
+        means = sample_ode(level, z, x0, "euler", 3).x.mean(dim=(-2, -1))
+        assert abs(means.mean() - m) < 1e-6 + 4 * sd / math.sqrt(500)
+        assert abs(means.std() - sd) < 1e-6 + 4 * sd / math.sqrt(2 * 500)
 
 
 def test_flow_matching_loss_excess_of_a_shifted_field_is_the_squared_shift():

@@ -4,7 +4,8 @@
 
     z_{aux} \\mid u \\sim \\mathcal{N}(\\tilde u, \\tau^2 I), \\quad
     z_{rec} \\sim \\mathcal{N}(0, I), \\quad
-    \\frac{dx_t}{dt} = v_\\theta(t, x_t, z), \\quad x_0 \\sim \\mathcal{N}(0, I),
+    \\frac{dx_t}{dt} = v_\\theta(t, x_t, z), \\quad
+    x_0 \\sim \\mathcal{N}(0, I - \\mathbf{1}\\mathbf{1}^\\top / D)\\ (\\text{zero-mean noise}),
 
 with the image-only encoder ``q(z | x)``, the KL to this prior and the alignment and decorrelation
 penalties of :class:`~pyro_dlatent.models.base.GuidedLatentModel` (one implementation shared with
@@ -16,7 +17,7 @@ likelihood of the standardized image :math:`x_1`:
 
     \\log \\tilde p(x_1 \\mid z) = -w \\sum_{pixels}
         \\big(v_\\theta(t, x_t, z) - (x_1 - x_0)\\big)^2, \\qquad
-        x_t = (1 - t) x_0 + t x_1,\\ t \\sim U(0, 1),\\ x_0 \\sim \\mathcal{N}(0, I),
+        x_t = (1 - t) x_0 + t x_1,\\ t \\sim U(0, 1),
 
 one draw of :math:`(t, x_0)` per image and step (site ``"x"``, a ``pyro.factor`` in the data
 plate). **Scale.** The sum over the :math:`D = HW` pixels makes the surrogate the log-density of
@@ -48,9 +49,11 @@ from torch import nn
 from pyro_dlatent.anomaly import tail_latents
 from pyro_dlatent.data.io import check_dataset, make_scaler
 from pyro_dlatent.flow import (
+    BASE_NOISES,
     FIXED_STEP_METHODS,
     ODE_METHODS,
     ConditionalVectorField,
+    base_noise,
     flow_matching_loss,
     sample_ode,
 )
@@ -234,7 +237,14 @@ class DLCFM(GuidedLatentModel):
     field_spatial_channels : int
         Channels of the vector field's latent map (``spatial_channels`` of
         :class:`~pyro_dlatent.flow.ConditionalVectorField`): the code enters as an image as
-        well as through FiLM, so it can say where structure lies. 0 gives FiLM only.
+        well as through FiLM, so it can say where structure lies. 0 gives FiLM only. On 3,277
+        ``halos`` maps of 32x32 trained 15 epochs (same seed and time per epoch), 8 channels
+        took the validation flow-matching loss from 0.135 to 0.125 and the power-spectrum error
+        of generated maps from 0.30 to 0.15.
+    noise : {"zero-mean", "white"}
+        Initial noise of the flow (:func:`~pyro_dlatent.flow.base_noise`), in training and
+        sampling alike: ``"zero-mean"`` removes each noise image's spatial mean, so that the
+        flow need not contract it to the data's nearly fixed background level.
     intensity : {"identity", "asinh"}
         Pixel transform before standardization; ``"asinh"`` (``asinh(x / intensity_scale)``)
         compresses the bright cores of high-dynamic-range maps such as Compton-y, but mapping
@@ -278,7 +288,8 @@ class DLCFM(GuidedLatentModel):
         field_channels: int = 32,
         field_levels: int | None = None,
         embed_dim: int = 64,
-        field_spatial_channels: int = 0,
+        field_spatial_channels: int = 8,
+        noise: str = "zero-mean",
         intensity: str = "identity",
         intensity_scale: float = 1.0,
         method: str = DEFAULT_METHOD,
@@ -299,6 +310,8 @@ class DLCFM(GuidedLatentModel):
         flow_weight = _check_float(flow_weight, "flow_weight", minimum=0.0, strict=True)
         if intensity not in INTENSITIES:
             raise ValueError(f"expected intensity in {INTENSITIES}, got {intensity!r}")
+        if noise not in BASE_NOISES:
+            raise ValueError(f"expected noise in {BASE_NOISES}, got {noise!r}")
         intensity_scale = _check_float(intensity_scale, "intensity_scale", minimum=0.0, strict=True)
         method, steps = _check_method(method, steps)
         super().__init__(
@@ -321,6 +334,7 @@ class DLCFM(GuidedLatentModel):
             seed=seed,
         )
         self.flow_weight = flow_weight
+        self.noise = noise
         self.method = method
         self.steps = steps
         self.intensity = _Intensity(intensity, intensity_scale, image_loc, image_scale)
@@ -339,6 +353,7 @@ class DLCFM(GuidedLatentModel):
             field_levels=self.field.num_levels,
             embed_dim=embed_dim,
             field_spatial_channels=field_spatial_channels,
+            noise=noise,
             intensity=intensity,
             intensity_scale=intensity_scale,
             method=method,
@@ -347,8 +362,8 @@ class DLCFM(GuidedLatentModel):
 
     @classmethod
     def _upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        # checkpoints from before the latent map: FiLM conditioning only
-        return {"field_spatial_channels": 0, **config}
+        # checkpoints from before the latent map and the zero-mean noise: FiLM only, white noise
+        return {"field_spatial_channels": 0, "noise": "white", **config}
 
     @classmethod
     def from_dataset(
@@ -429,14 +444,16 @@ class DLCFM(GuidedLatentModel):
         """
         self._register("field", self.field)
         z = torch.cat([z_aux, z_rec], dim=-1)
-        loss = flow_matching_loss(self.field, images_std, z)
+        loss = flow_matching_loss(self.field, images_std, z, noise=self.noise)
         pyro.factor(OBS_SITE, -self.flow_weight * self.num_pixels * loss)
 
     def _evaluation_terms(
         self, images: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Sum over the batch of the per-pixel flow-matching loss at the encoder means."""
-        loss = flow_matching_loss(self.field, self.standardize_images(images), encoded[0])
+        loss = flow_matching_loss(
+            self.field, self.standardize_images(images), encoded[0], noise=self.noise
+        )
         return {"flow_matching": loss.sum()}
 
     # ------------------------------------------------------------------ sampling
@@ -466,7 +483,8 @@ class DLCFM(GuidedLatentModel):
             Guided coordinates (standardized units).
         z_rec : Tensor, shape ``(n, residual_dim)``
         x0 : Tensor, shape ``(n, H, W)``, optional
-            Initial noise (standardized units); default drawn from ``N(0, I)`` with ``seed``.
+            Initial noise (standardized units), used as given; default drawn from the model's
+            ``noise`` (:func:`~pyro_dlatent.flow.base_noise`) with ``seed``.
         method, steps : optional
             Solver and steps (default: the model's ``method`` and ``steps``).
         seed : int, optional
@@ -498,7 +516,7 @@ class DLCFM(GuidedLatentModel):
                 generator = torch.Generator(device=self.device).manual_seed(
                     _check_int(seed, "seed", 0)
                 )
-            x0 = torch.randn(shape, generator=generator, device=self.device)
+            x0 = base_noise(shape, self.noise, generator=generator, device=self.device)
         else:
             x0 = torch.as_tensor(x0, dtype=torch.float32, device=self.device)
             if x0.shape != shape:
@@ -640,7 +658,8 @@ class DLCFM(GuidedLatentModel):
         method, steps = self._resolve_solver(method, steps)
         noise_seed = _check_int(noise_seed, "noise_seed", 0)
         gen = torch.Generator().manual_seed(noise_seed)
-        x0 = torch.randn((self.image_size, self.image_size), generator=gen).to(self.device)
+        x0 = base_noise((self.image_size, self.image_size), self.noise, generator=gen)
+        x0 = x0.to(self.device)
         return FlowGenerator(
             copy.deepcopy(self.field),
             copy.deepcopy(self.intensity),

@@ -282,6 +282,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         ({"steps": 0}, "steps"),
         ({"tau": 0.0}, "tau"),
         ({"field_channels": 0}, "channels"),
+        ({"noise": "pink"}, "noise"),
     ],
 )
 def test_bad_constructor_arguments_raise(kwargs, match):
@@ -446,13 +447,14 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
         before.calibrate_generation(synthetic(3))
 
 
-def test_checkpoint_from_before_the_latent_map_loads_with_film_only(data, tmp_path):
+def test_checkpoint_from_before_the_latent_map_loads_with_film_only_and_white_noise(data, tmp_path):
     from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 
-    model = small_model(data, field_spatial_channels=0)
+    model = small_model(data, field_spatial_channels=0, noise="white")
     path = model.save(tmp_path / "film.pt")
     ckpt = load_checkpoint(path)
-    config = {k: v for k, v in ckpt.config.items() if k != "field_spatial_channels"}
+    old_keys = ("field_spatial_channels", "noise")
+    config = {k: v for k, v in ckpt.config.items() if k not in old_keys}
     old = save_checkpoint(
         tmp_path / "old.pt",
         kind=ckpt.kind,
@@ -465,8 +467,16 @@ def test_checkpoint_from_before_the_latent_map_loads_with_film_only(data, tmp_pa
     loaded = GuidedLatentModel.load(old)
     assert loaded.field.latent_map is None
     assert loaded.config["field_spatial_channels"] == 0
+    assert loaded.noise == "white"
     aux = {"mass": [1e13, 1e15], "width": [2.0, 3.0]}
     assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
+    # the default, zero-mean noise, starts every flow from images of spatial mean zero
+    new = small_model(data)
+    assert new.noise == "zero-mean"
+    assert new.generator(noise_seed=0).x0.mean().abs() < 1e-6
+    assert not torch.equal(
+        new.sample(aux, seed=1), small_model(data, noise="white").sample(aux, seed=1)
+    )
 
 
 def test_latent_map_model_trains_saves_and_loads(data, tmp_path):
