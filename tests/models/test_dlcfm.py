@@ -107,7 +107,10 @@ def test_flow_factor_is_the_scaled_flow_matching_loss(flow_weight):
     trace = poutine.trace(conditioned).get_trace(images, aux)
     torch.manual_seed(3)
     loss = flow_matching_loss(
-        model.field, model.standardize_images(images), torch.cat([z_aux, z_rec], -1)
+        model.field,
+        model.standardize_images(images),
+        torch.cat([z_aux, z_rec], -1),
+        noise=model.noise,
     )
     expected = -flow_weight * SIZE * SIZE * loss
     assert_close(trace.nodes[OBS_SITE]["fn"].log_factor, expected, rtol=1e-5, atol=1e-4)
