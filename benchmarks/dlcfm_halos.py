@@ -327,11 +327,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--field-spatial-channels",
         type=int,
-        default=8,
+        default=0,
         help="channels of the vector field's latent map (0: FiLM conditioning only)",
     )
     parser.add_argument(
-        "--noise", choices=["zero-mean", "white"], default="zero-mean", help="flow's initial noise"
+        "--noise", choices=["white", "zero-mean"], default="white", help="flow's initial noise"
     )
     parser.add_argument(
         "--flow-weight", type=float, default=1.0, help="DL-CFM surrogate weight w (KL: 1 / (w D))"

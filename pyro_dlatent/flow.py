@@ -65,7 +65,9 @@ def base_noise(
     ``halos`` a white-noise DL-CFM passed it almost unchanged to its samples: the mean over the
     pixels beyond 10 of the centre of the lightest quarter of maps varied with sd 0.14 between
     generated maps against 0.010 between simulated ones, with any solver. With zero-mean noise
-    the level of :math:`x_t` is :math:`t` times the data's, and the field only has to carry it.
+    the level of :math:`x_t` is :math:`t` times the data's, and the field only has to carry it;
+    it then sets the level open-loop (see ``noise`` of :class:`~pyro_dlatent.models.dlcfm.DLCFM`
+    for what that did on ``halos``).
     """
     if kind not in BASE_NOISES:
         raise ValueError(f"expected noise in {BASE_NOISES}, got {kind!r}")
