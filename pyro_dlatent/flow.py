@@ -63,7 +63,7 @@ def base_noise(
     map) must otherwise contract the mean of the white noise, whose sd is :math:`D^{-1/2}`, by
     the ratio of the two; the convolutions and group norms of a U-Net see that level poorly. On
     ``halos`` a white-noise DL-CFM passed it almost unchanged to its samples: the mean over the
-    pixels beyond 10 of the centre of the lightest quarter of maps varied with sd 0.14 between
+    pixels beyond 10 of the centre of the lightest quarter of maps varied with sd 0.13 between
     generated maps against 0.010 between simulated ones, with any solver. With zero-mean noise
     the level of :math:`x_t` is :math:`t` times the data's, and the field only has to carry it;
     it then sets the level open-loop (see ``noise`` of :class:`~pyro_dlatent.models.dlcfm.DLCFM`

@@ -5,7 +5,7 @@
     z_{aux} \\mid u \\sim \\mathcal{N}(\\tilde u, \\tau^2 I), \\quad
     z_{rec} \\sim \\mathcal{N}(0, I), \\quad
     \\frac{dx_t}{dt} = v_\\theta(t, x_t, z), \\quad
-    x_0 \\sim \\mathcal{N}(0, I - \\mathbf{1}\\mathbf{1}^\\top / D)\\ (\\text{zero-mean noise}),
+    x_0 \\sim \\mathcal{N}(0, I)\\ (\\text{or zero-mean noise, } \\texttt{noise=}),
 
 with the image-only encoder ``q(z | x)``, the KL to this prior and the alignment and decorrelation
 penalties of :class:`~pyro_dlatent.models.base.GuidedLatentModel` (one implementation shared with
@@ -247,8 +247,9 @@ class DLCFM(GuidedLatentModel):
         flow need not contract it to the data's nearly fixed background level; the field then
         sets that level open-loop, and a U-Net whose group norms hide it sets it poorly. On
         ``halos`` (8,192 maps of 32x32, 110 epochs, with an 8-channel latent map) it cut the
-        spread of the outskirts' mean level between generated low-mass maps from 0.13 to 0.026
-        (simulated: 0.010) but shifted that level from -0.011 to -0.049 (simulated: +0.003),
+        spread of the outskirts' mean level between generated low-mass maps from 0.13-0.15 (white
+        noise, with or without the latent map) to 0.026 (simulated: 0.010) but shifted that
+        level from -0.011 to -0.049 (simulated: +0.003),
         and the power-spectrum error rose to 0.145 and the pixel-histogram W1 to 0.104 (0.054
         and 0.051 with white noise and FiLM only), so white noise is the default.
     intensity : {"identity", "asinh"}
