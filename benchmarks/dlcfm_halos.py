@@ -47,6 +47,7 @@ from pyro_dlatent import metrics
 from pyro_dlatent.anomaly import anomaly_gallery, fit_anomaly_detector, rank_anomalies
 from pyro_dlatent.data import aux_array, simulate, split
 from pyro_dlatent.data.halos import median_concentration
+from pyro_dlatent.flow import BASE_NOISES
 from pyro_dlatent.models.auxvae import AuxVAE
 from pyro_dlatent.models.base import CHECKPOINT_NAME, GuidedLatentModel
 from pyro_dlatent.models.dlcfm import DLCFM
@@ -331,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
         help="channels of the vector field's latent map (0: FiLM conditioning only)",
     )
     parser.add_argument(
-        "--noise", choices=["white", "zero-mean"], default="white", help="flow's initial noise"
+        "--noise", choices=list(BASE_NOISES), default="white", help="flow's initial noise"
     )
     parser.add_argument(
         "--flow-weight", type=float, default=1.0, help="DL-CFM surrogate weight w (KL: 1 / (w D))"
