@@ -316,11 +316,22 @@ def anomalies(
             help="Score against images of similar encoded AUX (a guided coordinate), in 8 bins."
         ),
     ] = None,
+    views: Annotated[
+        str,
+        typer.Option(
+            help="identity, or dihedral: average the score over each image's 8 rotations and "
+            "reflections (for data without a preferred orientation)."
+        ),
+    ] = "identity",
 ) -> None:
     """Rank images by the Mahalanobis radius of their encoded residual block, with p-values."""
     from pyro_dlatent import anomaly, plots
     from pyro_dlatent.runs import load_model, open_dataset
 
+    if views not in anomaly.VIEWS:
+        raise typer.BadParameter(
+            f"expected one of {anomaly.VIEWS}, got {views!r}", param_hint="--views"
+        )
     net = load_model(model)
     if by is not None and by not in net.scaler.names:
         raise typer.BadParameter(
@@ -328,12 +339,14 @@ def anomalies(
         )
     ds = open_dataset(data, size=net.image_size, seed=1)
     ref = ds if reference is None else open_dataset(reference, size=net.image_size)
-    encoded = net.encode(ds)
-    encoded_ref = encoded if reference is None else net.encode(ref)
+    encoded = anomaly.encode_views(net, ds, views)
+    encoded_ref = encoded if reference is None else anomaly.encode_views(net, ref, views)
     column = None if by is None else net.scaler.names.index(by)
 
     def condition(encoding: Any) -> Any:
-        return None if column is None else encoding.z_aux_loc[:, column].cpu().numpy()
+        if column is None:
+            return None
+        return encoding.z_aux_loc[:, :, column].mean(dim=1).cpu().numpy()
 
     detector = anomaly.fit_anomaly_detector(
         encoded_ref.z_rec_loc.cpu().numpy(), condition=condition(encoded_ref)

@@ -14,7 +14,9 @@ from scipy import stats
 from pyro_dlatent.anomaly import (
     AnomalyDetector,
     anomaly_gallery,
+    encode_views,
     fit_anomaly_detector,
+    image_views,
     rank_anomalies,
     tail_latents,
 )
@@ -273,3 +275,119 @@ def test_conditional_ranking_and_bad_arguments():
         fit_anomaly_detector(z, condition=c[:10])
     with pytest.raises(ValueError, match="calibration_condition"):
         fit_anomaly_detector(z, condition=c, calibration_latents=z)
+
+
+# ---------------------------------------------------------------------------------- views
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((3, 5, 5))
+    views = image_views(images)
+    assert views.shape == (3, 8, 5, 5)
+    np.testing.assert_array_equal(views[:, 0], images)
+    # eight distinct images for a generic image ...
+    flat = views[0].reshape(8, -1)
+    assert len({row.tobytes() for row in flat}) == 8
+    # ... and the same set for any orientation of it (a group acting on itself)
+    for turned in (np.rot90(images, 1, axes=(1, 2)), images[:, ::-1, :], images.transpose(0, 2, 1)):
+        again = image_views(turned)[0].reshape(8, -1)
+        assert {row.tobytes() for row in again} == {row.tobytes() for row in flat}
+    identity = image_views(images, "identity")
+    assert identity.shape == (3, 1, 5, 5)
+    np.testing.assert_array_equal(identity[:, 0], images)
+    with pytest.raises(ValueError, match="views"):
+        image_views(images, "rotations")
+    with pytest.raises(ValueError, match="images of shape"):
+        image_views(rng.standard_normal((2, 4, 6)))
+
+
+def test_view_scores_average_the_radii_of_the_pooled_fit():
+    rng = np.random.default_rng(1)
+    z = _student_t(rng, 400, 3).reshape(100, 4, 3)
+    detector = fit_anomaly_detector(z)
+    assert detector.num_views == 4
+    pooled = fit_anomaly_detector(z.reshape(400, 3))
+    np.testing.assert_allclose(detector.mean, pooled.mean, rtol=1e-12)
+    np.testing.assert_allclose(detector.covariance, pooled.covariance, rtol=1e-12)
+    new = rng.standard_normal((7, 4, 3))
+    expected = pooled.score(new.reshape(28, 3)).reshape(7, 4).mean(axis=1)
+    np.testing.assert_allclose(detector.score(new), expected, rtol=1e-12)
+    table = rank_anomalies(detector, new)
+    np.testing.assert_allclose(np.sort(table["score"].values), np.sort(expected), rtol=1e-12)
+
+
+def test_averaging_noisy_views_ranks_anomalies_better():
+    """Each view is the sample's latent plus independent encoder noise (sd 1). Normal latents
+    have sd 1, anomalous 1.5 (r = 2): one view ranks them with AUROC 3.25 / 5.25 = 0.619 (the
+    ratio of two exponential scales), the noise-free radius with 2.25 / 3.25 = 0.692, and the
+    mean over 8 views lies close to the latter. With 4000 + 4000 samples the AUROCs have Monte
+    Carlo sd about 0.006, their paired difference less."""
+    from pyro_dlatent.metrics import auroc
+
+    rng = np.random.default_rng(2)
+
+    def draw(n, sd):
+        u = rng.standard_normal((n, 1, 2)) * sd
+        return u + rng.standard_normal((n, 8, 2))
+
+    reference = draw(4000, 1.0)
+    null, odd = draw(4000, 1.0), draw(4000, 1.5)
+    flags = np.r_[np.zeros(4000, bool), np.ones(4000, bool)]
+    single = fit_anomaly_detector(reference[:, 0])
+    one = auroc(np.r_[single.score(null[:, 0]), single.score(odd[:, 0])], flags)
+    views = fit_anomaly_detector(reference)
+    eight = auroc(np.r_[views.score(null), views.score(odd)], flags)
+    assert one == pytest.approx(3.25 / 5.25, abs=0.025)
+    assert eight > one + 0.03
+    assert eight < 2.25 / 3.25 + 0.025
+    # the averaged scores are calibrated like single ones: fresh null p-values are uniform
+    calibrated = fit_anomaly_detector(reference, calibration_latents=draw(2000, 1.0))
+    _assert_uniform_quantiles(calibrated.p_value(null), 2000)
+
+
+def test_views_must_match_the_detector_and_survive_a_round_trip():
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((200, 8, 2))
+    detector = fit_anomaly_detector(z)
+    with pytest.raises(ValueError, match="8 view"):
+        detector.score(z[:, 0])
+    with pytest.raises(ValueError, match="8 view"):
+        rank_anomalies(detector, z[:5, :3])
+    with pytest.raises(ValueError, match="chi2"):
+        fit_anomaly_detector(z, calibration="chi2")
+    with pytest.raises(ValueError, match="num_views"):
+        AnomalyDetector(np.zeros(2), np.eye(2), np.zeros(1), num_views=0)
+    again = AnomalyDetector.from_state_dict(json.loads(json.dumps(detector.state_dict())))
+    assert again.num_views == 8
+    np.testing.assert_array_equal(again.score(z[:9]), detector.score(z[:9]))
+    old = {k: v for k, v in fit_anomaly_detector(z[:, 0]).state_dict().items() if k != "num_views"}
+    assert AnomalyDetector.from_state_dict(old).num_views == 1
+    c = rng.uniform(size=200)
+    conditional = fit_anomaly_detector(z, condition=c, num_bins=2)
+    assert conditional.num_views == 8
+    from pyro_dlatent.anomaly import ConditionalAnomalyDetector
+
+    rebuilt = ConditionalAnomalyDetector.from_state_dict(conditional.state_dict())
+    np.testing.assert_array_equal(rebuilt.score(z[:9], c[:9]), conditional.score(z[:9], c[:9]))
+    with pytest.raises(ValueError, match="8 view"):
+        conditional.score(z[:9, :1], c[:9])
+
+
+def test_encode_views_makes_the_score_invariant_to_the_orientation_of_the_input():
+    from pyro_dlatent.data import simulate
+    from pyro_dlatent.models.auxvae import AuxVAE
+
+    data = simulate("halos", 40, size=16, seed=0)
+    model = AuxVAE.from_dataset(data, residual_dim=2, seed=0)
+    encoded = encode_views(model, data)
+    assert encoded.z_rec_loc.shape == (40, 8, 2) and encoded.z_aux_loc.shape == (40, 8, 2)
+    plain = model.encode(data)
+    torch.testing.assert_close(encoded.z_rec_loc[:, 0], plain.z_rec_loc)
+    torch.testing.assert_close(encoded.z_aux_scale[:, 0], plain.z_aux_scale)
+    detector = fit_anomaly_detector(encoded.z_rec_loc)
+    turned = np.rot90(data["image"].values, 1, axes=(1, 2))
+    np.testing.assert_allclose(
+        detector.score(encode_views(model, turned).z_rec_loc),
+        detector.score(encoded.z_rec_loc),
+        rtol=1e-4,
+    )
+    assert encode_views(model, data, "identity").z_rec_loc.shape == (40, 1, 2)

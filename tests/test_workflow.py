@@ -93,4 +93,19 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     assert conditional.sizes["rank"] == table.sizes["rank"]
     assert not np.allclose(np.sort(conditional["score"].values), np.sort(table["score"].values))
     assert main([*by[:-1], "mass"]) == 2
+    views = [
+        "anomalies",
+        str(run),
+        "halos",
+        "--out",
+        str(tmp_path / "views"),
+        "--views",
+        "dihedral",
+    ]
+    assert main([*views, "--by", "log10_M500"]) == 0
+    averaged = xr.load_dataset(tmp_path / "views" / "anomalies.nc", engine="h5netcdf")
+    assert averaged.sizes["rank"] == table.sizes["rank"]
+    assert (np.diff(averaged["score"].values) <= 0).all()
+    assert not np.allclose(np.sort(averaged["score"].values), np.sort(conditional["score"].values))
+    assert main([*views[:-1], "rotations"]) == 2
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png"), "--aux", "mass"]) == 2
