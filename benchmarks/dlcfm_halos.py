@@ -16,7 +16,8 @@ held-out maps:
   simulator's median relation, in units of its log-normal scatter;
 - AUROC of the residual-block Mahalanobis anomaly score for the simulator's ``disturbed`` flag
   (never used in training), against the whole training population and against training maps of
-  similar encoded mass.
+  similar encoded mass, each also averaged over the encodings of a map's 8 rotations and
+  reflections (:func:`pyro_dlatent.anomaly.encode_views`).
 
 Results go to a JSON file, figures to a folder. Example (the issue's setting)::
 
@@ -44,7 +45,12 @@ import pyro
 import torch
 
 from pyro_dlatent import metrics
-from pyro_dlatent.anomaly import anomaly_gallery, fit_anomaly_detector, rank_anomalies
+from pyro_dlatent.anomaly import (
+    anomaly_gallery,
+    encode_views,
+    fit_anomaly_detector,
+    rank_anomalies,
+)
 from pyro_dlatent.data import aux_array, simulate, split
 from pyro_dlatent.data.halos import median_concentration
 from pyro_dlatent.flow import BASE_NOISES
@@ -270,6 +276,22 @@ def evaluate_model(
         )
         result["anomaly_auroc_disturbed_by_mass"] = metrics.auroc(
             by_mass.score(z_rec, z_aux[:, mass]), flag
+        )
+        # the same two scores averaged over each map's 8 rotations and reflections
+        views_train, views_held = encode_views(model, train), encode_views(model, held)
+        views_rec = views_train.z_rec_loc.cpu().numpy()
+        result["anomaly_auroc_disturbed_dihedral"] = metrics.auroc(
+            fit_anomaly_detector(views_rec).score(views_held.z_rec_loc.cpu().numpy()), flag
+        )
+        by_mass_views = fit_anomaly_detector(
+            views_rec, condition=views_train.z_aux_loc[:, :, mass].mean(dim=1).cpu().numpy()
+        )
+        result["anomaly_auroc_disturbed_by_mass_dihedral"] = metrics.auroc(
+            by_mass_views.score(
+                views_held.z_rec_loc.cpu().numpy(),
+                views_held.z_aux_loc[:, :, mass].mean(dim=1).cpu().numpy(),
+            ),
+            flag,
         )
         table = rank_anomalies(detector, z_rec, extra={"disturbed": flag})
         top = min(50, table.sizes["rank"])

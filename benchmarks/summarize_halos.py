@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+VIEWS_KEY = "anomaly_auroc_disturbed_by_mass_dihedral"
+
 __all__ = ["main", "summary_lines"]
 
 
@@ -25,7 +27,8 @@ def summary_lines(result: dict) -> list[str]:
             f"Y-M slope {slope['generated']:.3f} vs {slope['simulator']:.3f}, "
             f"c-M worst bin {m['c_m_relation']['from_latents']['max_abs_dex']:.3f} dex "
             f"(scatter {m['c_m_relation']['from_latents']['scatter_dex']}), "
-            f"AUROC {m.get('anomaly_auroc_disturbed', float('nan')):.3f}, "
+            f"AUROC {m.get('anomaly_auroc_disturbed', float('nan')):.3f} "
+            f"(by mass, 8 views {m.get(VIEWS_KEY, float('nan')):.3f}), "
             f"power spectrum {m['power_spectrum_error']:.3f}, "
             f"histogram W1 {m['pixel_histogram_w1']:.4g}"
         )

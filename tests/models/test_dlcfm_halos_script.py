@@ -24,7 +24,8 @@ def test_tiny_run_writes_every_metric(tmp_path):
         scores = result["models"][name]
         assert set(scores["pearson_r"]) == {"log10_M500", "concentration"}
         assert 0.0 <= scores["leakage"] <= 1.0
-        assert 0.0 <= scores["anomaly_auroc_disturbed"] <= 1.0
+        for key in ("", "_by_mass", "_dihedral", "_by_mass_dihedral"):
+            assert 0.0 <= scores[f"anomaly_auroc_disturbed{key}"] <= 1.0, key
         assert (tmp_path / "run" / "figures" / f"{name}_samples.png").exists()
     assert set(result["fidelity_gain_over_auxvae"]) == {
         "power_spectrum_error",
