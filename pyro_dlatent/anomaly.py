@@ -26,7 +26,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -38,6 +38,9 @@ import numpy as np
 import torch
 import xarray as xr
 from scipy import linalg, stats
+
+if TYPE_CHECKING:
+    from pyro_dlatent.models.base import Encoding, GuidedLatentModel
 
 __all__ = [
     "CALIBRATIONS",
@@ -138,7 +141,9 @@ def image_views(images: Any, views: str = "dihedral") -> np.ndarray:
     )
 
 
-def encode_views(model: Any, images: Any, views: str = "dihedral", *, batch_size: int = 1024):
+def encode_views(
+    model: GuidedLatentModel, images: Any, views: str = "dihedral", *, batch_size: int = 1024
+) -> Encoding:
     """Encode every orientation of each image (:func:`image_views`).
 
     Parameters
