@@ -170,12 +170,22 @@ def encode_views(
         images = images.values
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
-    stacked = image_views(images, views)
-    n, g = stacked.shape[:2]
-    encoding = model.encode(
-        np.ascontiguousarray(stacked.reshape(n * g, *stacked.shape[2:])), batch_size=batch_size
-    )
-    return type(encoding)(*(field.reshape(n, g, -1) for field in encoding))
+    images = np.asarray(images)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1 (an int), got {batch_size!r}")
+    image_views(images[:1], views)  # checks views and the images' shape before any encoding
+    parts = []
+    for start in range(0, images.shape[0], int(batch_size)):  # views of a chunk at a time
+        stacked = image_views(images[start : start + int(batch_size)], views)
+        m, g = stacked.shape[:2]
+        encoding = model.encode(
+            np.ascontiguousarray(stacked.reshape(m * g, *stacked.shape[2:])),
+            batch_size=int(batch_size),
+        )
+        parts.append([field.reshape(m, g, -1) for field in encoding])
+    if not parts:
+        raise ValueError("expected at least one image")
+    return type(encoding)(*(torch.cat(fields) for fields in zip(*parts, strict=True)))
 
 
 def tail_latents(
@@ -597,7 +607,10 @@ def rank_anomalies(
         "score": (
             "rank",
             scores[order],
-            {"long_name": "squared Mahalanobis radius of the residual block"},
+            {
+                "long_name": "squared Mahalanobis radius of the residual block"
+                + (f", mean over {detector.num_views} views" if detector.num_views > 1 else "")
+            },
         ),
         "p_value": ("rank", p_values[order], {"calibration": detector.calibration}),
     }

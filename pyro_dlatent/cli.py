@@ -355,6 +355,7 @@ def anomalies(
     table = anomaly.rank_anomalies(
         detector, encoded.z_rec_loc.cpu().numpy(), condition=condition(encoded), extra=extra
     )
+    table.attrs.update(views=views, by=by or "")
     out.mkdir(parents=True, exist_ok=True)
     write_netcdf(table, out / "anomalies.nc")
     fig = anomaly.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))

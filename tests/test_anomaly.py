@@ -391,3 +391,12 @@ def test_encode_views_makes_the_score_invariant_to_the_orientation_of_the_input(
         rtol=1e-4,
     )
     assert encode_views(model, data, "identity").z_rec_loc.shape == (40, 1, 2)
+    # chunks of images give the same encodings as one pass
+    chunked = encode_views(model, data, batch_size=7)
+    torch.testing.assert_close(chunked.z_rec_loc, encoded.z_rec_loc)
+    table = rank_anomalies(detector, encoded.z_rec_loc)
+    assert "mean over 8 views" in table["score"].attrs["long_name"]
+    with pytest.raises(ValueError, match="views"):
+        encode_views(model, data, "rotations")
+    with pytest.raises(ValueError, match="batch_size"):
+        encode_views(model, data, batch_size=0)

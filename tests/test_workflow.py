@@ -106,6 +106,7 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     averaged = xr.load_dataset(tmp_path / "views" / "anomalies.nc", engine="h5netcdf")
     assert averaged.sizes["rank"] == table.sizes["rank"]
     assert (np.diff(averaged["score"].values) <= 0).all()
+    assert averaged.attrs["views"] == "dihedral" and averaged.attrs["by"] == "log10_M500"
     assert not np.allclose(np.sort(averaged["score"].values), np.sort(conditional["score"].values))
     assert main([*views[:-1], "rotations"]) == 2
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png"), "--aux", "mass"]) == 2
