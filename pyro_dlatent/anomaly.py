@@ -71,22 +71,6 @@ def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _latents(latents: Any, name: str, dim: int | None = None) -> np.ndarray:
-    if isinstance(latents, torch.Tensor):
-        latents = latents.detach().cpu().numpy()
-    try:
-        arr = np.asarray(latents, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a numeric array of shape (n, residual_dim)") from err
-    if arr.ndim != 2:
-        raise ValueError(f"expected {name} of shape (n, residual_dim), got shape {arr.shape}")
-    if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"expected {name} with {dim} columns, got {arr.shape[1]}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"expected finite values in {name}")
-    return arr
-
-
 def _view_latents(
     latents: Any, name: str, dim: int | None = None, num_views: int | None = None
 ) -> np.ndarray:
@@ -109,7 +93,10 @@ def _view_latents(
             f"expected {name} with {num_views} view(s) per sample, as the detector was fitted "
             f"with, got {arr.shape[1]}"
         )
-    _latents(arr.reshape(-1, arr.shape[2]), name, dim)
+    if dim is not None and arr.shape[2] != dim:
+        raise ValueError(f"expected {name} with {dim} columns, got {arr.shape[2]}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"expected finite values in {name}")
     return arr
 
 
