@@ -263,8 +263,9 @@ def evaluate_model(
     }
 
     if model.residual_dim > 0 and "disturbed" in held:
-        train_encoding = model.encode(train)
-        reference_rec = train_encoding.z_rec_loc.cpu().numpy()
+        # view 0 of each map is the map itself: its encoding is the plain one
+        views_train, views_held = encode_views(model, train), encode_views(model, held)
+        reference_rec = views_train.z_rec_loc[:, 0].cpu().numpy()
         detector = fit_anomaly_detector(reference_rec)
         scores = detector.score(z_rec)
         flag = held["disturbed"].values.astype(bool)
@@ -272,13 +273,12 @@ def evaluate_model(
         # the same radius against images of similar encoded mass (8 equal-count bins)
         mass = names.index("log10_M500") if "log10_M500" in names else 0
         by_mass = fit_anomaly_detector(
-            reference_rec, condition=train_encoding.z_aux_loc[:, mass].cpu().numpy()
+            reference_rec, condition=views_train.z_aux_loc[:, 0, mass].cpu().numpy()
         )
         result["anomaly_auroc_disturbed_by_mass"] = metrics.auroc(
             by_mass.score(z_rec, z_aux[:, mass]), flag
         )
         # the same two scores averaged over each map's 8 rotations and reflections
-        views_train, views_held = encode_views(model, train), encode_views(model, held)
         views_rec = views_train.z_rec_loc.cpu().numpy()
         result["anomaly_auroc_disturbed_dihedral"] = metrics.auroc(
             fit_anomaly_detector(views_rec).score(views_held.z_rec_loc.cpu().numpy()), flag
