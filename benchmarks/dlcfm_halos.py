@@ -180,8 +180,11 @@ def train_models(
         **common,
     )
     start = time.perf_counter()
+    dlcfm_fit = {**fit, **({} if args.ema_decay is None else {"ema_decay": args.ema_decay})}
     dlcfm.fit(
-        train, checkpoint_dir=run_dir / "dlcfm", **_budgeted(fit, dlcfm, train, args.train_minutes)
+        train,
+        checkpoint_dir=run_dir / "dlcfm",
+        **_budgeted(dlcfm_fit, dlcfm, train, args.train_minutes),
     )
     seconds["dlcfm"] = time.perf_counter() - start
     models["dlcfm"] = dlcfm
@@ -334,6 +337,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
         "--lr-decay", type=float, default=None, help="final / initial rate (default: each model's)"
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="DL-CFM weight average (DLCFM.fit's ema_decay; default the class's, 0 = off)",
     )
     parser.add_argument("--residual-dim", type=int, default=6)
     parser.add_argument("--tau", type=float, default=0.1)

@@ -54,6 +54,7 @@ from pyro.nn import PyroModule
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam
 from pyro.params.param_store import param_with_module_name
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
@@ -84,6 +85,7 @@ DECOR_SITE = "decorrelation"
 """Name of the decorrelation-penalty factor site."""
 
 CHECKPOINT_NAME = "last.pt"
+_SETTINGS_BEFORE = {"ema_decay": 0.0}  # fit settings added since, as checkpoints without them ran
 _MIN_SCALE = 1e-4
 _INSTANCES = itertools.count(1)
 _MODEL_CLASSES: dict[str, type[GuidedLatentModel]] = {}
@@ -380,6 +382,71 @@ class _ForeachClippedAdam(PyroOptim):
         )
 
 
+class _WeightAverage:
+    """Exponential moving average of a model's network weights over optimizer steps.
+
+    A :class:`torch.optim.swa_utils.AveragedModel` of the networks named in
+    :attr:`GuidedLatentModel._networks` (parameters only; buffers follow the live ones). The
+    two weight sets trade places with :meth:`swap`: :attr:`applied` says whether the networks
+    currently hold the average (and the averager the live weights).
+    """
+
+    def __init__(self, model: GuidedLatentModel, decay: float) -> None:
+        self.networks = torch.nn.ModuleDict(
+            {name: getattr(model, name) for name in model._networks}
+        )
+        self.average = AveragedModel(self.networks, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+        self.applied = False
+
+    def update(self) -> None:
+        """Fold the live weights into the average (the first call copies them)."""
+        if self.applied:
+            raise RuntimeError("the averaged weights are applied; swap them out before updating")
+        self.average.update_parameters(self.networks)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the networks' weights with the averager's."""
+        pairs = list(zip(self.networks.parameters(), self.average.module.parameters(), strict=True))
+        for mine, theirs in pairs:
+            held = mine.detach().clone()
+            mine.copy_(theirs)
+            theirs.copy_(held)
+        self.applied = not self.applied
+
+    def state(self) -> dict[str, Any]:
+        """The weights the networks do not hold, the step count and the decay."""
+        return {
+            "decay": self.decay,
+            "updates": self.average.n_averaged.detach().clone(),
+            "applied": self.applied,
+            "weights": {k: v.detach().clone() for k, v in self.average.module.named_parameters()},
+        }
+
+    @torch.no_grad()
+    def restore(self, state: Any, what: str) -> None:
+        """Load :meth:`state` output written by a run with the same decay and networks."""
+        if not isinstance(state, dict) or not isinstance(state.get("weights"), dict):
+            raise ValueError(f"{what} holds no averaged weights")
+        if state.get("decay") != self.decay:
+            raise ValueError(
+                f"{what} averaged its weights with decay {state.get('decay')!r}, not {self.decay!r}"
+            )
+        names = dict(self.average.module.named_parameters())
+        weights = state["weights"]
+        if set(weights) != set(names):
+            raise ValueError(f"{what} holds averaged weights of other networks")
+        for name, value in weights.items():
+            if not isinstance(value, torch.Tensor) or value.shape != names[name].shape:
+                raise ValueError(f"{what} holds averaged weights of other networks")
+            names[name].copy_(value)
+        self.average.n_averaged.copy_(torch.as_tensor(state.get("updates", 0)))
+        self.applied = bool(state.get("applied", False))
+        if self.applied:  # a finished fit: the networks hold the average, the file the live weights
+            self.swap()
+
+
 @contextlib.contextmanager
 def _forked_rng(device: torch.device) -> Iterator[None]:
     """Run a block with private copies of the CPU (and ``device``'s) RNG state."""
@@ -499,8 +566,10 @@ class GuidedLatentModel(PyroModule):
     _networks: tuple[str, ...] = ("encoder",)
     """Attributes holding the plain ``nn.Module`` networks that :meth:`_register` registers."""
 
-    fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType({"lr": 1e-3, "lr_decay": 1.0})
-    """Learning-rate settings :meth:`fit` uses when its ``lr``/``lr_decay`` are left at None."""
+    fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType(
+        {"lr": 1e-3, "lr_decay": 1.0, "ema_decay": 0.0}
+    )
+    """Settings :meth:`fit` uses when its ``lr``/``lr_decay``/``ema_decay`` are left at None."""
 
     calibrate_after_fit: ClassVar[bool] = False
     """Whether :meth:`fit` ends with :meth:`calibrate_generation` on its training part."""
@@ -595,6 +664,7 @@ class GuidedLatentModel(PyroModule):
             )
         self.history: list[dict[str, Any]] = []
         self._optim: _ForeachClippedAdam | None = None
+        self._average: _WeightAverage | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -901,6 +971,7 @@ class GuidedLatentModel(PyroModule):
         resume: str | os.PathLike | bool | None = None,
         clip_norm: float | None = 10.0,
         eval_batch_size: int = 1024,
+        ema_decay: float | None = None,
     ) -> list[dict[str, Any]]:
         """Train with SVI (``Trace_ELBO`` + ``ClippedAdam``) on minibatches of ``dataset``.
 
@@ -945,6 +1016,12 @@ class GuidedLatentModel(PyroModule):
             Each gradient component is clipped to ``[-clip_norm, clip_norm]`` (``None``: off).
         eval_batch_size : int
             Batch size of the validation pass.
+        ema_decay : float, optional
+            Decay in ``[0, 1)`` of an exponential moving average of the networks' weights,
+            updated after every step; when the fit ends the model keeps the average (the live
+            weights stay in the checkpoint, so a resumed run continues from them). 0 turns it
+            off (default: the class's :attr:`fit_defaults`). Validation during training
+            scores the live weights.
 
         Returns
         -------
@@ -977,6 +1054,11 @@ class GuidedLatentModel(PyroModule):
         eval_batch_size = _check_int(eval_batch_size, "eval_batch_size", 1)
         if clip_norm is not None:
             clip_norm = _check_float(clip_norm, "clip_norm", minimum=0.0, strict=True)
+        if ema_decay is None:
+            ema_decay = self.fit_defaults.get("ema_decay", 0.0)
+        ema_decay = _check_float(ema_decay, "ema_decay", minimum=0.0, strict=False)
+        if ema_decay >= 1.0:
+            raise ValueError(f"expected 0 <= ema_decay < 1, got {ema_decay!r}")
         ds = check_dataset(dataset, name="dataset")
         device = self.device if device is None else torch.device(device)
         self.to(device)
@@ -993,6 +1075,7 @@ class GuidedLatentModel(PyroModule):
             "val_fraction": float(val_fraction),
             "seed": seed,
             "clip_norm": clip_norm,
+            "ema_decay": ema_decay,
         }
         fingerprint = _fingerprint(ds)
         checkpoint = None
@@ -1011,9 +1094,15 @@ class GuidedLatentModel(PyroModule):
         )
         svi = _GuardedSVI(self.model, self.guide, self._optim, Trace_ELBO())
         history: list[dict[str, Any]] = []
+        saved_average = None
         if resume_path is not None:
-            history = self._restore_training(resume_path, settings, fingerprint)
+            history, saved_average = self._restore_training(resume_path, settings, fingerprint)
         self.history = history
+        self._average = None
+        if ema_decay > 0:
+            self._average = _WeightAverage(self, ema_decay)
+            if saved_average is not None:
+                self._average.restore(saved_average, f"resume checkpoint {str(resume_path)!r}")
 
         bar = tqdm(
             total=epochs * num_batches,
@@ -1040,13 +1129,16 @@ class GuidedLatentModel(PyroModule):
         finally:
             bar.close()
             self.eval()
+        if self._average is not None:
+            self._average.swap()
         complete = train.images.shape[0] if train.mask is None else int(train.mask.all(1).sum())
-        if self.calibrate_after_fit and complete >= self.aux_dim + 2:
+        calibrated = self.calibrate_after_fit and complete >= self.aux_dim + 2
+        if calibrated:
             self.calibrate_generation(train, batch_size=eval_batch_size)
-            if checkpoint is not None:
-                self.save(checkpoint, extra=self._fit_extra(settings, fingerprint))
         else:
             self.reset_generation()
+        if checkpoint is not None and (calibrated or self._average is not None):
+            self.save(checkpoint, extra=self._fit_extra(settings, fingerprint))
         return history
 
     def _train_epoch(
@@ -1074,6 +1166,8 @@ class GuidedLatentModel(PyroModule):
             encoded = self.encoder_params(images)
             try:
                 loss = svi.step(images, aux, mask, num_data=n, subsample=index, encoded=encoded)
+                if self._average is not None:
+                    self._average.update()
             except (_NonFiniteStep, ValueError) as err:
                 # With validation on, a NaN/inf distribution parameter raises ValueError
                 # ("... found invalid values") before any loss exists: the same divergence.
@@ -1128,7 +1222,7 @@ class GuidedLatentModel(PyroModule):
 
     def _restore_training(
         self, path: Path, settings: dict[str, Any], fingerprint: str
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], Any]:
         ckpt = load_checkpoint(path, kind=type(self).__name__, map_location=self.device)
         what = f"resume checkpoint {str(path)!r}"
         ignore = {"seed"}
@@ -1141,7 +1235,7 @@ class GuidedLatentModel(PyroModule):
             raise ValueError(f"{what} was written with a different auxiliary scaler")
         fit = ckpt.extra.get("fit", {})
         for key, value in settings.items():
-            if fit.get(key) != value:
+            if fit.get(key, _SETTINGS_BEFORE.get(key)) != value:
                 raise ValueError(
                     f"{what} was trained with {key}={fit.get(key)!r}; pass {key}={fit.get(key)!r} "
                     f"to resume it (got {value!r})"
@@ -1149,7 +1243,9 @@ class GuidedLatentModel(PyroModule):
         if ckpt.extra.get("dataset_sha256") != fingerprint:
             raise ValueError(f"{what} was trained on a different dataset")
         self._load_state(ckpt.state, what)
-        return [dict(h) for h in ckpt.history]
+        if settings.get("ema_decay", 0.0) > 0 and "average" not in ckpt.state:
+            raise ValueError(f"{what} holds no averaged weights")
+        return [dict(h) for h in ckpt.history], ckpt.state.get("average")
 
     def _load_state(self, state: dict[str, Any], what: str) -> None:
         weights = state.get("model")
@@ -1534,6 +1630,8 @@ class GuidedLatentModel(PyroModule):
             for record in self.history
         ]
         state = {"model": dict(self.state_dict()), "optimizer": self._optimizer_state()}
+        if self._average is not None:
+            state["average"] = self._average.state()
         return save_checkpoint(
             path,
             kind=type(self).__name__,

@@ -517,6 +517,62 @@ def test_fit_trains_exactly_as_with_pyro_clipped_adam(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in pairs)
 
 
+def _network_weights(state):
+    return {k: v for k, v in state.items() if k.split(".")[0] in ("encoder", "decoder")}
+
+
+def test_weight_average_is_the_exponential_moving_average_of_the_steps(tmp_path):
+    # One step per epoch (the batch holds the whole training part), constant rate: the live
+    # weights after step 1 are the epoch-1 checkpoint's, after step 2 the finished file keeps.
+    ds = synthetic(24)
+    settings = {"batch_size": 64, "progress": False, "seed": 3, "lr_decay": 1.0, "val_fraction": 0}
+    decay = 0.75
+    plain = small_model(ds)
+    plain.fit(ds, epochs=2, **settings)
+    first = small_model(ds)
+    first.fit(ds, epochs=1, checkpoint_dir=tmp_path / "one", ema_decay=decay, **settings)
+    averaged = small_model(ds)
+    averaged.fit(ds, epochs=2, checkpoint_dir=tmp_path / "two", ema_decay=decay, **settings)
+    w1 = _network_weights(load_checkpoint(tmp_path / "one" / "last.pt").state["average"]["weights"])
+    saved = load_checkpoint(tmp_path / "two" / "last.pt").state
+    w2 = _network_weights(saved["average"]["weights"])
+    assert saved["average"]["applied"] is True and int(saved["average"]["updates"]) == 2
+    # averaging never changes the training path: the live weights are the plain run's
+    assert_close(w2, _network_weights(dict(plain.state_dict())), atol=0, rtol=0)
+    expected = {k: decay * w1[k] + (1 - decay) * w2[k] for k in w2}
+    assert_close(_network_weights(dict(averaged.state_dict())), expected, atol=1e-6, rtol=1e-5)
+    assert_close(_network_weights(saved["model"]), expected, atol=1e-6, rtol=1e-5)
+    loaded = AuxVAE.load(tmp_path / "two" / "last.pt")
+    assert_close(_network_weights(dict(loaded.state_dict())), expected, atol=1e-6, rtol=1e-5)
+    moved = max((expected[k] - w2[k]).abs().max().item() for k in w2)
+    assert moved > 1e-4  # the average is not the live weights
+
+
+def test_resume_with_weight_average_continues_exactly(tmp_path):
+    ds = synthetic(96)
+    settings = {"batch_size": 32, "progress": False, "seed": 2, "lr_decay": 1.0, "ema_decay": 0.9}
+    reference = small_model(ds)
+    reference.fit(ds, epochs=3, checkpoint_dir=tmp_path / "a", **settings)
+    interrupted = small_model(ds)
+    interrupted.fit(ds, epochs=2, checkpoint_dir=tmp_path / "b", **settings)  # finished, applied
+    resumed = small_model(ds)
+    resumed.fit(ds, epochs=3, checkpoint_dir=tmp_path / "b", resume=True, **settings)
+    assert _without_time(resumed.history) == _without_time(reference.history)
+    assert_close(dict(resumed.state_dict()), dict(reference.state_dict()), atol=0, rtol=0)
+    a = load_checkpoint(tmp_path / "a" / "last.pt").state["average"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt").state["average"]
+    assert_close(a["weights"], b["weights"], atol=0, rtol=0)
+    assert int(a["updates"]) == int(b["updates"]) == 9
+    for other in (0.5, 0.0):
+        with pytest.raises(ValueError, match="ema_decay"):
+            changed = {**settings, "ema_decay": other}
+            small_model(ds).fit(ds, epochs=4, resume=tmp_path / "b", **changed)
+    old = tmp_path / "plain"
+    small_model(ds).fit(ds, epochs=1, checkpoint_dir=old, **{**settings, "ema_decay": 0.0})
+    with pytest.raises(ValueError, match="ema_decay"):
+        small_model(ds).fit(ds, epochs=2, resume=old, **settings)
+
+
 def test_resume_from_a_checkpoint_of_the_per_parameter_optimizer(monkeypatch, tmp_path):
     # Checkpoints written while fit used Pyro's ClippedAdam resume exactly with the foreach one.
     ds = synthetic(96)
@@ -602,6 +658,8 @@ def untrained():
         (lambda m: m.fit(synthetic(8), lr=0.0), ValueError, "lr"),
         (lambda m: m.fit(synthetic(8), lr_decay=0.0), ValueError, "lr_decay"),
         (lambda m: m.fit(synthetic(8), lr_decay=1.5), ValueError, "lr_decay"),
+        (lambda m: m.fit(synthetic(8), ema_decay=1.0), ValueError, "ema_decay"),
+        (lambda m: m.fit(synthetic(8), ema_decay=-0.1), ValueError, "ema_decay"),
         (lambda m: m.fit(synthetic(8), resume=True), ValueError, "checkpoint_dir"),
         (lambda m: m.fit(synthetic(8), resume="no/such/file.pt"), ValueError, r"file\.pt"),
         (lambda m: m.fit(np.zeros((4, 16, 16))), TypeError, "dataset"),
