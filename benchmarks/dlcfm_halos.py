@@ -180,7 +180,7 @@ def train_models(
         **common,
     )
     start = time.perf_counter()
-    dlcfm_fit = {**fit, **({} if args.ema_decay is None else {"ema_decay": args.ema_decay})}
+    dlcfm_fit = {**fit, "ema_decay": args.ema_decay}
     dlcfm.fit(
         train,
         checkpoint_dir=run_dir / "dlcfm",
@@ -341,8 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ema-decay",
         type=float,
-        default=None,
-        help="DL-CFM weight average (DLCFM.fit's ema_decay; default the class's, 0 = off)",
+        default=0.0,
+        help="decay of the DL-CFM's weight average (DLCFM.fit's ema_decay; 0 = off)",
     )
     parser.add_argument("--residual-dim", type=int, default=6)
     parser.add_argument("--tau", type=float, default=0.1)

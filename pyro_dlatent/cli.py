@@ -76,6 +76,9 @@ def train(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    ema_decay: Annotated[
+        float, typer.Option(help="Decay of a moving average of the weights kept after training.")
+    ] = 0.0,
     residual_dim: Annotated[int, typer.Option(help="Residual latent dimension.")] = 4,
     tau: Annotated[float, typer.Option(help="Tether sd of the guided block.")] = 0.1,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda.")] = None,
@@ -101,6 +104,7 @@ def train(
                 "epochs": epochs,
                 "batch_size": batch_size,
                 "lr": lr,
+                "ema_decay": ema_decay,
                 "seed": seed,
                 "device": device,
                 "progress": progress,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from pyro_dlatent.checkpoint import load_checkpoint
 from pyro_dlatent.cli import main
 from pyro_dlatent.export import load_netcdf
 from pyro_dlatent.inverse.run import load_observations
@@ -72,11 +73,14 @@ def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
 def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     run = tmp_path / "dlcfm"
     train = ["train", "halos", "--model", "dlcfm", "--out", str(run), "--num", "96"]
-    assert (
-        main([*train, "--size", "16", "--epochs", "1", "--batch-size", "32", "--no-progress"]) == 0
-    )
+    small = ["--size", "16", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+    assert main([*train, *small, "--ema-decay", "0.9"]) == 0
     for name in ("model.pt", "report.json", "traversal.png", "scatter.png"):
         assert (run / name).is_file(), name
+    average = load_checkpoint(run / "checkpoints" / "last.pt").state["average"]
+    assert average["decay"] == 0.9 and average["applied"] is True
+    bad = ["train", "halos", "--model", "dlcfm", "--out", str(tmp_path / "bad"), "--num", "96"]
+    assert main([*bad, *small, "--ema-decay", "1.5"]) == 1
     aux = ["--aux", "log10_M500=14.0", "--aux", "log10_M500=15.0", "--aux", "concentration=3"]
     assert main(["sample", str(run), "--out", str(tmp_path / "s.nc"), *aux, "--num", "2"]) == 0
     images = xr.load_dataset(tmp_path / "s.nc", engine="h5netcdf")["image"]
