@@ -1018,12 +1018,11 @@ class GuidedLatentModel(PyroModule):
             Decay in ``[0, 1)`` of an exponential moving average of the networks' weights,
             updated after every step; when the fit ends the model keeps the average (the live
             weights stay in the checkpoint, so a resumed run continues from them). 0 turns it
-            off. Validation during training
-            scores the live weights. The average starts from the first step's weights, so its
-            horizon ``1 / (1 - ema_decay)`` steps should be a small part of the run. On
-            ``halos`` (DL-CFM, 8,352 steps, 0.999) it settled the whole-map Y-M slope of two
-            runs (1.58 and 2.02 to 1.75 and 1.76; simulated 1.745) but made one run's maps 12%
-            fainter; the README has the table.
+            off. Validation during training scores the live weights. The average starts from
+            the first step's weights, so its horizon ``1 / (1 - ema_decay)`` steps should be a
+            small part of the run. On ``halos`` (DL-CFM, 8,352 steps, 0.999) it settled the
+            whole-map Y-M slope of two runs (1.58 and 2.02 to 1.75 and 1.76; simulated 1.745)
+            but made one run's maps 12% fainter; the README has the table.
 
         Returns
         -------
@@ -1166,8 +1165,6 @@ class GuidedLatentModel(PyroModule):
             encoded = self.encoder_params(images)
             try:
                 loss = svi.step(images, aux, mask, num_data=n, subsample=index, encoded=encoded)
-                if self._average is not None:
-                    self._average.update()
             except (_NonFiniteStep, ValueError) as err:
                 # With validation on, a NaN/inf distribution parameter raises ValueError
                 # ("... found invalid values") before any loss exists: the same divergence.
@@ -1183,6 +1180,8 @@ class GuidedLatentModel(PyroModule):
                     step=step,
                     checkpoint=kept,
                 ) from err
+            if self._average is not None:
+                self._average.update()
             with torch.no_grad():
                 penalty_sum += torch.stack(self.penalties(encoded[0], aux, mask))
             loss_sum += loss
@@ -1235,9 +1234,10 @@ class GuidedLatentModel(PyroModule):
             raise ValueError(f"{what} was written with a different auxiliary scaler")
         fit = ckpt.extra.get("fit", {})
         for key, value in settings.items():
-            if fit.get(key, _SETTINGS_BEFORE.get(key)) != value:
+            saved = fit.get(key, _SETTINGS_BEFORE.get(key))
+            if saved != value:
                 raise ValueError(
-                    f"{what} was trained with {key}={fit.get(key)!r}; pass {key}={fit.get(key)!r} "
+                    f"{what} was trained with {key}={saved!r}; pass {key}={saved!r} "
                     f"to resume it (got {value!r})"
                 )
         if ckpt.extra.get("dataset_sha256") != fingerprint:

@@ -13,7 +13,7 @@ from pyro.infer import Trace_ELBO
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam as ClippedAdamRule
 
-from pyro_dlatent.checkpoint import load_checkpoint
+from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 from pyro_dlatent.data import aux_array, from_arrays
 from pyro_dlatent.latent import AuxScaler
 from pyro_dlatent.models import base
@@ -569,8 +569,15 @@ def test_resume_with_weight_average_continues_exactly(tmp_path):
             small_model(ds).fit(ds, epochs=4, resume=tmp_path / "b", **changed)
     old = tmp_path / "plain"
     small_model(ds).fit(ds, epochs=1, checkpoint_dir=old, **{**settings, "ema_decay": 0.0})
-    with pytest.raises(ValueError, match="ema_decay"):
+    with pytest.raises(ValueError, match=r"ema_decay=0\.0; pass ema_decay=0\.0"):
         small_model(ds).fit(ds, epochs=2, resume=old, **settings)
+    before = load_checkpoint(old / "last.pt")  # a checkpoint from before the option: no key
+    del before.extra["fit"]["ema_decay"]
+    fields = ("kind", "config", "scaler", "state", "history", "extra")
+    save_checkpoint(old / "last.pt", **{k: getattr(before, k) for k in fields})
+    with pytest.raises(ValueError, match=r"ema_decay=0\.0; pass ema_decay=0\.0"):
+        small_model(ds).fit(ds, epochs=2, resume=old, **settings)
+    small_model(ds).fit(ds, epochs=2, resume=old, **{**settings, "ema_decay": 0.0})
 
 
 def test_resume_from_a_checkpoint_of_the_per_parameter_optimizer(monkeypatch, tmp_path):
