@@ -51,6 +51,7 @@ from pyro_dlatent.anomaly import (
     fit_anomaly_detector,
     rank_anomalies,
 )
+from pyro_dlatent.checkpoint import load_checkpoint
 from pyro_dlatent.data import aux_array, simulate, split
 from pyro_dlatent.data.halos import median_concentration
 from pyro_dlatent.flow import BASE_NOISES
@@ -382,14 +383,43 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score the checkpoints in --run-dir instead of training",
     )
+    parser.add_argument(
+        "--weights",
+        choices=["averaged", "live"],
+        default="averaged",
+        help="with --evaluate-only: score a weight-averaged fit's live weights instead (the "
+        "generation map refitted on the fit's training part)",
+    )
     parser.add_argument("--run-dir", type=Path, default=Path("dlcfm_halos_run"))
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default in run dir)")
     return parser
 
 
+def _use_live_weights(model: Any, directory: Path, train: Any) -> bool:
+    """Put the live weights of a weight-averaged fit back into ``model`` (False: none saved).
+
+    The generation map is refitted as the fit did, on the fit's own training part.
+    """
+    ckpt = load_checkpoint(directory / CHECKPOINT_NAME)
+    average = ckpt.state.get("average")
+    if not average or not average.get("applied"):
+        return False
+    model.load_state_dict(average["weights"], strict=False)
+    fit = ckpt.extra["fit"]
+    if model.calibrate_after_fit:
+        part = (
+            split(train, fit["val_fraction"], seed=fit["seed"])[0] if fit["val_fraction"] else train
+        )
+        model.calibrate_generation(part)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and writes) the results dictionary."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.weights != "averaged" and not args.evaluate_only:
+        parser.error("--weights applies to --evaluate-only")
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
     run_dir = args.run_dir
@@ -408,6 +438,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         if not models:
             raise SystemExit(f"no checkpoints under {run_dir}")
+        if args.weights == "live":
+            swapped = [n for n, m in models.items() if _use_live_weights(m, run_dir / n, train)]
+            if not swapped:
+                raise SystemExit(f"--weights live: no checkpoint under {run_dir} averaged weights")
         train_seconds: dict[str, float] = {}
     else:
         models, train_seconds = train_models(train, args, run_dir)

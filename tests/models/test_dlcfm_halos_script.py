@@ -69,6 +69,27 @@ def test_evaluate_only_reproduces_the_scores_of_the_run(tmp_path):
         assert second["anomaly_auroc_disturbed"] == first["anomaly_auroc_disturbed"]
 
 
+def test_evaluate_only_scores_the_live_weights_of_an_averaged_fit(tmp_path):
+    # Averaging leaves the training path as it is: the live weights of an averaged run, with
+    # the generation map refitted, score exactly as the same run without averaging.
+    plain = halos.main([*TINY, "--epochs", "2", "--run-dir", str(tmp_path / "plain")])
+    run = [*TINY, "--epochs", "2", "--run-dir", str(tmp_path / "avg"), "--ema-decay", "0.5"]
+    averaged = halos.main(run)
+    live = halos.main([*run, "--evaluate-only", "--weights", "live"])
+    first, second = plain["models"]["dlcfm"], live["models"]["dlcfm"]
+    for key in ("pearson_r", "leakage", "power_spectrum_error", "y_m_slope"):
+        assert json.dumps(second[key]) == json.dumps(first[key]), key
+    assert averaged["models"]["dlcfm"]["power_spectrum_error"] != first["power_spectrum_error"]
+    for key in ("pearson_r", "power_spectrum_error"):  # the Aux-VAE is not averaged
+        assert live["models"]["auxvae"][key] == averaged["models"]["auxvae"][key], key
+    with pytest.raises(SystemExit, match="averaged weights"):
+        halos.main(
+            [*TINY, "--run-dir", str(tmp_path / "plain"), "--evaluate-only", "--weights", "live"]
+        )
+    with pytest.raises(SystemExit):
+        halos.main([*TINY, "--run-dir", str(tmp_path / "plain"), "--weights", "live"])
+
+
 def test_evaluate_only_without_checkpoints_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoints"):
         halos.main([*TINY, "--run-dir", str(tmp_path / "empty"), "--evaluate-only"])
