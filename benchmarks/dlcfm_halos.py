@@ -395,23 +395,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _use_live_weights(model: Any, directory: Path, train: Any) -> bool:
-    """Put the live weights of a weight-averaged fit back into ``model`` (False: none saved).
+def _load_live_weights(path: Path, device: str, train: Any) -> Any:
+    """The live weights of a weight-averaged fit's checkpoint (None: it averaged nothing).
 
-    The generation map is refitted as the fit did, on the fit's own training part.
+    Checkpoints written before fits kept the live weights' own generation map get it
+    refitted as the fit did, on the fit's training part.
     """
-    ckpt = load_checkpoint(directory / CHECKPOINT_NAME)
-    average = ckpt.state.get("average")
-    if not average or not average.get("applied"):
-        return False
-    model.load_state_dict(average["weights"], strict=False)
-    fit = ckpt.extra["fit"]
-    if model.calibrate_after_fit:
+    ckpt = load_checkpoint(path)
+    if not ckpt.state.get("average"):
+        return None
+    model = GuidedLatentModel.load(path, device=device, weights="live")
+    if model.calibrate_after_fit and not model.generation_calibrated:
+        fit = ckpt.extra["fit"]
         part = (
             split(train, fit["val_fraction"], seed=fit["seed"])[0] if fit["val_fraction"] else train
         )
         model.calibrate_generation(part)
-    return True
+    return model
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -431,17 +431,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     simulate_seconds = time.perf_counter() - start
     train, held = split(ds, args.held_out, seed=args.seed)
     if args.evaluate_only:
-        models = {
-            name: GuidedLatentModel.load(run_dir / name / CHECKPOINT_NAME, device=args.device)
+        paths = {
+            name: run_dir / name / CHECKPOINT_NAME
             for name in ("dlcfm", "auxvae")
             if (run_dir / name / CHECKPOINT_NAME).exists()
         }
-        if not models:
+        if not paths:
             raise SystemExit(f"no checkpoints under {run_dir}")
+        live = {}
         if args.weights == "live":
-            swapped = [n for n, m in models.items() if _use_live_weights(m, run_dir / n, train)]
-            if not swapped:
+            live = {name: _load_live_weights(p, args.device, train) for name, p in paths.items()}
+            live = {name: model for name, model in live.items() if model is not None}
+            if not live:
                 raise SystemExit(f"--weights live: no checkpoint under {run_dir} averaged weights")
+        models = {
+            name: live[name] if name in live else GuidedLatentModel.load(path, device=args.device)
+            for name, path in paths.items()
+        }
         train_seconds: dict[str, float] = {}
     else:
         models, train_seconds = train_models(train, args, run_dir)

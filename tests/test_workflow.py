@@ -70,6 +70,7 @@ def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:ema_decay=.* leaves:UserWarning")  # a short test fit
 def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     run = tmp_path / "dlcfm"
     train = ["train", "halos", "--model", "dlcfm", "--out", str(run), "--num", "96"]

@@ -37,6 +37,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -398,6 +399,7 @@ class _WeightAverage:
         self.average = AveragedModel(self.networks, multi_avg_fn=get_ema_multi_avg_fn(decay))
         self.decay = decay
         self.applied = False
+        self.generation: dict[str, torch.Tensor] | None = None  # the live weights' map, at the end
 
     def update(self) -> None:
         """Fold the live weights into the average (the first call copies them)."""
@@ -416,13 +418,20 @@ class _WeightAverage:
         self.applied = not self.applied
 
     def state(self) -> dict[str, Any]:
-        """The weights the networks do not hold, the step count and the decay."""
-        return {
+        """The weights the networks do not hold, the step count and the decay.
+
+        Once the fit has ended (the average applied) it also holds ``generation``, the live
+        weights' own generation map, when the fit calibrated one.
+        """
+        state = {
             "decay": self.decay,
             "updates": self.average.n_averaged.detach().clone(),
             "applied": self.applied,
             "weights": {k: v.detach().clone() for k, v in self.average.module.named_parameters()},
         }
+        if self.applied and self.generation is not None:
+            state["generation"] = {k: v.detach().clone() for k, v in self.generation.items()}
+        return state
 
     @torch.no_grad()
     def restore(self, state: Any, what: str) -> None:
@@ -1020,7 +1029,9 @@ class GuidedLatentModel(PyroModule):
             weights stay in the checkpoint, so a resumed run continues from them). 0 turns it
             off. Validation during training scores the live weights. The average starts from
             the first step's weights, so its horizon ``1 / (1 - ema_decay)`` steps should be a
-            small part of the run. On ``halos`` (DL-CFM, 8,352 steps, 0.999) it settled the
+            small part of the run (a warning says when they keep over 5% of the average).
+            ``load(..., weights="live")`` brings back the live weights with their own
+            generation map. On ``halos`` (DL-CFM, 8,352 steps, 0.999) it settled the
             whole-map Y-M slope of two runs (1.58 and 2.02 to 1.75 and 1.76; simulated 1.745)
             but made one run's maps 12% fainter; the README has the table.
 
@@ -1085,6 +1096,14 @@ class GuidedLatentModel(PyroModule):
 
         n = train.images.shape[0]
         num_batches = math.ceil(n / batch_size)
+        first_share = ema_decay ** (epochs * num_batches - 1) if ema_decay > 0 else 0.0
+        if first_share > 0.05:
+            warnings.warn(
+                f"ema_decay={ema_decay!r} leaves {first_share:.0%} of the first step's weights in "
+                f"the average after this fit's {epochs * num_batches} steps; lower it so that "
+                "1 / (1 - ema_decay) steps is a small part of the run",
+                stacklevel=2,
+            )
         self._forget_params()
         self._optim = _ForeachClippedAdam(
             lr=lr,
@@ -1128,10 +1147,13 @@ class GuidedLatentModel(PyroModule):
         finally:
             bar.close()
             self.eval()
-        if self._average is not None:
-            self._average.swap()
         complete = train.images.shape[0] if train.mask is None else int(train.mask.all(1).sum())
         calibrated = self.calibrate_after_fit and complete >= self.aux_dim + 2
+        if self._average is not None:
+            if calibrated:  # the live weights' own map, kept for load(..., weights="live")
+                self.calibrate_generation(train, batch_size=eval_batch_size)
+                self._average.generation = self._generation_state()
+            self._average.swap()
         if calibrated:
             self.calibrate_generation(train, batch_size=eval_batch_size)
         else:
@@ -1273,6 +1295,44 @@ class GuidedLatentModel(PyroModule):
             if unknown:
                 raise ValueError(f"{what} has optimizer state for unknown parameters {unknown}")
             self._optim.set_state({store_names[n]: value for n, value in optimizer.items()})
+
+    @torch.no_grad()
+    def _load_weight_set(self, average: Any, weights: str, what: str) -> None:
+        """Put one weight set of a weight-averaged checkpoint in the networks (see :meth:`load`)."""
+        if weights not in ("averaged", "live"):
+            raise ValueError(f"weights must be 'averaged', 'live' or None, got {weights!r}")
+        if not isinstance(average, dict) or not isinstance(average.get("weights"), dict):
+            raise ValueError(
+                f"{what} holds one weight set (it was not fitted with ema_decay > 0); "
+                f"weights={weights!r} needs a weight average"
+            )
+        if (weights == "averaged") == bool(average.get("applied")):
+            return  # the file's model already holds that set
+        params = dict(self.named_parameters())
+        other = average["weights"]
+        networks = tuple(f"{name}." for name in self._networks)
+        expected = {name for name in params if name.startswith(networks)}
+        if set(other) != expected or any(
+            not isinstance(v, torch.Tensor) or v.shape != params[k].shape for k, v in other.items()
+        ):
+            raise ValueError(f"{what} holds averaged weights of other networks")
+        for name, value in other.items():
+            params[name].copy_(value)
+        generation = average.get("generation")
+        buffers = dict(self.named_buffers())
+        names = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS)
+        if isinstance(generation, dict) and set(generation) == names:
+            for name, value in generation.items():
+                if not isinstance(value, torch.Tensor) or value.shape != buffers[name].shape:
+                    raise ValueError(f"{what} holds a generation map of another shape")
+                buffers[name].copy_(value)
+        elif self.generation_calibrated:
+            self.reset_generation()
+            warnings.warn(
+                f"{what} keeps no generation map for its {weights} weights; sampling draws the "
+                "guided block from the prior until calibrate_generation(training images) is run",
+                stacklevel=3,
+            )
 
     def _optimizer_state(self) -> dict[str, Any]:
         """Optimizer state keyed by local parameter names (independent of the param store)."""
@@ -1436,6 +1496,10 @@ class GuidedLatentModel(PyroModule):
             ),
             torch.as_tensor(observed).to(self.device),
         )
+
+    def _generation_state(self) -> dict[str, torch.Tensor]:
+        buffers = dict(self.named_buffers())
+        return {name: buffers[name].detach().clone() for name in _GUIDED_BUFFERS + _SPLINE_BUFFERS}
 
     @property
     def generation_calibrated(self) -> bool:
@@ -1649,12 +1713,31 @@ class GuidedLatentModel(PyroModule):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, *, device: str | torch.device | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        weights: str | None = None,
     ) -> GuidedLatentModel:
         """Rebuild a model from :meth:`save` output (no pickled code is ever executed).
 
         Called on the base class, it returns an instance of whichever registered subclass
         wrote the file.
+
+        Parameters
+        ----------
+        path : path-like
+            Checkpoint file.
+        device : str or torch.device, optional
+            Where to put the model (default: the CPU).
+        weights : {None, "averaged", "live"}
+            Of a checkpoint written by :meth:`fit` with ``ema_decay > 0``, which of its two
+            weight sets to load: the moving average or the weights the optimizer left.
+            ``None`` loads what the file's model holds (the average once the fit has ended).
+            The set comes with its own generation map when the fit calibrated one for it;
+            otherwise (a checkpoint from the middle of a fit, or one written before the live
+            map was kept) the map is reset with a warning, and :meth:`calibrate_generation`
+            on the training images makes it again.
         """
         ckpt = load_checkpoint(path)
         what = f"checkpoint file {str(path)!r}"
@@ -1677,6 +1760,8 @@ class GuidedLatentModel(PyroModule):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{what} has an invalid config: {err}") from err
         model._load_state(ckpt.state, what)
+        if weights is not None:
+            model._load_weight_set(ckpt.state.get("average"), weights, what)
         model.history = [dict(h) for h in ckpt.history]
         if device is not None:
             model.to(torch.device(device))

@@ -521,6 +521,7 @@ def _network_weights(state):
     return {k: v for k, v in state.items() if k.split(".")[0] in ("encoder", "decoder")}
 
 
+@pytest.mark.filterwarnings("ignore:ema_decay=.* leaves:UserWarning")  # short test fits
 def test_weight_average_is_the_exponential_moving_average_of_the_steps(tmp_path):
     # One step per epoch (the batch holds the whole training part), constant rate: the live
     # weights after step 1 are the epoch-1 checkpoint's, after step 2 the finished file keeps.
@@ -548,6 +549,7 @@ def test_weight_average_is_the_exponential_moving_average_of_the_steps(tmp_path)
     assert moved > 1e-4  # the average is not the live weights
 
 
+@pytest.mark.filterwarnings("ignore:ema_decay=.* leaves:UserWarning")  # short test fits
 def test_resume_with_weight_average_continues_exactly(tmp_path):
     ds = synthetic(96)
     settings = {"batch_size": 32, "progress": False, "seed": 2, "lr_decay": 1.0, "ema_decay": 0.9}

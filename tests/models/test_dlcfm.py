@@ -275,6 +275,44 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert torch.equal(saved.guided_scale_tril, reference.guided_scale_tril)
 
 
+def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
+    # Averaging leaves the training path as it is, and fit calibrates a generation map for the
+    # live weights too: loaded with weights="live", an averaged run is the plain run, bit for bit.
+    from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
+
+    ds = synthetic(64)
+    settings = {"epochs": 2, "batch_size": 32, "progress": False, "seed": 1, "val_fraction": 0}
+    plain = small_model(ds)
+    plain.fit(ds, checkpoint_dir=tmp_path / "plain", **settings)
+    averaged = small_model(ds)
+    averaged.fit(ds, checkpoint_dir=tmp_path / "avg", ema_decay=0.3, **settings)
+    path = tmp_path / "avg" / "last.pt"
+    live = GuidedLatentModel.load(path, weights="live")
+    assert live.generation_calibrated
+    assert_close(dict(live.state_dict()), dict(plain.state_dict()), atol=0, rtol=0)
+    for weights in (None, "averaged"):
+        again = GuidedLatentModel.load(path, weights=weights)
+        assert_close(dict(again.state_dict()), dict(averaged.state_dict()), atol=0, rtol=0)
+    assert not torch.equal(averaged.guided_loc, plain.guided_loc)
+    # a checkpoint written before fits kept the live map: the map is reset, with a warning
+    ckpt = load_checkpoint(path)
+    del ckpt.state["average"]["generation"]
+    fields = ("kind", "config", "scaler", "state", "history", "extra")
+    old = save_checkpoint(tmp_path / "old.pt", **{k: getattr(ckpt, k) for k in fields})
+    with pytest.warns(UserWarning, match="no generation map for its live weights"):
+        uncalibrated = GuidedLatentModel.load(old, weights="live")
+    assert not uncalibrated.generation_calibrated
+    uncalibrated.calibrate_generation(ds)
+    assert_close(dict(uncalibrated.state_dict()), dict(plain.state_dict()), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"not fitted with ema_decay > 0.*weights='live'"):
+        GuidedLatentModel.load(tmp_path / "plain" / "last.pt", weights="live")
+    with pytest.raises(ValueError, match="weights must be"):
+        GuidedLatentModel.load(path, weights="best")
+    # an average whose horizon is most of the run is flagged
+    with pytest.warns(UserWarning, match=r"ema_decay=0\.9 leaves 73% of the first step"):
+        small_model(ds).fit(ds, ema_decay=0.9, **settings)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

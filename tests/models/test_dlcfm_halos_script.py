@@ -69,6 +69,7 @@ def test_evaluate_only_reproduces_the_scores_of_the_run(tmp_path):
         assert second["anomaly_auroc_disturbed"] == first["anomaly_auroc_disturbed"]
 
 
+@pytest.mark.filterwarnings("ignore:ema_decay=.* leaves:UserWarning")  # short test fits
 def test_evaluate_only_scores_the_live_weights_of_an_averaged_fit(tmp_path):
     # Averaging leaves the training path as it is: the live weights of an averaged run, with
     # the generation map refitted, score exactly as the same run without averaging.
