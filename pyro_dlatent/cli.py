@@ -22,6 +22,15 @@ app = typer.Typer(
 
 _STATE = {"debug": False}
 
+_Overwrite = Annotated[bool, typer.Option(help="Replace existing results at --out.")]
+
+_Weights = Annotated[
+    str | None,
+    typer.Option(
+        help="Of a run trained with --ema-decay: averaged or live weights (default: averaged)."
+    ),
+]
+
 
 @app.callback()
 def _root(
@@ -30,11 +39,15 @@ def _root(
     _STATE["debug"] = debug
 
 
-def _out_path(path: Path, overwrite: bool) -> Path:
+def _refuse_replacing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise typer.BadParameter(
             f"{str(path)!r} exists; pass --overwrite to replace it", param_hint="--out"
         )
+
+
+def _out_path(path: Path, overwrite: bool) -> Path:
+    _refuse_replacing(path, overwrite)
     if not path.parent.exists():
         raise typer.BadParameter(
             f"directory {str(path.parent)!r} does not exist", param_hint="--out"
@@ -132,12 +145,15 @@ def traverse(
     index: Annotated[int, typer.Option(help="Image of --data encoded as the base code.")] = 0,
     span: Annotated[float, typer.Option(help="Each coordinate spans [-span, span].")] = 2.5,
     steps: Annotated[int, typer.Option(help="Panels per row.")] = 7,
+    overwrite: _Overwrite = False,
+    weights: _Weights = None,
 ) -> None:
     """Latent traversal figure: one row per coordinate, guided rows in physical units."""
+    _out_path(out, overwrite)
     from pyro_dlatent import plots
     from pyro_dlatent.runs import load_model, open_dataset, traversal_figure
 
-    net = load_model(model)
+    net = load_model(model, weights=weights)
     base = None
     if data is not None:
         ds = open_dataset(data, size=net.image_size)
@@ -155,12 +171,13 @@ def encode(
     data: Annotated[str, typer.Argument(help="Built-in dataset name or a .nc/.zarr file.")],
     out: Annotated[Path, typer.Option(help="Output netCDF file.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    weights: _Weights = None,
 ) -> None:
     """Encode images: predicted auxiliaries (physical units, mean and sd) and latent means."""
     from pyro_dlatent.runs import load_model, open_dataset
 
     _out_path(out, overwrite)
-    net = load_model(model)
+    net = load_model(model, weights=weights)
     ds = open_dataset(data, size=net.image_size)
     result = net.predict_aux(ds)
     encoding = net.encode(ds)
@@ -186,8 +203,11 @@ def invert(
     problem_seed: Annotated[int, typer.Option(help="Seed of the synthetic problem.")] = 12345,
     seed: Annotated[int, typer.Option(help="Seed of the inference.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    overwrite: _Overwrite = False,
+    weights: _Weights = None,
 ) -> None:
     """Invert sensor data for a source field under the model's disentangled deep prior."""
+    _refuse_replacing(out / "posterior.nc", overwrite)
     from pyro_dlatent.inverse.run import (
         invert_run,
         load_observations,
@@ -198,7 +218,7 @@ def invert(
 
     if method not in ("map", "svi", "nuts"):
         raise typer.BadParameter(f"must be map, svi or nuts, got {method!r}", param_hint="--method")
-    generator = load_model(model).generator()
+    generator = load_model(model, weights=weights).generator()
     if observations is None:
         obs = synthetic_observations(size=generator.image_size, seed=problem_seed)
     else:
@@ -268,11 +288,14 @@ def sample(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Fixed solver steps (DL-CFM).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: _Overwrite = False,
+    weights: _Weights = None,
 ) -> None:
     """Generate images at auxiliaries given in physical units (others from their marginal)."""
+    _out_path(out, overwrite)
     from pyro_dlatent.runs import load_model
 
-    net = load_model(model)
+    net = load_model(model, weights=weights)
     requested = _parse_aux(aux)
     if hasattr(net, "sample"):
         images = net.sample(requested or None, num, method=method, steps=steps, seed=seed)
@@ -292,11 +315,14 @@ def tails(
         float, typer.Option(help="Chi-square quantile of the residual radius.")
     ] = 0.99,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: _Overwrite = False,
+    weights: _Weights = None,
 ) -> None:
     """Images with the guided block fixed and the residual block in the tail of its prior."""
+    _out_path(out, overwrite)
     from pyro_dlatent.runs import load_model
 
-    net = load_model(model)
+    net = load_model(model, weights=weights)
     if not hasattr(net, "sample_tails"):
         raise typer.BadParameter("residual tails need a DL-CFM model", param_hint="MODEL")
     requested = _parse_aux(aux)
@@ -327,8 +353,11 @@ def anomalies(
             "reflections (for data without a preferred orientation)."
         ),
     ] = "identity",
+    overwrite: _Overwrite = False,
+    weights: _Weights = None,
 ) -> None:
     """Rank images by the Mahalanobis radius of their encoded residual block, with p-values."""
+    _refuse_replacing(out / "anomalies.nc", overwrite)
     from pyro_dlatent import anomaly, plots
     from pyro_dlatent.runs import load_model, open_dataset
 
@@ -336,7 +365,7 @@ def anomalies(
         raise typer.BadParameter(
             f"expected one of {anomaly.VIEWS}, got {views!r}", param_hint="--views"
         )
-    net = load_model(model)
+    net = load_model(model, weights=weights)
     if by is not None and by not in net.scaler.names:
         raise typer.BadParameter(
             f"expected one of {net.scaler.names}, got {by!r}", param_hint="--by"

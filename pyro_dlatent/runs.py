@@ -63,8 +63,14 @@ def build_model(name: str, dataset: xr.Dataset, **kwargs: Any) -> GuidedLatentMo
     return klass.from_dataset(dataset, **kwargs)
 
 
-def load_model(path: str | os.PathLike, *, device: str | None = None) -> GuidedLatentModel:
-    """Load a model from a checkpoint file or a run folder (its ``model.pt``)."""
+def load_model(
+    path: str | os.PathLike, *, device: str | None = None, weights: str | None = None
+) -> GuidedLatentModel:
+    """Load a model from a checkpoint file or a run folder (its ``model.pt``).
+
+    ``weights`` picks the averaged or the live weights of a weight-averaged fit (see
+    :meth:`GuidedLatentModel.load`).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
@@ -75,7 +81,7 @@ def load_model(path: str | os.PathLike, *, device: str | None = None) -> GuidedL
             importlib.import_module(module)
         except ImportError:
             continue
-    return GuidedLatentModel.load(path, device=device)
+    return GuidedLatentModel.load(path, device=device, weights=weights)
 
 
 def traversal_figure(model: GuidedLatentModel, *, span: float = 2.5, steps: int = 7, base=None):

@@ -65,13 +65,15 @@ def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
     args = ["invert", str(run), "--out", str(tmp_path / "inv"), "--observations", str(observations)]
     assert main([*args, "--method", "map", "--steps", "50", "--no-progress"]) == 0
     assert (tmp_path / "inv" / "posterior.nc").is_file()
-    assert main([*args, "--method", "bogus"]) == 2
+    assert main([*args, "--method", "map"]) == 2  # the posterior there is kept
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--method", "bogus", "--overwrite"]) == 2
     assert main(["invert", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:ema_decay=.* leaves:UserWarning")  # a short test fit
-def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
+def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path, capsys):
     run = tmp_path / "dlcfm"
     train = ["train", "halos", "--model", "dlcfm", "--out", str(run), "--num", "96"]
     small = ["--size", "16", "--epochs", "1", "--batch-size", "32", "--no-progress"]
@@ -86,6 +88,18 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     assert main(["sample", str(run), "--out", str(tmp_path / "s.nc"), *aux, "--num", "2"]) == 0
     images = xr.load_dataset(tmp_path / "s.nc", engine="h5netcdf")["image"]
     assert images.shape == (4, 16, 16) and np.isfinite(images.values).all()
+    # the same seed with the weights the optimizer left instead of their average
+    live = ["sample", str(run), "--out", str(tmp_path / "live.nc"), *aux, "--num", "2"]
+    assert main([*live, "--weights", "live"]) == 0
+    live_images = xr.load_dataset(tmp_path / "live.nc", engine="h5netcdf")["image"]
+    assert np.abs(live_images.values - images.values).max() > 1e-3
+    assert main([*live, "--weights", "averaged"]) == 2  # nothing saved is replaced unasked
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*live, "--weights", "averaged", "--overwrite"]) == 0
+    again = xr.load_dataset(tmp_path / "live.nc", engine="h5netcdf")["image"]
+    assert np.array_equal(again.values, images.values)
+    assert main([*live, "--weights", "best", "--overwrite"]) == 1
+    assert "weights must be" in capsys.readouterr().err
     tail_args = ["--aux", "log10_M500=14.5", "--aux", "concentration=3", "--num", "4"]
     assert main(["tails", str(run), "--out", str(tmp_path / "t.png"), *tail_args]) == 0
     assert (tmp_path / "t.png").stat().st_size > 2000
@@ -97,7 +111,8 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     conditional = xr.load_dataset(tmp_path / "by" / "anomalies.nc", engine="h5netcdf")
     assert conditional.sizes["rank"] == table.sizes["rank"]
     assert not np.allclose(np.sort(conditional["score"].values), np.sort(table["score"].values))
-    assert main([*by[:-1], "mass"]) == 2
+    assert main(by) == 2  # the table there is kept
+    assert main([*by[:-1], "mass", "--overwrite"]) == 2
     views = [
         "anomalies",
         str(run),
@@ -113,5 +128,5 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path):
     assert (np.diff(averaged["score"].values) <= 0).all()
     assert averaged.attrs["views"] == "dihedral" and averaged.attrs["by"] == "log10_M500"
     assert not np.allclose(np.sort(averaged["score"].values), np.sort(conditional["score"].values))
-    assert main([*views[:-1], "rotations"]) == 2
+    assert main([*views[:-1], "rotations", "--overwrite"]) == 2
     assert main(["sample", str(run), "--out", str(tmp_path / "x.png"), "--aux", "mass"]) == 2
