@@ -1299,8 +1299,6 @@ class GuidedLatentModel(PyroModule):
     @torch.no_grad()
     def _load_weight_set(self, average: Any, weights: str, what: str) -> None:
         """Put one weight set of a weight-averaged checkpoint in the networks (see :meth:`load`)."""
-        if weights not in ("averaged", "live"):
-            raise ValueError(f"weights must be 'averaged', 'live' or None, got {weights!r}")
         if not isinstance(average, dict) or not isinstance(average.get("weights"), dict):
             raise ValueError(
                 f"{what} holds one weight set (it was not fitted with ema_decay > 0); "
@@ -1739,6 +1737,8 @@ class GuidedLatentModel(PyroModule):
             map was kept) the map is reset with a warning, and :meth:`calibrate_generation`
             on the training images makes it again.
         """
+        if weights not in (None, "averaged", "live"):
+            raise ValueError(f"weights must be 'averaged', 'live' or None, got {weights!r}")
         ckpt = load_checkpoint(path)
         what = f"checkpoint file {str(path)!r}"
         klass = _MODEL_CLASSES.get(ckpt.kind)
