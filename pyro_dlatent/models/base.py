@@ -1296,7 +1296,6 @@ class GuidedLatentModel(PyroModule):
                 raise ValueError(f"{what} has optimizer state for unknown parameters {unknown}")
             self._optim.set_state({store_names[n]: value for n, value in optimizer.items()})
 
-    @torch.no_grad()
     def _load_weight_set(self, average: Any, weights: str, what: str) -> None:
         """Put one weight set of a weight-averaged checkpoint in the networks (see :meth:`load`)."""
         if not isinstance(average, dict) or not isinstance(average.get("weights"), dict):
@@ -1314,17 +1313,21 @@ class GuidedLatentModel(PyroModule):
             not isinstance(v, torch.Tensor) or v.shape != params[k].shape for k, v in other.items()
         ):
             raise ValueError(f"{what} holds averaged weights of other networks")
-        for name, value in other.items():
-            params[name].copy_(value)
         generation = average.get("generation")
         buffers = dict(self.named_buffers())
         names = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS)
-        if isinstance(generation, dict) and set(generation) == names:
-            for name, value in generation.items():
-                if not isinstance(value, torch.Tensor) or value.shape != buffers[name].shape:
-                    raise ValueError(f"{what} holds a generation map of another shape")
+        kept = isinstance(generation, dict) and set(generation) == names
+        if kept and any(
+            not isinstance(v, torch.Tensor) or v.shape != buffers[k].shape
+            for k, v in generation.items()
+        ):
+            raise ValueError(f"{what} holds a generation map of another shape")
+        with torch.no_grad():
+            for name, value in other.items():
+                params[name].copy_(value)
+            for name, value in generation.items() if kept else ():
                 buffers[name].copy_(value)
-        elif self.generation_calibrated:
+        if not kept and self.generation_calibrated:
             self.reset_generation()
             warnings.warn(
                 f"{what} keeps no generation map for its {weights} weights; sampling draws the "

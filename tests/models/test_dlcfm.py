@@ -299,8 +299,9 @@ def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
     del ckpt.state["average"]["generation"]
     fields = ("kind", "config", "scaler", "state", "history", "extra")
     old = save_checkpoint(tmp_path / "old.pt", **{k: getattr(ckpt, k) for k in fields})
-    with pytest.warns(UserWarning, match="no generation map for its live weights"):
+    with pytest.warns(UserWarning, match="no generation map for its live weights") as caught:
         uncalibrated = GuidedLatentModel.load(old, weights="live")
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     assert not uncalibrated.generation_calibrated
     uncalibrated.calibrate_generation(ds)
     assert_close(dict(uncalibrated.state_dict()), dict(plain.state_dict()), atol=0, rtol=0)
@@ -309,8 +310,9 @@ def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
     with pytest.raises(ValueError, match="weights must be"):
         GuidedLatentModel.load(path, weights="best")
     # an average whose horizon is most of the run is flagged
-    with pytest.warns(UserWarning, match=r"ema_decay=0\.9 leaves 73% of the first step"):
+    with pytest.warns(UserWarning, match=r"ema_decay=0\.9 leaves 73% of the first step") as caught:
         small_model(ds).fit(ds, ema_decay=0.9, **settings)
+    assert caught[0].filename == __file__
 
 
 @pytest.mark.parametrize(
