@@ -1305,14 +1305,6 @@ class GuidedLatentModel(PyroModule):
             )
         if (weights == "averaged") == bool(average.get("applied")):
             return  # the file's model already holds that set
-        params = dict(self.named_parameters())
-        other = average["weights"]
-        networks = tuple(f"{name}." for name in self._networks)
-        expected = {name for name in params if name.startswith(networks)}
-        if set(other) != expected or any(
-            not isinstance(v, torch.Tensor) or v.shape != params[k].shape for k, v in other.items()
-        ):
-            raise ValueError(f"{what} holds averaged weights of other networks")
         generation = average.get("generation")
         buffers = dict(self.named_buffers())
         names = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS)
@@ -1322,9 +1314,12 @@ class GuidedLatentModel(PyroModule):
             for k, v in generation.items()
         ):
             raise ValueError(f"{what} holds a generation map of another shape")
+        # the resume path's checks: afterwards the networks hold the live weights, as in training
+        holder = _WeightAverage(self, average.get("decay"))
+        holder.restore(average, what)
+        if weights == "averaged":  # only reached for a mid-fit file
+            holder.swap()
         with torch.no_grad():
-            for name, value in other.items():
-                params[name].copy_(value)
             for name, value in generation.items() if kept else ():
                 buffers[name].copy_(value)
         if not kept and self.generation_calibrated:
