@@ -174,6 +174,7 @@ def train_models(
         intensity_scale=args.intensity_scale,
         field_channels=args.field_channels,
         field_spatial_channels=args.field_spatial_channels,
+        field_mean_head=args.field_mean_head,
         noise=args.noise,
         flow_weight=args.flow_weight,
         method=args.method,
@@ -362,6 +363,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="channels of the vector field's latent map (0: FiLM conditioning only)",
+    )
+    parser.add_argument(
+        "--field-mean-head",
+        action="store_true",
+        help="the vector field's mean level from a head that sees the state's mean level",
     )
     parser.add_argument(
         "--noise", choices=list(BASE_NOISES), default="white", help="flow's initial noise"

@@ -172,6 +172,21 @@ class ConditionalVectorField(nn.Module):
     ``num_levels`` resolutions (default 2 for images up to 32 pixels, 3 above), one residual block
     per level on the way down and on the way up, and skip connections by concatenation.
 
+    **Mean level.** Every group norm removes its input's spatial mean, so the U-Net sees the mean
+    level :math:`\bar x` of its input only through the zero padding at the border, and must set
+    the mean of its output, the velocity of that level, almost blind to it. With
+    ``mean_head=True`` the field is split exactly into the two parts,
+
+    .. math:: v_\theta(t, x, z) = \big(u_\theta - \bar u_\theta \mathbf 1\big)
+        + \frac{1}{\sqrt D}\, g_\phi\big(c, \sqrt D\, \bar x\big) \mathbf 1,
+
+    the U-Net's output :math:`u_\theta` with its own mean removed and a small MLP :math:`g_\phi`
+    of the conditioning vector :math:`c` and the input's mean level in units where the mean of
+    white noise has sd 1 (:math:`D` pixels). Any field can be written so; the flow-matching loss
+    splits the same way (:math:`\|v - u_t\|^2` is the zero-mean residual's square plus
+    :math:`D` times the mean residual's), and :math:`g_\phi` can follow the level of
+    :math:`x_t`, which is what the linear path moves it along.
+
     Parameters
     ----------
     image_size : int
@@ -191,6 +206,9 @@ class ConditionalVectorField(nn.Module):
     spatial_size : int, optional
         Side of the latent map before upsampling; default ``image_size // 4``. Must divide
         ``image_size``.
+    mean_head : bool
+        Produce the field's mean level with a separate head that sees the input's mean level
+        (above); False: the U-Net's output as it is.
 
     Examples
     --------
@@ -209,8 +227,11 @@ class ConditionalVectorField(nn.Module):
         embed_dim: int = 64,
         spatial_channels: int = 0,
         spatial_size: int | None = None,
+        mean_head: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(mean_head, bool):
+            raise ValueError(f"expected mean_head True or False, got {mean_head!r}")
         image_size = _check_positive_int(image_size, "image_size", 4)
         spatial_channels = _check_positive_int(spatial_channels, "spatial_channels", 0)
         spatial_size = _check_positive_int(
@@ -249,6 +270,7 @@ class ConditionalVectorField(nn.Module):
         self.embed_dim = embed_dim
         self.spatial_channels = spatial_channels
         self.spatial_size = spatial_size
+        self.mean_head = mean_head
 
         cond_dim = 4 * embed_dim
         self.time_mlp = nn.Sequential(
@@ -293,6 +315,17 @@ class ConditionalVectorField(nn.Module):
                 previous = widths[level - 1]
         self.norm_out = nn.GroupNorm(_groups(previous), previous)
         self.conv_out = nn.Conv2d(previous, 1, 3, padding=1)
+        self.level_mlp = (
+            nn.Sequential(
+                nn.Linear(cond_dim + 1, cond_dim),
+                nn.SiLU(),
+                nn.Linear(cond_dim, cond_dim),
+                nn.SiLU(),
+                nn.Linear(cond_dim, 1),
+            )
+            if mean_head
+            else None
+        )
 
     def config(self) -> dict[str, object]:
         """Constructor arguments, JSON-serializable."""
@@ -305,6 +338,7 @@ class ConditionalVectorField(nn.Module):
             "embed_dim": self.embed_dim,
             "spatial_channels": self.spatial_channels,
             "spatial_size": self.spatial_size,
+            "mean_head": self.mean_head,
         }
 
     def forward(self, t: float | torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -362,7 +396,13 @@ class ConditionalVectorField(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), cond)
             if i < self.num_levels - 1:
                 h = self.upsamples[i](h)
-        return self.conv_out(nn.functional.silu(self.norm_out(h)))[:, 0]
+        out = self.conv_out(nn.functional.silu(self.norm_out(h)))[:, 0]
+        if self.level_mlp is None:
+            return out
+        root_d = float(self.image_size)  # sqrt(D), D = image_size ** 2
+        level = x.mean(dim=(-2, -1))[:, None] * root_d
+        velocity = self.level_mlp(torch.cat([cond, level], dim=-1)) / root_d
+        return out - out.mean(dim=(-2, -1), keepdim=True) + velocity[:, :, None]
 
 
 def linear_path(
