@@ -173,18 +173,18 @@ class ConditionalVectorField(nn.Module):
     per level on the way down and on the way up, and skip connections by concatenation.
 
     **Mean level.** Every group norm removes its input's spatial mean, so the U-Net sees the mean
-    level :math:`\bar x` of its input only through the zero padding at the border, and must set
+    level :math:`\\bar x` of its input only through the zero padding at the border, and must set
     the mean of its output, the velocity of that level, almost blind to it. With
     ``mean_head=True`` the field is split exactly into the two parts,
 
-    .. math:: v_\theta(t, x, z) = \big(u_\theta - \bar u_\theta \mathbf 1\big)
-        + \frac{1}{\sqrt D}\, g_\phi\big(c, \sqrt D\, \bar x\big) \mathbf 1,
+    .. math:: v_\\theta(t, x, z) = \\big(u_\\theta - \\bar u_\\theta \\mathbf 1\\big)
+        + \\frac{1}{\\sqrt D}\\, g_\\phi\\big(c, \\sqrt D\\, \\bar x\\big) \\mathbf 1,
 
-    the U-Net's output :math:`u_\theta` with its own mean removed and a small MLP :math:`g_\phi`
+    the U-Net's output :math:`u_\\theta` with its own mean removed and a small MLP :math:`g_\\phi`
     of the conditioning vector :math:`c` and the input's mean level in units where the mean of
     white noise has sd 1 (:math:`D` pixels). Any field can be written so; the flow-matching loss
-    splits the same way (:math:`\|v - u_t\|^2` is the zero-mean residual's square plus
-    :math:`D` times the mean residual's), and :math:`g_\phi` can follow the level of
+    splits the same way (:math:`\\|v - u_t\\|^2` is the zero-mean residual's square plus
+    :math:`D` times the mean residual's), and :math:`g_\\phi` can follow the level of
     :math:`x_t`, which is what the linear path moves it along.
 
     Parameters
