@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pyro_dlatent.flow import (
+    MIN_REMAINING_TIME,
     ConditionalVectorField,
     base_noise,
     flow_matching_loss,
@@ -113,9 +114,11 @@ def test_vector_field_latent_map_is_the_only_spatial_path_of_z():
     assert_close(out[0], out[1])
 
 
-@pytest.mark.parametrize("spatial", [0, 2])
-def test_vector_field_gradients_reach_every_parameter(spatial):
-    field = ConditionalVectorField(16, latent_dim=3, channels=8, spatial_channels=spatial)
+@pytest.mark.parametrize("spatial, mean_head", [(0, False), (2, False), (0, True)])
+def test_vector_field_gradients_reach_every_parameter(spatial, mean_head):
+    field = ConditionalVectorField(
+        16, latent_dim=3, channels=8, spatial_channels=spatial, mean_head=mean_head
+    )
     loss = flow_matching_loss(field, torch.randn(4, 16, 16), torch.randn(4, 3)).mean()
     loss.backward()
     for name, param in field.named_parameters():
@@ -135,11 +138,30 @@ def test_vector_field_gradients_reach_every_parameter(spatial):
         {"image_size": 16, "latent_dim": 2, "spatial_channels": -1},
         {"image_size": 16, "latent_dim": 2, "spatial_channels": 2, "spatial_size": 3},
         {"image_size": 16, "latent_dim": 2, "spatial_channels": 2, "spatial_size": 0},
+        {"image_size": 16, "latent_dim": 2, "mean_head": 1},
     ],
 )
 def test_vector_field_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="expected"):
         ConditionalVectorField(**kwargs)
+
+
+def test_vector_field_mean_head_is_the_unets_zero_mean_part_plus_a_level_of_the_state():
+    torch.manual_seed(0)
+    field = ConditionalVectorField(16, latent_dim=3, channels=8, mean_head=True)
+    plain = ConditionalVectorField(16, latent_dim=3, channels=8)
+    unet = {k: v for k, v in field.state_dict().items() if not k.startswith("level_mlp.")}
+    plain.load_state_dict(unet)  # strict: the head adds level_mlp and nothing else
+    assert field.config()["mean_head"] and not plain.config()["mean_head"]
+    t = torch.tensor([0.0, 0.4, 0.9, 0.97, 1.0])
+    x, z = torch.randn(5, 16, 16) + torch.randn(5, 1, 1), torch.randn(5, 3)
+    out, u = field(t, x, z), plain(t, x, z)
+    assert_close(out - out.mean((-2, -1), keepdim=True), u - u.mean((-2, -1), keepdim=True))
+    cond = field.time_mlp(sinusoidal_embedding(t, field.embed_dim)) + field.latent_mlp(z)
+    level = 16 * x.mean((-2, -1))
+    final = field.level_mlp(torch.cat([cond, level[:, None]], dim=-1))[:, 0]
+    remaining = (1 - t).clamp(min=MIN_REMAINING_TIME)
+    assert_close(out.mean((-2, -1)), (final - level) / (16 * remaining))
 
 
 def test_vector_field_rejects_bad_inputs():

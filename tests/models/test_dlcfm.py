@@ -506,12 +506,12 @@ def test_checkpoint_from_before_the_latent_map_loads_with_film_only_and_white_no
 
     model = small_model(data, field_spatial_channels=0, noise="white")
     path = model.save(tmp_path / "film.pt")
-    old_keys = ("field_spatial_channels", "noise")
+    old_keys = ("field_spatial_channels", "field_mean_head", "noise")
     old = _rewritten_checkpoint(
         load_checkpoint(path), tmp_path / "old.pt", keep_option=lambda k: k not in old_keys
     )
     loaded = GuidedLatentModel.load(old)
-    assert loaded.field.latent_map is None
+    assert loaded.field.latent_map is None and loaded.field.level_mlp is None
     assert loaded.config["field_spatial_channels"] == 0
     assert loaded.noise == "white"
     aux = {"mass": [1e13, 1e15], "width": [2.0, 3.0]}
@@ -534,13 +534,24 @@ def test_latent_map_model_trains_saves_and_loads(data, tmp_path):
     assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
 
 
+def test_mean_head_model_trains_saves_and_loads(data, tmp_path):
+    model = small_model(data, field_mean_head=True)
+    assert model.field.level_mlp is not None
+    model.fit(data, **{**FIT, "epochs": 2})
+    loaded = GuidedLatentModel.load(model.save(tmp_path / "head.pt"))
+    assert loaded.config["field_mean_head"] and loaded.field.mean_head
+    aux = {"mass": [1e14], "width": [2.5]}
+    assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
+
+
 def test_configs_from_before_the_options_get_their_old_values_and_keep_their_own():
     # the defaults now equal the old behaviour, so the load test above cannot tell whether the
     # upgrade runs; this checks it directly
     assert DLCFM._upgrade_config({"tau": 0.1}) == {
         "field_spatial_channels": 0,
+        "field_mean_head": False,
         "noise": "white",
         "tau": 0.1,
     }
-    written = {"field_spatial_channels": 8, "noise": "zero-mean"}
+    written = {"field_spatial_channels": 8, "field_mean_head": True, "noise": "zero-mean"}
     assert DLCFM._upgrade_config(dict(written)) == written
