@@ -182,12 +182,15 @@ class ConditionalVectorField(nn.Module):
     ``mean_head=True`` the field is split into the two parts,
 
     .. math:: v_\\theta(t, x, z) = \\big(u_\\theta - \\bar u_\\theta \\mathbf 1\\big)
-        + \\frac{g_\\phi(c, \\ell) - \\ell}{\\sqrt D\\, \\max(1 - t, \\epsilon)} \\mathbf 1,
+        + \\frac{g_\\phi(e(t), z, \\ell) - \\ell}{\\sqrt D\\, \\max(1 - t, \\epsilon)} \\mathbf 1,
         \\qquad \\ell = \\sqrt D\\, \\bar x,
 
     the U-Net's output :math:`u_\\theta` with its own mean removed and the velocity of the mean
-    level from a small MLP :math:`g_\\phi` of the conditioning vector :math:`c` and the state's
+    level from a small MLP :math:`g_\\phi` of the time's features, the code and the state's
     level :math:`\\ell` (in units where the level of white noise has sd 1, :math:`D` pixels).
+    The head shares no weights with the U-Net and the U-Net's output has no mean, so the loss
+    below trains the two apart: the head's gradients, which the division below makes large near
+    :math:`t = 1`, do not reach the U-Net's conditioning.
     On the linear path :math:`x_1 - x_0 = (x_1 - x_t) / (1 - t)`, so :math:`g_\\phi` predicts
     the final level :math:`\\sqrt D\\, \\bar x_1`, which varies slowly along the path, and the
     pull of the current level towards it is built in; :math:`\\epsilon` =
@@ -328,7 +331,7 @@ class ConditionalVectorField(nn.Module):
         self.conv_out = nn.Conv2d(previous, 1, 3, padding=1)
         self.level_mlp = (
             nn.Sequential(
-                nn.Linear(cond_dim + 1, cond_dim),
+                nn.Linear(embed_dim + latent_dim + 1, cond_dim),
                 nn.SiLU(),
                 nn.Linear(cond_dim, cond_dim),
                 nn.SiLU(),
@@ -410,16 +413,15 @@ class ConditionalVectorField(nn.Module):
         out = self.conv_out(nn.functional.silu(self.norm_out(h)))[:, 0]
         if self.level_mlp is None:
             return out
-        return out - out.mean(dim=(-2, -1), keepdim=True) + self._level_velocity(cond, x, t)
+        return out - out.mean(dim=(-2, -1), keepdim=True) + self._level_velocity(t, x, z)
 
-    def _level_velocity(self, cond: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _level_velocity(self, t: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Velocity of the mean level, ``(batch, 1, 1)``: the head's final level less the state's,
         over the remaining time."""
-        root_d = float(self.image_size)  # sqrt(D), D = image_size ** 2
-        level = x.mean(dim=(-2, -1))[:, None] * root_d
-        final = self.level_mlp(torch.cat([cond, level], dim=-1))
+        level = x.mean(dim=(-2, -1))[:, None]
+        final = self.level_mlp(torch.cat([sinusoidal_embedding(t, self.embed_dim), z, level], -1))
         remaining = (1.0 - t[:, None]).clamp(min=MIN_REMAINING_TIME)
-        return ((final - level) / (remaining * root_d))[:, :, None]
+        return ((final - level) / remaining)[:, :, None]
 
 
 def linear_path(

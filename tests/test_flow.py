@@ -157,11 +157,27 @@ def test_vector_field_mean_head_is_the_unets_zero_mean_part_plus_a_level_of_the_
     x, z = torch.randn(5, 16, 16) + torch.randn(5, 1, 1), torch.randn(5, 3)
     out, u = field(t, x, z), plain(t, x, z)
     assert_close(out - out.mean((-2, -1), keepdim=True), u - u.mean((-2, -1), keepdim=True))
-    cond = field.time_mlp(sinusoidal_embedding(t, field.embed_dim)) + field.latent_mlp(z)
-    level = 16 * x.mean((-2, -1))
-    final = field.level_mlp(torch.cat([cond, level[:, None]], dim=-1))[:, 0]
+    level = x.mean((-2, -1))
+    features = [sinusoidal_embedding(t, field.embed_dim), z, level[:, None]]
+    final = field.level_mlp(torch.cat(features, dim=-1))[:, 0]
     remaining = (1 - t).clamp(min=MIN_REMAINING_TIME)
-    assert_close(out.mean((-2, -1)), (final - level) / (16 * remaining))
+    assert_close(out.mean((-2, -1)), (final - level) / remaining)
+    # the two parts share no weights: the mean reaches only the head (all of it), the rest only
+    # the U-Net (in double precision, where removing the U-Net's mean leaves roundoff < 1e-9)
+    field = field.double()
+    out = field(t.double(), x.double(), z.double())
+    names = [name for name, _ in field.named_parameters()]
+    in_head = [name.startswith("level_mlp.") for name in names]
+    zero_mean = out - out.mean((-2, -1), keepdim=True)
+    for part, may_reach in ((out.mean((-2, -1)), in_head), (zero_mean, [not h for h in in_head])):
+        grads = torch.autograd.grad(
+            part.pow(2).sum(), list(field.parameters()), retain_graph=True, allow_unused=True
+        )
+        for name, grad, allowed in zip(names, grads, may_reach, strict=True):
+            reached = grad is not None and bool(grad.abs().max() > 1e-9)
+            assert reached <= allowed, name
+            if part.dim() == 1 and allowed:
+                assert reached, name
 
 
 @pytest.mark.slow
