@@ -324,6 +324,26 @@ def test_flow_matching_loss_uses_the_generator():
     assert (a - c).abs().max() > 1e-6
 
 
+def test_flow_matching_loss_of_a_mean_head_regresses_the_final_mean():
+    # per pixel: the zero-mean residual's square plus the head's squared error on the final mean
+    torch.manual_seed(1)
+    field = ConditionalVectorField(8, 2, channels=4, embed_dim=8, mean_head=True).double()
+    x1, z = torch.randn(64, 8, 8, dtype=torch.float64) + 2.0, torch.randn(64, 2).double()
+    loss = flow_matching_loss(field, x1, z, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)  # the same draws of x0 and t
+    x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype)
+    t = torch.rand((64,), generator=gen, dtype=x1.dtype)
+    x_t, u_t = linear_path(x0, x1, t)
+    v = field(t, x_t, z)
+    centred = (v - v.mean((-2, -1), keepdim=True)) - (u_t - u_t.mean((-2, -1), keepdim=True))
+    features = [sinusoidal_embedding(t, 8), z, x_t.mean((-2, -1))[:, None]]
+    final = field.level_mlp(torch.cat(features, dim=-1))[:, 0]
+    late = t > 1 - MIN_REMAINING_TIME  # there the head's velocity is floored
+    assert late.any() and not late.all()
+    expected = centred.pow(2).mean((-2, -1)) + (final - x1.mean((-2, -1))) ** 2
+    assert_close(loss[~late], expected[~late])
+
+
 def _gaussian_problem(batch: int = 16):
     gen = torch.Generator().manual_seed(0)
     m = torch.linspace(-2.0, 3.0, batch, dtype=torch.float64)
