@@ -327,6 +327,8 @@ class DLCFM(GuidedLatentModel):
             raise ValueError(f"expected intensity in {INTENSITIES}, got {intensity!r}")
         if noise not in BASE_NOISES:
             raise ValueError(f"expected noise in {BASE_NOISES}, got {noise!r}")
+        if not isinstance(field_mean_head, bool):
+            raise ValueError(f"expected field_mean_head True or False, got {field_mean_head!r}")
         intensity_scale = _check_float(intensity_scale, "intensity_scale", minimum=0.0, strict=True)
         method, steps = _check_method(method, steps)
         super().__init__(
@@ -460,7 +462,9 @@ class DLCFM(GuidedLatentModel):
     ) -> None:
         """Flow-matching surrogate likelihood, factor ``"x"`` of batch shape ``(batch,)``.
 
-        ``-flow_weight * D * mean_pixels((v(t, x_t, z) - (x_1 - x_0))^2)`` with one draw of
+        ``-flow_weight * D * mean_pixels((v(t, x_t, z) - (x_1 - x_0))^2)`` (with
+        ``field_mean_head``, the residual's mean weighted as in
+        :func:`~pyro_dlatent.flow.flow_matching_loss`) with one draw of
         ``t ~ U(0, 1)`` and ``x_0 ~ N(0, I)`` per image (from torch's global RNG, which
         :meth:`fit` seeds per epoch).
         """

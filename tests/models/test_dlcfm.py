@@ -326,6 +326,7 @@ def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
         ({"tau": 0.0}, "tau"),
         ({"field_channels": 0}, "channels"),
         ({"noise": "pink"}, "noise"),
+        ({"field_mean_head": "yes"}, "field_mean_head"),
     ],
 )
 def test_bad_constructor_arguments_raise(kwargs, match):
