@@ -387,7 +387,8 @@ class ConditionalVectorField(nn.Module):
         if t.shape != (batch,):
             raise ValueError(f"expected t of shape () or ({batch},), got {tuple(t.shape)}")
         z = z.to(x.dtype)
-        cond = self.time_mlp(sinusoidal_embedding(t, self.embed_dim)) + self.latent_mlp(z)
+        time_features = sinusoidal_embedding(t, self.embed_dim)
+        cond = self.time_mlp(time_features) + self.latent_mlp(z)
         h = x[:, None]
         if self.latent_map is not None:
             side = self.spatial_size
@@ -412,15 +413,16 @@ class ConditionalVectorField(nn.Module):
         out = self.conv_out(nn.functional.silu(self.norm_out(h)))[:, 0]
         if self.level_mlp is None:
             return out
-        return out - out.mean(dim=(-2, -1), keepdim=True) + self._level_velocity(t, x, z)
+        # velocity of the mean level: the head's final level less the state's, over the time left
+        level = x.mean(dim=(-2, -1), keepdim=True)
+        final = self.level_mlp(torch.cat([time_features, z, level[:, :, 0]], dim=-1))
+        velocity = (final[:, :, None] - level) / _remaining_time(t)
+        return out - out.mean(dim=(-2, -1), keepdim=True) + velocity
 
-    def _level_velocity(self, t: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Velocity of the mean level, ``(batch, 1, 1)``: the head's final level less the state's,
-        over the remaining time."""
-        level = x.mean(dim=(-2, -1))[:, None]
-        final = self.level_mlp(torch.cat([sinusoidal_embedding(t, self.embed_dim), z, level], -1))
-        remaining = (1.0 - t[:, None]).clamp(min=MIN_REMAINING_TIME)
-        return ((final - level) / remaining)[:, :, None]
+
+def _remaining_time(t: torch.Tensor) -> torch.Tensor:
+    """:math:`\\max(1 - t, \\epsilon)` of a batch of times, shape ``(batch, 1, 1)`` (mean head)."""
+    return (1.0 - t).clamp(min=MIN_REMAINING_TIME)[:, None, None]
 
 
 def linear_path(
@@ -500,8 +502,7 @@ def flow_matching_loss(
     if getattr(field, "mean_head", False):
         # the mean residual of a mean head is its error on the final mean over the remaining time
         mean = residual.mean(dim=(-2, -1), keepdim=True)
-        remaining = (1.0 - t).clamp(min=MIN_REMAINING_TIME)[:, None, None]
-        residual = residual - mean + mean * remaining
+        residual = residual - mean + mean * _remaining_time(t)
     return residual.pow(2).reshape(batch, -1).mean(dim=-1)
 
 
