@@ -372,8 +372,10 @@ def median_concentration(
     r"""Median :math:`c_{500c}(M_{500})` of a published concentration–mass relation (colossus).
 
     Evaluates ``colossus.halo.concentration.concentration(M, "500c", z, model=model)`` in the
-    named colossus cosmology without persistence (nothing is written to disk) and restores
-    colossus' previous current cosmology afterwards.
+    named colossus cosmology, without persisting the cosmology, and restores colossus' previous
+    current cosmology afterwards. Colossus itself caches the tables of some models (Diemer &
+    Joyce 2019's among them) in its cache directory; that directory is created here first, so
+    that processes starting together do not trip over colossus' own check-then-create.
 
     Parameters
     ----------
@@ -388,6 +390,7 @@ def median_concentration(
     from colossus.halo import concentration as colossus_concentration
 
     m500 = _positive("m500", m500)
+    _colossus_cache_dir("halo.concentration")
     previous = colossus_cosmology.current_cosmo
     try:
         cosmo = colossus_cosmology.setCosmology(cosmology, persistence="")
@@ -401,6 +404,21 @@ def median_concentration(
             f"[{np.log10(m500.min()):.2f}, {np.log10(m500.max()):.2f}] at z={z}"
         )
     return values
+
+
+def _colossus_cache_dir(module: str) -> str:
+    """Colossus' cache directory for ``module``, created if absent.
+
+    ``colossus.utils.storage.getCacheDir`` checks for the directory and then creates it; a second
+    process creating it in between raises ``FileExistsError`` there, which colossus' concentration
+    models turn into NaN. The directory exists once that error is raised, so one retry suffices.
+    """
+    from colossus.utils import storage
+
+    try:
+        return storage.getCacheDir(module=module)
+    except FileExistsError:
+        return storage.getCacheDir(module=module)
 
 
 def _check_range(name: str, value: Any, low: float, high: float) -> tuple[float, float]:

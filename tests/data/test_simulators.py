@@ -488,3 +488,25 @@ def test_galaxy_render_is_centred():
     image = galaxies.render([1e4], [0.3], [0.0], [0.0], [0.6], size=32, pixel_scale=0.2)[0]
     np.testing.assert_allclose(image, image[::-1, :], rtol=1e-4, atol=1e-6 * image.max())
     np.testing.assert_allclose(image, image[:, ::-1], rtol=1e-4, atol=1e-6 * image.max())
+
+
+def test_median_concentration_survives_a_concurrent_cache_creation(monkeypatch):
+    # Another process creates colossus' cache directory between colossus' existence check and
+    # its makedirs (two simulations started together on a fresh machine): colossus then raises
+    # FileExistsError inside its concentration model, which it reports as NaN.
+    from colossus.utils import storage
+
+    mass = np.array([1e14, 5e14])
+    expected = halos.median_concentration(mass, 0.1)  # the cache directory exists from here on
+    exists = storage.os.path.exists
+    lied = []
+
+    def racing_exists(path):
+        if str(path).rstrip("/").endswith("halo.concentration") and not lied:
+            lied.append(path)
+            return False
+        return exists(path)
+
+    monkeypatch.setattr(storage.os.path, "exists", racing_exists)
+    np.testing.assert_array_equal(halos.median_concentration(mass, 0.1), expected)
+    assert lied  # the race was played
