@@ -15,6 +15,8 @@ from pyro_dlatent.flow import flow_matching_loss
 from pyro_dlatent.inverse.prior import DeepPrior
 from pyro_dlatent.models.base import (
     _SPLINE_BUFFERS,
+    _TABLE_ARRAYS,
+    _TABLE_BUFFERS,
     ALIGN_SITE,
     DECOR_SITE,
     OBS_SITE,
@@ -294,10 +296,21 @@ def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
         again = GuidedLatentModel.load(path, weights=weights)
         assert_close(dict(again.state_dict()), dict(averaged.state_dict()), atol=0, rtol=0)
     assert not torch.equal(averaged.guided_loc, plain.guided_loc)
-    # a checkpoint written before fits kept the live map: the map is reset, with a warning
     ckpt = load_checkpoint(path)
-    del ckpt.state["average"]["generation"]
     fields = ("kind", "config", "scaler", "state", "history", "extra")
+    # a live map written before neighbour draws: its Gaussian map
+    generation = ckpt.state["average"]["generation"]
+    assert generation["guided_table_aux"].shape == (64, 2)
+    for name in _TABLE_BUFFERS:
+        del generation[name]
+    gauss = save_checkpoint(tmp_path / "gauss.pt", **{k: getattr(ckpt, k) for k in fields})
+    live = GuidedLatentModel.load(gauss, weights="live")
+    assert live.generation_calibrated
+    assert int(live.guided_neighbours) == 0
+    assert live.guided_table_aux.shape == (0, 2)
+    assert torch.equal(live.guided_scale_tril, plain.guided_scale_tril)
+    # a checkpoint written before fits kept the live map: the map is reset, with a warning
+    del ckpt.state["average"]["generation"]
     old = save_checkpoint(tmp_path / "old.pt", **{k: getattr(ckpt, k) for k in fields})
     with pytest.warns(UserWarning, match="no generation map for its live weights") as caught:
         uncalibrated = GuidedLatentModel.load(old, weights="live")
@@ -422,7 +435,10 @@ def test_spline_terms_are_left_out_for_few_images_or_tied_knots(trained):
 
 
 def test_calibrated_latents_follow_the_fitted_gaussian(trained, data):
-    fitted = trained.calibrate_generation(data, spline=False)  # a linear map: closed-form marginals
+    # a linear map without neighbour draws: closed-form marginals
+    fitted = trained.calibrate_generation(data, spline=False, neighbours=0)
+    assert int(trained.guided_neighbours) == 0
+    assert trained.guided_table_aux.shape == (0, 2)
     n = 20000
     z_aux, z_rec = trained.sample_latent({"mass": 1e14, "width": 2.0}, num=n, seed=3)
     u = trained.scaler.transform(np.array([[1e14, 2.0]]))[0]
@@ -446,6 +462,67 @@ def test_calibrated_latents_follow_the_fitted_gaussian(trained, data):
     trained.calibrate_generation(data)
 
 
+def _mixture_moments(means, scales):
+    """Mean, variance and fourth central moment of an equal mixture of N(means_j, scales_j^2)."""
+    mean = means.mean(0)
+    d = means - mean
+    var = (d**2 + scales**2).mean(0)
+    m4 = (d**4 + 6 * d**2 * scales**2 + 3 * scales**4).mean(0)
+    return mean, var, m4
+
+
+def _assert_draws_match(got, mean, var, m4):
+    # sample mean within 4 standard errors, sample variance within 4 of its standard errors
+    n = len(got)
+    assert (np.abs(got.mean(0) - mean) < 4 * np.sqrt(var / n)).all(), (got.mean(0), mean)
+    assert (np.abs(got.var(0) - var) < 4 * np.sqrt((m4 - var**2) / n)).all(), (got.var(0), var)
+
+
+def test_neighbour_draws_follow_the_aggregate_posterior_near_the_request(trained, data):
+    # z_aux = m(u~) + r_j + s_j eps, j uniform among the K calibration images nearest to u~:
+    # an equal mixture of N(m(u~) + r_j, s_j^2) over those K, computed here with numpy
+    trained.calibrate_generation(data, neighbours=16)
+    assert int(trained.guided_neighbours) == 16
+    assert trained.guided_table_aux.shape == (len(data["mass"]), 2)
+    encoding = trained.encode(data)
+    u = trained.scaler.transform(np.stack([data["mass"].values, data["width"].values], -1))
+
+    def mean_map(x):
+        return trained.guided_mean(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+    resid = encoding.z_aux_loc.numpy() - mean_map(u)
+    scale = encoding.z_aux_scale.numpy()
+    n = 20000
+    # inside the range, and beyond it (log10 M = 15.6 against 13-15): the map's tails
+    for mass, width in ((1e14, 2.0), (10**15.6, 3.4)):
+        z_aux, z_rec = trained.sample_latent({"mass": mass, "width": width}, num=n, seed=3)
+        target = trained.scaler.transform(np.array([[mass, width]]))
+        near = np.argsort(((u - target) ** 2).sum(1))[:16]
+        moments = _mixture_moments(mean_map(target) + resid[near], scale[near])
+        _assert_draws_match(z_aux.numpy().astype(np.float64), *moments)
+    assert (np.abs(z_rec.numpy().std(0) - 1.0) < 4 / np.sqrt(2 * n)).all()
+    # a left-out width: neighbours by mass alone, the width taken from the neighbour
+    z_aux, _ = trained.sample_latent({"mass": 1e14}, num=n, seed=4)
+    target = trained.scaler.transform(np.array([[1e14, 2.0]]))[0, 0]
+    near = np.argsort(np.abs(u[:, 0] - target))[:16]
+    filled = np.column_stack([np.full(16, target), u[near, 1]])
+    moments = _mixture_moments(mean_map(filled) + resid[near], scale[near])
+    _assert_draws_match(z_aux.numpy().astype(np.float64), *moments)
+    # nothing requested: every image ties at distance 0, so all of them are candidates and the
+    # draw is the whole aggregate posterior (with the top 16 alone it would be 16 of them)
+    z_aux, _ = trained.sample_latent(None, num=n, seed=5)
+    moments = _mixture_moments(encoding.z_aux_loc.numpy().astype(np.float64), scale)
+    _assert_draws_match(z_aux.numpy().astype(np.float64), *moments)
+    # neighbours beyond the number of images use them all
+    few = synthetic(8, seed=9)
+    trained.calibrate_generation(few, neighbours=50)
+    assert int(trained.guided_neighbours) == 8
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="neighbours"):
+            trained.calibrate_generation(data, neighbours=bad)
+    trained.calibrate_generation(data)
+
+
 def _rewritten_checkpoint(ckpt, path, *, keep_weight=None, keep_option=None):
     """``ckpt`` saved again at ``path`` without the weights and config options an older version
     of the package did not write (those for which ``keep_weight`` / ``keep_option`` is false)."""
@@ -466,8 +543,8 @@ def _rewritten_checkpoint(ckpt, path, *, keep_weight=None, keep_option=None):
     )
 
 
-def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, tmp_path):
-    from pyro_dlatent.checkpoint import load_checkpoint
+def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, data, tmp_path):
+    from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 
     path = trained.save(tmp_path / "m.pt")
     loaded = GuidedLatentModel.load(path)
@@ -475,12 +552,34 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
     assert torch.equal(loaded.guided_matrix, trained.guided_matrix)
     assert torch.equal(loaded.guided_spline, trained.guided_spline)
     assert torch.equal(loaded.guided_knots, trained.guided_knots)
+    assert int(loaded.guided_neighbours) == int(trained.guided_neighbours) > 0
+    for name in _TABLE_ARRAYS:  # sized by the calibration data, not by the constructor
+        assert torch.equal(getattr(loaded, name), getattr(trained, name))
     ckpt = load_checkpoint(path)
 
     def rewritten(name, keep):
         return _rewritten_checkpoint(ckpt, tmp_path / name, keep_weight=keep)
 
     old = rewritten("old.pt", lambda k: not k.startswith("guided_"))
+    # a checkpoint with the Gaussian map of the version before neighbour draws loads as that map
+    gaussian = GuidedLatentModel.load(rewritten("gauss.pt", lambda k: k not in _TABLE_BUFFERS))
+    assert gaussian.generation_calibrated
+    assert int(gaussian.guided_neighbours) == 0
+    assert gaussian.guided_table_resid.shape == (0, 2)
+    assert torch.equal(gaussian.guided_scale_tril, trained.guided_scale_tril)
+    z_aux, _ = gaussian.sample_latent({"mass": 1e14, "width": 2.0}, num=3, seed=1)
+    trained.calibrate_generation(data, neighbours=0)
+    assert torch.equal(z_aux, trained.sample_latent({"mass": 1e14, "width": 2.0}, num=3, seed=1)[0])
+    trained.calibrate_generation(data)
+    # tables that do not fit together are refused, naming the file
+    weights = dict(ckpt.state["model"], guided_table_scale=torch.zeros(3, 2))
+    bad = save_checkpoint(
+        tmp_path / "bad.pt",
+        state={**ckpt.state, "model": weights},
+        **{k: getattr(ckpt, k) for k in ("kind", "config", "scaler", "history", "extra")},
+    )
+    with pytest.raises(ValueError, match=r"bad\.pt.*neighbour tables of mismatched shapes"):
+        GuidedLatentModel.load(bad)
     # a checkpoint with the linear map of the version before splines loads as that map
     linear = GuidedLatentModel.load(rewritten("linear.pt", lambda k: k not in _SPLINE_BUFFERS))
     assert linear.generation_calibrated

@@ -67,6 +67,12 @@ def test_evaluate_only_reproduces_the_scores_of_the_run(tmp_path):
         for key in ("pearson_r", "leakage", "power_spectrum_error", "y_m_slope"):
             assert json.dumps(second[key]) == json.dumps(first[key]), key  # NaN == NaN
         assert second["anomaly_auroc_disturbed"] == first["anomaly_auroc_disturbed"]
+    # refitting the generation map on the fit's own training part makes the map it saved
+    recalibrated = halos.main([*argv, "--evaluate-only", "--recalibrate"])["models"]["dlcfm"]
+    for key in ("power_spectrum_error", "pixel_histogram_w1", "y_m_slope"):
+        assert json.dumps(recalibrated[key]) == json.dumps(trained["models"]["dlcfm"][key]), key
+    with pytest.raises(SystemExit):
+        halos.main([*argv, "--recalibrate"])
 
 
 @pytest.mark.filterwarnings("ignore:ema_decay=.* leaves:UserWarning")  # short test fits
