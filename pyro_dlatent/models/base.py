@@ -119,8 +119,8 @@ _TABLE_BUFFERS = ("guided_neighbours", *_TABLE_ARRAYS)
 """Buffers of the neighbour draws; checkpoints written before them load with their Gaussian map."""
 GENERATION_NEIGHBOURS = 16
 """Default number of nearest calibration images a generated ``z_aux`` borrows its residual from."""
-_NEIGHBOUR_CHUNK = 256
-"""Requested rows whose distances to the calibration images are computed at once."""
+_NEIGHBOUR_ELEMENTS = 2**21
+"""Distances between requested rows and calibration images computed at once (memory bound)."""
 
 
 def natural_spline_terms(x: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
@@ -1786,10 +1786,11 @@ class GuidedLatentModel(PyroModule):
         """Index of one calibration image per row, uniform among its ``K`` nearest (ties in)."""
         table = self.guided_table_aux
         count = int(self.guided_neighbours)
+        chunk = max(1, _NEIGHBOUR_ELEMENTS // table.shape[0])
         picks = []
-        for start in range(0, standardized.shape[0], _NEIGHBOUR_CHUNK):
-            rows = standardized[start : start + _NEIGHBOUR_CHUNK, None, :]
-            seen = observed[start : start + _NEIGHBOUR_CHUNK, None, :]
+        for start in range(0, standardized.shape[0], chunk):
+            rows = standardized[start : start + chunk, None, :]
+            seen = observed[start : start + chunk, None, :]
             distance = torch.where(seen, rows - table, 0.0).pow(2).sum(-1)
             kth = distance.kthvalue(count, dim=1, keepdim=True).values
             near = (distance <= kth).float()

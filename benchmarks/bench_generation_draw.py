@@ -1,0 +1,100 @@
+"""Time the guided block's neighbour draw against the Gaussian draw and against decoding.
+
+``DLCFM.sample`` draws latent codes (``sample_latent``) and integrates the flow from them.
+After ``calibrate_generation`` the guided block is drawn from the encoded calibration images
+nearest to each request (``neighbours > 0``, the default) or from the fitted Gaussian map
+(``neighbours=0``). This times, in one process and on the same model, the draw of ``--rows``
+codes both ways against a table of ``--table`` calibration images, and the integration of the
+flow (4 rk4 steps, the default solver) for ``--decode-rows`` of them, and prints the per-row
+ratios: the neighbour draw's cost over the Gaussian draw's, and its share of a generated map's
+cost. The networks are untrained (timing does not depend on the weights); the table holds the
+encoded simulated maps. Medians over ``--repeats`` rounds.
+Run ``python benchmarks/bench_generation_draw.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyro_dlatent.data import aux_array, simulate
+from pyro_dlatent.models.dlcfm import DLCFM
+
+__all__ = ["main", "median_seconds"]
+
+
+def median_seconds(call: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``call()`` over ``repeats`` rounds, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns (and optionally writes) the timings."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", type=int, default=8192, help="calibration images")
+    parser.add_argument("--rows", type=int, default=2048, help="latent codes drawn per round")
+    parser.add_argument("--decode-rows", type=int, default=64, help="maps integrated per round")
+    parser.add_argument("--size", type=int, default=32, help="pixels per side")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    data = simulate("halos", args.table, size=args.size, seed=0)
+    model = DLCFM.from_dataset(data, field_channels=16, seed=0)
+    names = list(model.scaler.names)
+    values = aux_array(data)
+    rng = np.random.default_rng(1)
+    rows = values[rng.integers(0, len(values), args.rows)]
+    request = {name: rows[:, j] for j, name in enumerate(names)}
+    few = {name: column[: args.decode_rows] for name, column in request.items()}
+
+    seconds: dict[str, float] = {}
+    for label, neighbours in (("gaussian_draw", 0), ("neighbour_draw", 16)):
+        model.calibrate_generation(data, neighbours=neighbours)
+        seconds[label] = median_seconds(lambda: model.sample_latent(request, seed=0), args.repeats)
+    z_aux, z_rec = model.sample_latent(few, seed=0)
+    with torch.no_grad():
+        seconds["decode"] = median_seconds(
+            lambda: model.decode(z_aux, z_rec, seed=0), max(1, args.repeats // 2)
+        )
+    per_row = {
+        "gaussian_draw": seconds["gaussian_draw"] / args.rows,
+        "neighbour_draw": seconds["neighbour_draw"] / args.rows,
+        "decode": seconds["decode"] / args.decode_rows,
+    }
+    result = {
+        "settings": vars(args) | {"output": str(args.output) if args.output else None},
+        "platform": platform.platform(),
+        "seconds_per_row": per_row,
+        "neighbour_over_gaussian": per_row["neighbour_draw"] / per_row["gaussian_draw"],
+        "neighbour_share_of_a_map": per_row["neighbour_draw"]
+        / (per_row["neighbour_draw"] + per_row["decode"]),
+    }
+    for key, value in per_row.items():
+        print(f"{key:>15}: {value * 1e3:9.4f} ms per row")
+    print(f"neighbour / gaussian draw: {result['neighbour_over_gaussian']:.0f}x")
+    print(f"neighbour draw's share of a generated map: {result['neighbour_share_of_a_map']:.2%}")
+    if args.output is not None:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
