@@ -53,8 +53,8 @@ for name in model.aux_names:
 # Guided coordinates are given in physical units. `fit` ended by fitting the encoded guided
 # block given the auxiliaries (`calibrate_generation`), so a requested mass is drawn where the
 # encoder puts maps of that mass: from the encodings of the training maps nearest to the
-# request, moved to it along the fitted mean. Four fixed rk4 steps (16 evaluations of the vector field) are
-# the default; `method="dopri5"` integrates adaptively.
+# request, moved to it along the fitted mean. Four fixed rk4 steps (16 evaluations of the
+# vector field) are the default; `method="dopri5"` integrates adaptively.
 
 # %%
 masses = [13.8, 14.2, 14.6, 15.0]

@@ -1303,6 +1303,7 @@ class GuidedLatentModel(PyroModule):
             self._reset_tables()
         elif set(result.missing_keys) & set(_TABLE_BUFFERS):  # a Gaussian map, before neighbours
             self._reset_tables()
+        self._check_tables(what)
         optimizer = state.get("optimizer") or {}
         if self._optim is not None and optimizer:
             store_names = self._store_names()
@@ -1343,6 +1344,7 @@ class GuidedLatentModel(PyroModule):
                 buffers[name].copy_(value)
         if kept and not set(_TABLE_BUFFERS) <= set(generation):
             self._reset_tables()
+        self._check_tables(what)
         if not kept and self.generation_calibrated:
             self.reset_generation()
             warnings.warn(
@@ -1565,6 +1567,11 @@ class GuidedLatentModel(PyroModule):
             raise ValueError(f"{what} holds neighbour tables of mismatched shapes {shapes}")
         for name, shape in shapes.items():
             setattr(self, name, torch.zeros(shape, device=self.device))
+
+    def _check_tables(self, what: str) -> None:
+        count, rows = int(self.guided_neighbours), self.guided_table_aux.shape[0]
+        if not 0 <= count <= rows or (count == 0) != (rows == 0):
+            raise ValueError(f"{what} holds {count} neighbours for a table of {rows} images")
 
     def calibrate_generation(
         self,

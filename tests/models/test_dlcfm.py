@@ -580,6 +580,16 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
     )
     with pytest.raises(ValueError, match=r"bad\.pt.*neighbour tables of mismatched shapes"):
         GuidedLatentModel.load(bad)
+    rows = trained.guided_table_aux.shape[0]
+    for count in (rows + 1, -1, 0):
+        weights = dict(ckpt.state["model"], guided_neighbours=torch.tensor(count))
+        bad = save_checkpoint(
+            tmp_path / "bad.pt",
+            state={**ckpt.state, "model": weights},
+            **{k: getattr(ckpt, k) for k in ("kind", "config", "scaler", "history", "extra")},
+        )
+        with pytest.raises(ValueError, match=f"holds {count} neighbours for a table of {rows}"):
+            GuidedLatentModel.load(bad)
     # a checkpoint with the linear map of the version before splines loads as that map
     linear = GuidedLatentModel.load(rewritten("linear.pt", lambda k: k not in _SPLINE_BUFFERS))
     assert linear.generation_calibrated
