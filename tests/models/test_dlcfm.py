@@ -571,23 +571,21 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
     trained.calibrate_generation(data, neighbours=0)
     assert torch.equal(z_aux, trained.sample_latent({"mass": 1e14, "width": 2.0}, num=3, seed=1)[0])
     trained.calibrate_generation(data)
+
     # tables that do not fit together are refused, naming the file
-    weights = dict(ckpt.state["model"], guided_table_scale=torch.zeros(3, 2))
-    bad = save_checkpoint(
-        tmp_path / "bad.pt",
-        state={**ckpt.state, "model": weights},
-        **{k: getattr(ckpt, k) for k in ("kind", "config", "scaler", "history", "extra")},
-    )
-    with pytest.raises(ValueError, match=r"bad\.pt.*neighbour tables of mismatched shapes"):
-        GuidedLatentModel.load(bad)
-    rows = trained.guided_table_aux.shape[0]
-    for count in (rows + 1, -1, 0):
-        weights = dict(ckpt.state["model"], guided_neighbours=torch.tensor(count))
-        bad = save_checkpoint(
+    def with_weights(**changed):
+        weights = dict(ckpt.state["model"], **changed)
+        return save_checkpoint(
             tmp_path / "bad.pt",
             state={**ckpt.state, "model": weights},
             **{k: getattr(ckpt, k) for k in ("kind", "config", "scaler", "history", "extra")},
         )
+
+    with pytest.raises(ValueError, match=r"bad\.pt.*neighbour tables of mismatched shapes"):
+        GuidedLatentModel.load(with_weights(guided_table_scale=torch.zeros(3, 2)))
+    rows = trained.guided_table_aux.shape[0]
+    for count in (rows + 1, -1, 0):
+        bad = with_weights(guided_neighbours=torch.tensor(count))
         with pytest.raises(ValueError, match=f"holds {count} neighbours for a table of {rows}"):
             GuidedLatentModel.load(bad)
     # a checkpoint with the linear map of the version before splines loads as that map
