@@ -546,6 +546,8 @@ def _rewritten_checkpoint(ckpt, path, *, keep_weight=None, keep_option=None):
 def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, data, tmp_path):
     from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 
+    # the map on all of data, as the Gaussian map recomputed below (fit made it on its own part)
+    trained.calibrate_generation(data)
     path = trained.save(tmp_path / "m.pt")
     loaded = GuidedLatentModel.load(path)
     assert loaded.generation_calibrated
