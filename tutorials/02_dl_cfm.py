@@ -69,7 +69,7 @@ plots.save_figure(fig, OUT / "generated_by_mass.png")
 # %% [markdown]
 # ## 4. Residual tails: unusual morphology at fixed physics
 # `z_rec` is drawn with its chi-square radius above the 99th percentile while `z_aux` is held at
-# the requested mass and concentration.
+# one draw for the requested mass and concentration (the encoding of a training map near them).
 
 # %%
 tails, _ = model.sample_tails(

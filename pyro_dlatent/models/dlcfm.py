@@ -619,8 +619,10 @@ class DLCFM(GuidedLatentModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images with the guided block fixed and the residual block in the tail of its prior.
 
-        ``z_aux`` at its mean for the given physics (:meth:`guided_mean`: ``u~`` before
-        :meth:`calibrate_generation`, its fitted mean after) and ``z_rec`` from
+        ``z_aux`` is one draw of :meth:`sample_latent` per auxiliary row, held for the row's
+        ``num`` images (after :meth:`calibrate_generation`, the encoding of a calibration image
+        near the request moved to it, where the field was trained; at the map's mean instead,
+        heavy halos came out with too much small-scale power), and ``z_rec`` from
         :func:`pyro_dlatent.anomaly.tail_latents`: ``||z_rec||^2`` above the ``quantile`` of
         :math:`\\chi^2_r`, direction uniform.
 
@@ -647,9 +649,9 @@ class DLCFM(GuidedLatentModel):
         num = _check_int(num, "num", 1)
         if aux is None or not isinstance(aux, Mapping) or set(aux) != set(self.scaler.names):
             raise ValueError(f"aux must give every auxiliary {self.scaler.names} for tails")
-        standardized, _ = self._aux_rows(aux)
-        z_aux = self.guided_mean(standardized).repeat_interleave(num, dim=0)
         rng = np.random.default_rng(None if seed is None else _check_int(seed, "seed", 0))
+        latent_seed = None if seed is None else _derived_seed(seed, 3)
+        z_aux = self.sample_latent(aux, seed=latent_seed)[0].repeat_interleave(num, dim=0)
         z_rec = tail_latents(z_aux.shape[0], self.residual_dim, quantile, rng).to(self.device)
         noise_seed = None if seed is None else _derived_seed(seed, 2)
         images = self.decode(

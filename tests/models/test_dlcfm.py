@@ -25,7 +25,7 @@ from pyro_dlatent.models.base import (
     GuidedLatentModel,
     natural_spline_terms,
 )
-from pyro_dlatent.models.dlcfm import DLCFM, FlowGenerator
+from pyro_dlatent.models.dlcfm import DLCFM, FlowGenerator, _derived_seed
 from tests.conftest import assert_close
 
 SIZE = 16
@@ -180,13 +180,17 @@ def test_sample_is_seeded_and_accepts_rows_of_aux(trained):
 
 
 def test_sample_tails_fix_the_guided_block_and_use_the_tail(trained):
-    images, z_rec = trained.sample_tails(
-        {"mass": 1e14, "width": 2.0}, num=16, quantile=0.99, seed=0
-    )
+    assert int(trained.guided_neighbours) > 0
+    aux = {"mass": [1e14, 3e14], "width": 2.0}
+    images, z_rec = trained.sample_tails(aux, num=8, quantile=0.99, seed=0)
     assert images.shape == (16, SIZE, SIZE)
     assert (z_rec.pow(2).sum(-1) >= stats.chi2.ppf(0.99, df=2) - 1e-4).all()
-    again, _ = trained.sample_tails({"mass": 1e14, "width": 2.0}, num=16, quantile=0.99, seed=0)
+    again, _ = trained.sample_tails(aux, num=8, quantile=0.99, seed=0)
     assert torch.equal(images, again)
+    # the guided block is one neighbour draw per row, held for the row's images
+    z_aux, _ = trained.sample_latent(aux, seed=_derived_seed(0, 3))
+    expected = trained.decode(z_aux.repeat_interleave(8, 0), z_rec, seed=_derived_seed(0, 2))
+    assert_close(images, expected)
     with pytest.raises(ValueError, match="every auxiliary"):
         trained.sample_tails({"mass": 1e14}, num=2)
 
@@ -456,9 +460,9 @@ def test_calibrated_latents_follow_the_fitted_gaussian(trained, data):
     assert (
         np.abs(partial.numpy().std(0) - np.sqrt(marginal_var)) < 0.05 * np.sqrt(marginal_var)
     ).all()
-    # sample_tails holds z_aux at the map's mean
-    tails_mean = trained.guided_mean(torch.as_tensor(u[None], dtype=torch.float32))
-    assert_close(tails_mean.numpy()[0], mean, atol=1e-5)
+    # guided_mean is the map's mean
+    map_mean = trained.guided_mean(torch.as_tensor(u[None], dtype=torch.float32))
+    assert_close(map_mean.numpy()[0], mean, atol=1e-5)
     trained.calibrate_generation(data)
 
 
