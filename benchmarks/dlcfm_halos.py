@@ -366,7 +366,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--field-mean-head",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="the vector field's mean level from a head that sees the state's mean level",
     )
     parser.add_argument(

@@ -618,7 +618,7 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
 def test_checkpoint_from_before_the_latent_map_loads_with_film_only_and_white_noise(data, tmp_path):
     from pyro_dlatent.checkpoint import load_checkpoint
 
-    model = small_model(data, field_spatial_channels=0, noise="white")
+    model = small_model(data, field_spatial_channels=0, field_mean_head=False, noise="white")
     path = model.save(tmp_path / "film.pt")
     old_keys = ("field_spatial_channels", "field_mean_head", "noise")
     old = _rewritten_checkpoint(
@@ -649,8 +649,8 @@ def test_latent_map_model_trains_saves_and_loads(data, tmp_path):
 
 
 def test_mean_head_model_trains_saves_and_loads(data, tmp_path):
-    model = small_model(data, field_mean_head=True)
-    assert model.field.level_mlp is not None
+    model = small_model(data)
+    assert model.field.level_mlp is not None  # the default
     model.fit(data, **{**FIT, "epochs": 2})
     loaded = GuidedLatentModel.load(model.save(tmp_path / "head.pt"))
     assert loaded.config["field_mean_head"] and loaded.field.mean_head
