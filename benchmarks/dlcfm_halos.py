@@ -223,6 +223,9 @@ def evaluate_model(
     z_aux = encoding.z_aux_loc.cpu().numpy()
     z_rec = encoding.z_rec_loc.cpu().numpy()
     result: dict[str, Any] = {
+        # the model's own constructor arguments: with --evaluate-only they come from the
+        # checkpoint, not from this run's flags
+        "config": model.config,
         "pearson_r": {
             n: float(np.corrcoef(z_aux[:, j], standardized[:, j])[0, 1])
             for j, n in enumerate(names)

@@ -73,6 +73,13 @@ def test_evaluate_only_reproduces_the_scores_of_the_run(tmp_path):
         assert json.dumps(recalibrated[key]) == json.dumps(trained["models"]["dlcfm"][key]), key
     with pytest.raises(SystemExit):
         halos.main([*argv, "--recalibrate"])
+    # the scores name the checkpoint's architecture, whatever this run's flags say
+    assert trained["models"]["dlcfm"]["config"]["field_mean_head"] is True
+    plain = [*TINY, "--epochs", "1", "--run-dir", str(tmp_path / "plain"), "--no-field-mean-head"]
+    halos.main(plain)
+    scored = halos.main([*plain[:-1], "--evaluate-only"])
+    assert scored["settings"]["field_mean_head"] is True
+    assert scored["models"]["dlcfm"]["config"]["field_mean_head"] is False
 
 
 @pytest.mark.filterwarnings("ignore:ema_decay=.* leaves:UserWarning")  # short test fits
