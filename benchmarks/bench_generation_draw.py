@@ -1,4 +1,4 @@
-"""Time the guided block's neighbour draw against the Gaussian draw and against decoding.
+"""Time the costs of a generated map: the guided block's draw and the flow's integration.
 
 ``DLCFM.sample`` draws latent codes (``sample_latent``) and integrates the flow from them.
 After ``calibrate_generation`` the guided block is drawn from the encoded calibration images
@@ -7,8 +7,12 @@ nearest to each request (``neighbours > 0``, the default) or from the fitted Gau
 codes both ways against a table of ``--table`` calibration images, and the integration of the
 flow (4 rk4 steps, the default solver) for ``--decode-rows`` of them, and prints the per-row
 ratios: the neighbour draw's cost over the Gaussian draw's, and its share of a generated map's
-cost. The networks are untrained (timing does not depend on the weights); the table holds the
-encoded simulated maps. Medians over ``--repeats`` rounds.
+cost. It also times the mean-head field's integration with the level apart (what
+:func:`~pyro_dlatent.flow.sample_ode` does for fixed-step solvers) against RK4 on the coupled
+state (the baseline, same 16 U-Net evaluations), for ``--decode-rows`` maps without gradients
+and for one map with the gradient in its code, as the deep prior's HMC needs it. The networks
+are untrained (timing does not depend on the weights); the table holds the encoded simulated
+maps. Medians over ``--repeats`` rounds.
 Run ``python benchmarks/bench_generation_draw.py --help`` for the options.
 """
 
@@ -25,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchdiffeq
 
 from pyro_dlatent.data import aux_array, simulate
-from pyro_dlatent.models.dlcfm import DLCFM
+from pyro_dlatent.flow import sample_ode
+from pyro_dlatent.models.dlcfm import DEFAULT_STEPS, DLCFM
 
 __all__ = ["main", "median_seconds"]
 
@@ -41,6 +47,37 @@ def median_seconds(call: Callable[[], Any], repeats: int) -> float:
         call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def coupled_rk4(field: Any, z: torch.Tensor, x0: torch.Tensor, steps: int) -> torch.Tensor:
+    """The baseline: RK4 with ``steps`` steps on the whole state, the level included."""
+    grid = torch.linspace(0.0, 1.0, steps + 1)
+    return torchdiffeq.odeint(
+        lambda t, x: field(t, x, z),
+        x0,
+        grid[[0, -1]],
+        method="rk4",
+        options={"grid_constructor": lambda f, y, t: grid},
+    )[-1]
+
+
+def _integration_seconds(
+    field: Any, z: torch.Tensor, x0: torch.Tensor, repeats: int, gradient: bool
+) -> dict[str, float]:
+    """Median seconds of both integrations (with ``gradient``, forward and backward in ``z``)."""
+    ways = {
+        "level_apart": lambda code: sample_ode(field, code, x0, "rk4", DEFAULT_STEPS).x,
+        "coupled": lambda code: coupled_rk4(field, code, x0, DEFAULT_STEPS),
+    }
+
+    def run(way: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        code = z.clone().requires_grad_(gradient)
+        with torch.set_grad_enabled(gradient):
+            images = way(code)
+            if gradient:
+                images.sum().backward()
+
+    return {name: median_seconds(lambda way=way: run(way), repeats) for name, way in ways.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -79,6 +116,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "neighbour_draw": seconds["neighbour_draw"] / args.rows,
         "decode": seconds["decode"] / args.decode_rows,
     }
+    z = torch.cat([z_aux, z_rec], dim=-1)
+    x0 = torch.randn(
+        (args.decode_rows, args.size, args.size), generator=torch.Generator().manual_seed(0)
+    )
+    level = {
+        "batch": _integration_seconds(model.field, z, x0, max(1, args.repeats // 2), False),
+        "one_with_gradient": _integration_seconds(model.field, z[:1], x0[:1], args.repeats, True),
+    }
     result = {
         "settings": vars(args) | {"output": str(args.output) if args.output else None},
         "platform": platform.platform(),
@@ -86,11 +131,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "neighbour_over_gaussian": per_row["neighbour_draw"] / per_row["gaussian_draw"],
         "neighbour_share_of_a_map": per_row["neighbour_draw"]
         / (per_row["neighbour_draw"] + per_row["decode"]),
+        "integration_seconds": level,
+        "level_apart_over_coupled": {
+            name: times["level_apart"] / times["coupled"] for name, times in level.items()
+        },
     }
     for key, value in per_row.items():
         print(f"{key:>15}: {value * 1e3:9.4f} ms per row")
     print(f"neighbour / gaussian draw: {result['neighbour_over_gaussian']:.0f}x")
     print(f"neighbour draw's share of a generated map: {result['neighbour_share_of_a_map']:.2%}")
+    for name, ratio in result["level_apart_over_coupled"].items():
+        print(f"level apart / coupled RK4, {name.replace('_', ' ')}: {ratio:.2f}x")
     if args.output is not None:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     return result
