@@ -173,7 +173,7 @@ def encode(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     weights: _Weights = None,
 ) -> None:
-    """Encode images: predicted auxiliaries (physical units, mean and sd) and latent means."""
+    """Encode images: predicted auxiliaries (physical units: mean, sd, 5/25/75/95% quantiles)."""
     from pyro_dlatent.runs import load_model, open_dataset
 
     _out_path(out, overwrite)
@@ -184,6 +184,14 @@ def encode(
     result["z_aux"] = (("sample", "aux"), encoding.z_aux_loc.cpu().numpy())
     result["z_rec"] = (("sample", "residual"), encoding.z_rec_loc.cpu().numpy())
     result = result.assign_coords(aux=net.aux_names)
+    calibrated = result.attrs.pop("calibrated")
+    result.attrs["calibrated"] = " ".join(calibrated)  # netCDF keeps no list of one or none
+    result.attrs["uncertainty"] = (
+        "NAME_sd and the quantiles NAME_qPP of each auxiliary named in 'calibrated' are those "
+        "of its predictive distribution calibrated on held-out images (NAME_q05 to NAME_q95 "
+        "is a 90% interval); for any other auxiliary they are the guide's latent sd, not an "
+        "error bar"
+    )
     write_netcdf(result, out)
     typer.echo(f"wrote {out} ({ds.sizes['sample']} images)")
 

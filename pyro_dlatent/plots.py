@@ -176,6 +176,8 @@ def aux_scatter(
     aux_dim: int,
     max_residual: int = 3,
     max_points: int = 2000,
+    predicted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    max_error_bars: int = 150,
 ) -> plt.Figure:
     """Scatter of each auxiliary (rows) against each guided and a few residual latents (columns).
 
@@ -184,15 +186,43 @@ def aux_scatter(
     latents : array ``(n, aux_dim + residual_dim)``, encoded posterior means
     aux : array ``(n, aux_dim)``, auxiliaries in physical units (NaN = missing, skipped)
     aux_labels : names (with units) of the auxiliaries
+    predicted : (mean, lower, upper), arrays ``(n, aux_dim)``, optional
+        Reported means and interval bounds in physical units: a first column plots the truth
+        against the mean with the intervals as error bars on the first ``max_error_bars``
+        images, and the diagonal.
     """
     latents = np.asarray(latents)
     aux = np.asarray(aux)
+    extra = 0 if predicted is None else 1
     ncols = aux_dim + min(latents.shape[1] - aux_dim, max_residual)
     n = min(latents.shape[0], max_points)
-    fig, axes = plt.subplots(aux_dim, ncols, figsize=(1.9 * ncols, 1.8 * aux_dim), squeeze=False)
+    fig, axes = plt.subplots(
+        aux_dim, ncols + extra, figsize=(1.9 * (ncols + extra), 1.8 * aux_dim), squeeze=False
+    )
     for i in range(aux_dim):
+        if predicted is not None:
+            ax = axes[i, 0]
+            mean, lower, upper = (np.asarray(a)[:n, i] for a in predicted)
+            ok = np.isfinite(aux[:n, i])
+            ax.scatter(mean[ok], aux[:n, i][ok], s=2, alpha=0.3, color="C0", rasterized=True)
+            bars = np.flatnonzero(ok)[:max_error_bars]
+            ax.errorbar(
+                mean[bars],
+                aux[bars, i],
+                xerr=np.stack([mean[bars] - lower[bars], upper[bars] - mean[bars]]),
+                fmt="none",
+                ecolor="C1",
+                elinewidth=0.5,
+                alpha=0.6,
+            )
+            span = [np.nanmin(aux[:n, i]), np.nanmax(aux[:n, i])]
+            ax.plot(span, span, color="k", lw=0.6)
+            ax.tick_params(labelsize=5)
+            ax.set_ylabel(aux_labels[i], fontsize=7)
+            if i == aux_dim - 1:
+                ax.set_xlabel("predicted, 90% interval", fontsize=7)
         for c in range(ncols):
-            ax = axes[i, c]
+            ax = axes[i, c + extra]
             ok = np.isfinite(aux[:n, i])
             x, y = latents[:n, c][ok], aux[:n, i][ok]
             ax.scatter(x, y, s=2, alpha=0.4, color="C0" if c == i else "C7", rasterized=True)
@@ -201,8 +231,34 @@ def aux_scatter(
             ax.tick_params(labelsize=5)
             if i == aux_dim - 1:
                 ax.set_xlabel(f"z_aux[{c}]" if c < aux_dim else f"z_rec[{c - aux_dim}]", fontsize=7)
-            if c == 0:
+            if c == 0 and predicted is None:
                 ax.set_ylabel(aux_labels[i], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_curve(
+    levels: Sequence[float], coverage: dict[str, Sequence[float]], *, n: int | None = None
+) -> plt.Figure:
+    """Empirical against nominal coverage of central intervals, one line per auxiliary.
+
+    Parameters
+    ----------
+    levels : nominal levels of the intervals
+    coverage : auxiliary label -> empirical coverage at each level (NaN = not measured)
+    n : number of held-out truths, for the title
+    """
+    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="calibrated")
+    for label, values in coverage.items():
+        ax.plot(levels, values, marker="o", ms=3, lw=1, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("nominal coverage", fontsize=8)
+    ax.set_ylabel("empirical coverage", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.set_title("interval calibration" + ("" if n is None else f" ({n} held out)"), fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -13,6 +13,7 @@ import torch
 import xarray as xr
 
 from pyro_dlatent import data, plots
+from pyro_dlatent.calibration import COVERAGE_LEVELS as LEVELS
 from pyro_dlatent.models.base import GuidedLatentModel
 from pyro_dlatent.utils import write_json
 
@@ -120,9 +121,13 @@ def traversal_figure(model: GuidedLatentModel, *, span: float = 2.5, steps: int 
 
 
 def explain(model: GuidedLatentModel, dataset: xr.Dataset, out: str | os.PathLike) -> dict:
-    """Write ``traversal.png``, ``scatter.png``, ``history.png`` and ``report.json`` into ``out``.
+    """Write ``traversal.png``, ``scatter.png``, ``calibration.png``, ``history.png`` and
+    ``report.json`` into ``out``.
 
-    Returns the alignment report (see :func:`pyro_dlatent.report.alignment_report`).
+    The scatter's first column is each auxiliary against its reported mean with 90% intervals;
+    ``calibration.png`` is the empirical coverage of the reported 50/80/90/95% intervals against
+    their nominal level. Returns the alignment report (see
+    :func:`pyro_dlatent.report.alignment_report`).
     """
     from pyro_dlatent.report import alignment_report, save_report
 
@@ -135,10 +140,27 @@ def explain(model: GuidedLatentModel, dataset: xr.Dataset, out: str | os.PathLik
     latents = torch.cat([encoding.z_aux_loc, encoding.z_rec_loc], dim=-1).cpu().numpy()
     scaler = model.scaler
     labels = [f"{n} [{u}]" if u else n for n, u in zip(scaler.names, scaler.units, strict=True)]
+    predicted = model.predict_aux(dataset, quantiles=(0.05, 0.95))
+    columns = [
+        np.stack([predicted[f"{name}{suffix}"].values for name in scaler.names], -1)
+        for suffix in ("", "_q05", "_q95")
+    ]
     fig = plots.aux_scatter(
-        latents, data.aux_array(dataset), aux_labels=labels, aux_dim=model.aux_dim
+        latents,
+        data.aux_array(dataset),
+        aux_labels=labels,
+        aux_dim=model.aux_dim,
+        predicted=tuple(columns),
     )
     plots.save_figure(fig, out / "scatter.png")
+    variables = report["variables"]
+    coverage = {
+        label: [variables[name]["calibration"]["coverage"].get(str(level)) for level in LEVELS]
+        for name, label in zip(scaler.names, labels, strict=True)
+    }
+    coverage = {k: [np.nan if v is None else v for v in values] for k, values in coverage.items()}
+    fig = plots.calibration_curve(LEVELS, coverage, n=report["n"])
+    plots.save_figure(fig, out / "calibration.png")
     if model.history:
         plots.save_figure(plots.training_history(model.history), out / "history.png")
     return report

@@ -51,6 +51,25 @@ def test_aux_scatter_reports_correlation():
     assert len(fig.axes) == 6
 
 
+def test_aux_scatter_draws_intervals_and_the_calibration_curve_the_diagonal():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(300, 2))
+    latents = np.column_stack([u, rng.normal(size=300)])
+    predicted = (u + 0.1, u - 1.0, u + 1.0)
+    fig = plots.aux_scatter(latents, u, aux_labels=["a", "b"], aux_dim=2, predicted=predicted)
+    assert len(fig.axes) == 8  # the predicted column first
+    first = fig.axes[0]
+    assert first.get_ylabel() == "a" and len(first.collections) == 2  # points and error bars
+    segments = first.collections[1].get_segments()
+    assert len(segments) == 150
+    np.testing.assert_allclose(segments[0][:, 0], [u[0, 0] - 1.0, u[0, 0] + 1.0])
+    curve = plots.calibration_curve([0.5, 0.9], {"a": [0.5, 0.9], "b": [0.3, 0.6]}, n=300)
+    ax = curve.axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_xydata(), [[0, 0], [1, 1]])
+    np.testing.assert_allclose(ax.lines[2].get_ydata(), [0.3, 0.6])
+    assert "300" in ax.get_title()
+
+
 @pytest.mark.parametrize("with_truth", [True, False])
 def test_posterior_figures(with_truth):
     field = np.outer(np.linspace(0, 1, 9), np.ones(9))

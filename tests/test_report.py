@@ -73,8 +73,14 @@ def test_report_has_every_section_with_sane_values(report, model):
         # A polynomial read-out contains the linear one; canonical correlation >= |Pearson r|.
         assert entry["r2_poly"] >= entry["r2_linear"] - 1e-12
         assert entry["poly_corr"] >= abs(entry["pearson_r"]) - 1e-12
-        assert entry["rmse_standardized"] > 0 and entry["rms_z_score"] > 0
-        assert entry["mean_posterior_sd"] > 0
+        assert entry["rmse_standardized"] > 0 and entry["guide_rms_z_score"] > 0
+        assert entry["guide_mean_sd"] > 0
+        calibration = entry["calibration"]
+        assert calibration["calibrated"] and calibration["n"] == 200
+        assert set(calibration["coverage"]) == {"0.5", "0.8", "0.9", "0.95"}
+        coverages = list(calibration["coverage"].values())
+        assert coverages == sorted(coverages) and 0.0 <= coverages[0] <= coverages[-1] <= 1.0
+        assert calibration["rms_z_score"] > 0 and calibration["mean_sd"] > 0
     assert report["min_pearson_r"] <= report["mean_pearson_r"]
     assert len(report["cross_correlation"]["matrix"]) == 4
     leak = report["leakage"]
@@ -102,7 +108,12 @@ def test_report_agrees_with_metrics_called_directly(report, model, held_out):
         assert entry["poly_corr"] == pytest.approx(direct.poly_corr[j], abs=1e-12)
         error = z_aux[:, j] - u[:, j]
         assert entry["rmse_standardized"] == pytest.approx(np.sqrt(np.mean(error**2)))
-        assert entry["rms_z_score"] == pytest.approx(np.sqrt(np.mean((error / z_scale[:, j]) ** 2)))
+        z_score = np.sqrt(np.mean((error / z_scale[:, j]) ** 2))
+        assert entry["guide_rms_z_score"] == pytest.approx(z_score)
+        predicted = model.predict_aux(held_out, quantiles=(0.05, 0.95))
+        truth = held_out[name].values
+        inside = (predicted[f"{name}_q05"] <= truth) & (truth <= predicted[f"{name}_q95"])
+        assert entry["calibration"]["coverage"]["0.9"] == pytest.approx(float(inside.mean()))
     np.testing.assert_allclose(report["cross_correlation"]["matrix"], direct.cross_correlation)
     np.testing.assert_allclose(report["residual"]["activity"], z_rec.var(axis=0))
     assert report["cross_correlation"]["max_off_diagonal"] == pytest.approx(direct.max_off_diagonal)

@@ -29,10 +29,13 @@ def test_demo_leaves_data_model_report_and_posterior(demo_dir):
         assert (demo_dir / "data" / f"{name}.nc").is_file()
         assert (demo_dir / "data" / f"{name}_preview.png").is_file()
     run = demo_dir / "auxvae"
-    for name in ("model.pt", "history.json", "report.json", "traversal.png", "scatter.png"):
+    names = ("model.pt", "history.json", "report.json", "traversal.png", "scatter.png")
+    for name in (*names, "calibration.png"):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     assert report["n"] == summary["auxvae"]["held_out_images"]
+    for entry in report["variables"].values():  # calibrated on the fit's validation part
+        assert entry["calibration"]["calibrated"] and entry["calibration"]["n"] == report["n"]
     inversion = demo_dir / "inversion"
     idata = load_netcdf(inversion / "posterior.nc")
     assert list(idata.posterior["u"].coords["aux"].values) == ["x0", "y0", "log_amplitude", "width"]
@@ -60,6 +63,10 @@ def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
     encoded = xr.load_dataset(tmp_path / "enc.nc", engine="h5netcdf")
     assert encoded["z_aux"].shape == (64, 4) and "x0_sd" in encoded
     assert (encoded["x0_sd"] > 0).all()
+    assert encoded.attrs["calibrated"].split() == ["x0", "y0", "log_amplitude", "width"]
+    assert "90% interval" in encoded.attrs["uncertainty"]
+    assert encoded["x0_q05"].attrs["long_name"] == "predictive 0.05 quantile"
+    assert (encoded["x0_q05"] < encoded["x0_q95"]).all()
     observations = demo_dir / "inversion" / "observations.nc"
     assert load_observations(observations).values.shape == (25,)
     args = ["invert", str(run), "--out", str(tmp_path / "inv"), "--observations", str(observations)]

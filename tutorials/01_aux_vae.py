@@ -56,18 +56,19 @@ print({k: round(v, 4) for k, v in last.items() if isinstance(v, float)})
 # %% [markdown]
 # ## 3. Encode: the guided block estimates the auxiliaries, with uncertainty
 # The encoder sees the image only, so `predict_aux` is an estimator of the physical variables.
+# Its sd and quantiles were calibrated by `fit` on the images it held out for validation: the
+# interval `[q05, q95]` should hold the truth of 90% of new images, and is wider for harder ones.
 
 # %%
 predicted = vae.predict_aux(held_out)
 for name in vae.aux_names:
-    r = torch.corrcoef(
-        torch.stack(
-            [torch.as_tensor(predicted[name].values), torch.as_tensor(held_out[name].values)]
-        )
-    )[0, 1]
-    print(
-        f"{name:>14}: r = {r:.3f}, mean posterior sd = {float(predicted[name + '_sd'].mean()):.3g}"
-    )
+    truth = torch.as_tensor(held_out[name].values)
+    r = torch.corrcoef(torch.stack([torch.as_tensor(predicted[name].values), truth]))[0, 1]
+    lower = torch.as_tensor(predicted[f"{name}_q05"].values)
+    upper = torch.as_tensor(predicted[f"{name}_q95"].values)
+    covered = float(((lower <= truth) & (truth <= upper)).double().mean())
+    sd = float(predicted[name + "_sd"].mean())
+    print(f"{name:>14}: r = {r:.3f}, mean sd = {sd:.3g}, 90% interval covers {covered:.2f}")
 
 # %% [markdown]
 # ## 4. Generate at chosen physical values

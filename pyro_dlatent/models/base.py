@@ -38,7 +38,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
@@ -58,6 +58,12 @@ from pyro.params.param_store import param_with_module_name
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from pyro_dlatent.calibration import (
+    MAX_MEAN_ROWS,
+    MIN_CALIBRATION_ROWS,
+    AuxCalibration,
+    encoding_features,
+)
 from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 from pyro_dlatent.data.io import check_dataset, split
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
@@ -119,6 +125,11 @@ _TABLE_BUFFERS = ("guided_neighbours", *_TABLE_ARRAYS)
 """Buffers of the neighbour draws; checkpoints written before them load with their Gaussian map."""
 GENERATION_NEIGHBOURS = 16
 """Default number of nearest calibration images a generated ``z_aux`` borrows its residual from."""
+_PREDICTIVE_POINTS = 200
+"""Equally likely quantiles whose physical values give :meth:`GuidedLatentModel.predict_aux`'s
+mean and sd."""
+_CALIBRATION = "aux_calibration"
+"""Attribute (and state-dict prefix) of the :class:`~pyro_dlatent.calibration.AuxCalibration`."""
 _NEIGHBOUR_ELEMENTS = 2**21
 """Distances between requested rows and calibration images computed at once (memory bound)."""
 
@@ -408,6 +419,7 @@ class _WeightAverage:
         self.decay = decay
         self.applied = False
         self.generation: dict[str, torch.Tensor] | None = None  # the live weights' map, at the end
+        self.uncertainty: dict[str, torch.Tensor] | None = None  # and their aux calibration
 
     def update(self) -> None:
         """Fold the live weights into the average (the first call copies them)."""
@@ -429,7 +441,8 @@ class _WeightAverage:
         """The weights the networks do not hold, the step count and the decay.
 
         Once the fit has ended (the average applied) it also holds ``generation``, the live
-        weights' own generation map, when the fit calibrated one.
+        weights' own generation map, when the fit calibrated one, and ``uncertainty``, their own
+        :class:`~pyro_dlatent.calibration.AuxCalibration` buffers.
         """
         state = {
             "decay": self.decay,
@@ -439,6 +452,8 @@ class _WeightAverage:
         }
         if self.applied and self.generation is not None:
             state["generation"] = {k: v.detach().clone() for k, v in self.generation.items()}
+        if self.applied and self.uncertainty is not None:
+            state["uncertainty"] = {k: v.detach().clone() for k, v in self.uncertainty.items()}
         return state
 
     @torch.no_grad()
@@ -670,6 +685,8 @@ class GuidedLatentModel(PyroModule):
         self.register_buffer("guided_neighbours", torch.tensor(0))
         for name in _TABLE_ARRAYS:
             self.register_buffer(name, torch.zeros(0, k))
+        # Predictive distribution of the auxiliaries given an image (see calibrate_uncertainty).
+        self.aux_calibration = AuxCalibration(k, residual_dim)
         with _initialization_rng(seed):
             self.encoder = ConvEncoder(
                 image_size,
@@ -1016,7 +1033,9 @@ class GuidedLatentModel(PyroModule):
             (``ClippedAdam``'s ``lrd``); 1 keeps it constant (default: the class's
             :attr:`fit_defaults`). A resumed run keeps the decay of the run it continues.
         val_fraction : float
-            Held-out fraction in ``[0, 1)``; 0 disables validation.
+            Held-out fraction in ``[0, 1)``: scored every epoch and, once the fit ends, the
+            images :meth:`calibrate_uncertainty` calibrates :meth:`predict_aux` on (at least 20
+            labelled ones are needed); 0 disables both.
         seed : int
             Seed of the split, the shuffling and the Monte Carlo noise.
         progress : bool
@@ -1161,15 +1180,23 @@ class GuidedLatentModel(PyroModule):
         complete = train.images.shape[0] if train.mask is None else int(train.mask.all(1).sum())
         calibrated = self.calibrate_after_fit and complete >= self.aux_dim + 2
         if self._average is not None:
-            if calibrated:  # the live weights' own map, kept for load(..., weights="live")
+            # the live weights' own maps, kept for load(..., weights="live")
+            if calibrated:
                 self.calibrate_generation(train, batch_size=eval_batch_size)
                 self._average.generation = self._generation_state()
+            if val is not None:
+                self.calibrate_uncertainty(train, val, batch_size=eval_batch_size)
+                self._average.uncertainty = self._uncertainty_state()
             self._average.swap()
         if calibrated:
             self.calibrate_generation(train, batch_size=eval_batch_size)
         else:
             self.reset_generation()
-        if checkpoint is not None and (calibrated or self._average is not None):
+        if val is not None:
+            self.calibrate_uncertainty(train, val, batch_size=eval_batch_size)
+        else:
+            self.aux_calibration.reset()
+        if checkpoint is not None:
             self.save(checkpoint, extra=self._fit_extra(settings, fingerprint))
         return history
 
@@ -1285,6 +1312,7 @@ class GuidedLatentModel(PyroModule):
         if not isinstance(weights, dict):
             raise ValueError(f"{what} holds no model weights")
         optional = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS + _TABLE_BUFFERS)
+        optional |= {f"{_CALIBRATION}.{name}" for name, _ in self.aux_calibration.named_buffers()}
         self._shape_tables(weights, what)
         try:
             result = self.load_state_dict(weights, strict=False)
@@ -1304,6 +1332,8 @@ class GuidedLatentModel(PyroModule):
         elif set(result.missing_keys) & set(_TABLE_BUFFERS):  # a Gaussian map, before neighbours
             self._reset_tables()
         self._check_tables(what)
+        if any(key.startswith(f"{_CALIBRATION}.") for key in result.missing_keys):
+            self.aux_calibration.reset()  # written before calibrated uncertainty
         optimizer = state.get("optimizer") or {}
         if self._optim is not None and optimizer:
             store_names = self._store_names()
@@ -1345,6 +1375,22 @@ class GuidedLatentModel(PyroModule):
         if kept and not set(_TABLE_BUFFERS) <= set(generation):
             self._reset_tables()
         self._check_tables(what)
+        uncertainty = average.get("uncertainty")
+        own = dict(self._uncertainty_state())
+        if isinstance(uncertainty, dict) and set(uncertainty) == set(own):
+            if any(
+                not isinstance(v, torch.Tensor) or v.shape != own[k].shape
+                for k, v in uncertainty.items()
+            ):
+                raise ValueError(f"{what} holds an uncertainty calibration of another shape")
+            self.aux_calibration.load_state_dict(uncertainty)
+        elif self.uncertainty_calibrated:
+            self.aux_calibration.reset()
+            warnings.warn(
+                f"{what} keeps no uncertainty calibration for its {weights} weights; predict_aux "
+                "reports the guide's sd until calibrate_uncertainty(training, held-out) is run",
+                stacklevel=3,
+            )
         if not kept and self.generation_calibrated:
             self.reset_generation()
             warnings.warn(
@@ -1435,41 +1481,167 @@ class GuidedLatentModel(PyroModule):
         k = self.aux_dim
         return Encoding(loc[:, :k], scale[:, :k], loc[:, k:], scale[:, k:])
 
-    def predict_aux(self, images: Any, *, batch_size: int = 1024) -> xr.Dataset:
-        """Posterior mean and sd of each auxiliary in physical units.
+    @property
+    def uncertainty_calibrated(self) -> bool:
+        """Whether :meth:`calibrate_uncertainty` has calibrated every auxiliary."""
+        return bool(self.aux_calibration.fitted.all())
 
-        The guided posterior ``z_j ~ N(m_j, s_j^2)`` (standardized) maps to the transformed
-        auxiliary ``g_j = mean_j + std_j z_j`` (the scaler's training mean/std). For an identity
-        transform ``u_j = g_j`` is Gaussian. For ``log10``/``log`` transforms ``u_j = b^{g_j}``
-        is log-normal with ``ln u_j ~ N(mu, sigma^2)``, ``mu = ln(b) (mean_j + std_j m_j)``,
-        ``sigma = ln(b) std_j s_j``, and the exact moments are reported:
-        ``E u = exp(mu + sigma^2 / 2)``, ``sd u = E u * sqrt(exp(sigma^2) - 1)``.
+    def _uncertainty_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.aux_calibration.state_dict().items()}
+
+    def _targets(self, tensors: ModelTensors) -> torch.Tensor:
+        """Standardized auxiliaries of prepared data, ``NaN`` where missing."""
+        aux = tensors.aux.double()
+        return aux if tensors.mask is None else torch.where(tensors.mask, aux, math.nan)
+
+    def _features(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        encoding = self.encode(images, batch_size=batch_size)
+        return encoding_features(encoding.z_aux_loc, encoding.z_aux_scale, encoding.z_rec_loc)
+
+    def calibrate_uncertainty(
+        self,
+        train: xr.Dataset | ModelTensors,
+        held_out: xr.Dataset | ModelTensors,
+        *,
+        batch_size: int = 1024,
+    ) -> list[str]:
+        """Fit the predictive distribution that :meth:`predict_aux` reports.
+
+        :meth:`fit` calls it on its training and validation parts, so a user only calls it
+        after changing the weights, or to calibrate on a labelled set of their own. The read-out
+        is fitted on ``train`` (at most :data:`~pyro_dlatent.calibration.MAX_MEAN_ROWS` evenly
+        spaced images) and the scale and error law on ``held_out``, which must be images the
+        weights were not trained on; the rule is :class:`~pyro_dlatent.calibration.AuxCalibration`.
+
+        Parameters
+        ----------
+        train, held_out : xarray.Dataset or ModelTensors
+            Labelled images (``NaN`` = missing auxiliary).
+        batch_size : int
+            Batch size of encoding.
+
+        Returns
+        -------
+        list of str
+            Auxiliaries left uncalibrated (too few held-out values); a warning names them.
+        """
+        train = train if isinstance(train, ModelTensors) else self.prepare(train, name="train")
+        held = (
+            held_out
+            if isinstance(held_out, ModelTensors)
+            else self.prepare(held_out, name="held_out")
+        )
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        n = train.images.shape[0]
+        rows = torch.arange(n)
+        if n > MAX_MEAN_ROWS:
+            rows = torch.linspace(0, n - 1, MAX_MEAN_ROWS).round().long()
+        rows = rows.to(train.images.device)
+        skipped = self.aux_calibration.fit(
+            self._features(train.images[rows], batch_size),
+            self._targets(train)[rows],
+            self._features(held.images, batch_size),
+            self._targets(held),
+        )
+        names = [self.aux_names[j] for j in skipped]
+        if names:
+            warnings.warn(
+                f"auxiliaries {names} have fewer than {MIN_CALIBRATION_ROWS} "
+                "held-out values, too few to calibrate their uncertainty; predict_aux reports "
+                "the guide's sd for them (fit with a larger val_fraction)",
+                stacklevel=2,
+            )
+        return names
+
+    def predict_aux(
+        self,
+        images: Any,
+        *,
+        quantiles: Sequence[float] = (0.05, 0.25, 0.75, 0.95),
+        batch_size: int = 1024,
+    ) -> xr.Dataset:
+        """Mean, sd and quantiles of each auxiliary given the image, in physical units.
+
+        Once calibrated (:meth:`fit` does it on its validation part), the answer is the
+        predictive distribution of :class:`~pyro_dlatent.calibration.AuxCalibration`: on the
+        guided block's scale (transformed, standardized) it is ``mu(x) + sigma(x) eps`` with
+        ``eps`` drawn from the held-out studentized errors, so its central intervals cover held-out
+        truths at their nominal rate, and ``sigma(x)`` grows with the image's difficulty. It is
+        mapped to physical units through the scaler's inverse, quantile by quantile (exact for
+        the monotone transforms); the mean and sd are those of 200 equally likely quantiles.
+
+        Without a calibration (``fit(val_fraction=0)``, or a checkpoint written before it) an
+        auxiliary gets the guide's Gaussian ``N(m_j, s_j^2)`` mapped the same way, with a
+        warning: that sd is the latent coordinate's, on the scale of ``tau``, and is not an
+        error bar.
+
+        Parameters
+        ----------
+        images : array-like, Tensor, DataArray or Dataset, shape ``(n, H, W)``
+        quantiles : sequence of float in ``(0, 1)``
+            Levels reported as ``{name}_q{100 p:02g}`` (``x0_q05``, ``x0_q95``, ...): the
+            central 90% interval is ``[q05, q95]``.
+        batch_size : int
 
         Returns
         -------
         xarray.Dataset
-            For each auxiliary ``name``: ``name`` (posterior mean) and ``name_sd``, dim
-            ``sample``, with the ``units`` attribute.
+            For each auxiliary ``name``: ``name`` (mean), ``name_sd`` and the quantiles, dim
+            ``sample``, with ``units`` and ``long_name`` attributes; ``attrs["calibrated"]``
+            lists the auxiliaries whose uncertainty is calibrated.
         """
+        levels = np.asarray(quantiles, dtype=np.float64).reshape(-1)
+        if not np.all((levels > 0) & (levels < 1)):
+            raise ValueError(f"expected quantiles in (0, 1), got {list(quantiles)!r}")
+        labels = [f"q{100 * p:02g}".replace(".", "_") for p in levels]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"expected distinct quantiles, got {list(quantiles)!r}")
         encoding = self.encode(images, batch_size=batch_size)
-        loc = encoding.z_aux_loc.double().cpu().numpy()
-        scale = encoding.z_aux_scale.double().cpu().numpy()
-        g_loc = self.scaler.mean + self.scaler.std * loc
-        g_scale = self.scaler.std * scale
+        grid = (np.arange(_PREDICTIVE_POINTS) + 0.5) / _PREDICTIVE_POINTS
+        fitted = self.aux_calibration.fitted.cpu().numpy()
+        features = encoding_features(encoding.z_aux_loc, encoding.z_aux_scale, encoding.z_rec_loc)
+        _, points = self.aux_calibration.predict(features, grid, conformal=False)
+        _, bounds = self.aux_calibration.predict(features, levels)
+        table = torch.cat([points, bounds], -1)
+        # the guide's Gaussian for auxiliaries without a calibration
+        m = encoding.z_aux_loc.double().cpu()[:, :, None]
+        s = encoding.z_aux_scale.double().cpu()[:, :, None]
+        normal = torch.distributions.Normal(0.0, 1.0).icdf(
+            torch.as_tensor(np.concatenate([grid, levels]))
+        )
+        table = torch.where(torch.as_tensor(fitted)[None, :, None], table, m + s * normal)
+        physical = self.scaler.inverse_transform_tensor(table.transpose(1, 2)).transpose(1, 2)
+        physical = physical.numpy()
+        points, reported = physical[..., : len(grid)], physical[..., len(grid) :]
+        mean, sd = points.mean(-1), points.std(-1)
+        calibrated = [n for n, f in zip(self.scaler.names, fitted, strict=True) if f]
+        if not fitted.all():
+            missing = [n for n in self.scaler.names if n not in calibrated]
+            warnings.warn(
+                f"the uncertainty of {missing} "
+                "is not calibrated: their sd is the guide's latent sd, not an error bar "
+                "(fit with val_fraction > 0, or call calibrate_uncertainty)",
+                stacklevel=2,
+            )
         data_vars = {}
-        for j, (name, units, transform) in enumerate(
-            zip(self.scaler.names, self.scaler.units, self.scaler.transforms, strict=True)
-        ):
-            if transform == "identity":
-                mean, sd = g_loc[:, j], g_scale[:, j]
-            else:
-                factor = math.log(10.0) if transform == "log10" else 1.0
-                mu, sigma = factor * g_loc[:, j], factor * g_scale[:, j]
-                mean = np.exp(mu + 0.5 * sigma**2)
-                sd = mean * np.sqrt(np.expm1(sigma**2))
-            data_vars[name] = ("sample", mean, {"units": units, "long_name": "posterior mean"})
-            data_vars[f"{name}_sd"] = ("sample", sd, {"units": units, "long_name": "posterior sd"})
-        return xr.Dataset(data_vars, attrs={"aux_names": list(self.scaler.names)})
+        for j, (name, units) in enumerate(zip(self.scaler.names, self.scaler.units, strict=True)):
+            what = "predictive" if fitted[j] else "guide (not calibrated)"
+            data_vars[name] = ("sample", mean[:, j], {"units": units, "long_name": f"{what} mean"})
+            data_vars[f"{name}_sd"] = (
+                "sample",
+                sd[:, j],
+                {"units": units, "long_name": f"{what} standard deviation"},
+            )
+            for i, (p, label) in enumerate(zip(levels, labels, strict=True)):
+                data_vars[f"{name}_{label}"] = (
+                    "sample",
+                    reported[:, j, i],
+                    {"units": units, "long_name": f"{what} {p:g} quantile"},
+                )
+        return xr.Dataset(
+            data_vars,
+            attrs={"aux_names": list(self.scaler.names), "calibrated": calibrated},
+        )
 
     def _aux_rows(self, aux: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical auxiliaries (possibly partial) to standardized rows and an observed mask."""
