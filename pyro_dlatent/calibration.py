@@ -193,7 +193,7 @@ class AuxCalibration(torch.nn.Module):
         -------
         list of int
             The auxiliaries left uncalibrated (fewer than :data:`MIN_CALIBRATION_ROWS` held-out
-            rows, or fewer training rows than features plus one).
+            rows, or fewer than 2 training rows, with an observed value).
         """
         self.reset()
         train_features = train_features.double().cpu()
