@@ -23,13 +23,14 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pyro_dlatent.utils import atomic_write
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -105,19 +106,6 @@ def _to_json(value: Any, name: str) -> str:
         raise ValueError(f"{name} must be JSON-serializable with finite numbers: {err}") from err
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -171,19 +159,7 @@ def save_checkpoint(
         "sha256": hashlib.sha256(data).hexdigest(),
         "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(envelope, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(envelope, tmp))
 
 
 def _to_cpu(value: Any) -> Any:

@@ -24,7 +24,6 @@ The sample groups are built by ``arviz.from_dict`` (keyword groups on 0.x, a dic
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import arviz as az
 import numpy as np
 import xarray as xr
+
+from pyro_dlatent.utils import atomic_write
 
 __all__ = [
     "ARVIZ_MAJOR",
@@ -254,15 +255,7 @@ def save_netcdf(data: Any, path: str | os.PathLike, *, overwrite: bool = True) -
         raise FileNotFoundError(f"directory {str(path.parent)!r} does not exist")
     if not (isinstance(data, xr.DataTree) or hasattr(data, "to_netcdf")):
         raise TypeError(f"data must be InferenceData or DataTree, got {type(data).__name__}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        data.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: data.to_netcdf(tmp, engine="h5netcdf"))
 
 
 def load_netcdf(path: str | os.PathLike) -> Any:

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
+from pyro_dlatent.utils import atomic_write
+
 __all__ = [
     "aux_scatter",
     "image_grid",
@@ -32,10 +34,16 @@ __all__ = [
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
-    """Save ``fig`` to ``path`` (format from the suffix) and close it; returns the path."""
+    """Save ``fig`` to ``path`` atomically (format from its suffix), close it, return the path."""
     path = Path(path)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    fmt = path.suffix[1:] or None
+    try:
+        atomic_write(
+            path,
+            lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=fmt),
+        )
+    finally:
+        plt.close(fig)
     return path
 
 

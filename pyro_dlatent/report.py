@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import xarray as xr
 from pyro_dlatent import metrics
 from pyro_dlatent.calibration import COVERAGE_LEVELS, calibration_summary
 from pyro_dlatent.data.io import check_dataset
+from pyro_dlatent.utils import atomic_write
 
 __all__ = ["alignment_report", "save_report"]
 
@@ -335,15 +335,5 @@ def save_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     except (TypeError, ValueError) as err:
         raise ValueError(f"report must be JSON-serializable with finite numbers: {err}") from err
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     return path

@@ -1,0 +1,57 @@
+"""The one atomic write: concurrent writers never collide, a failed write changes nothing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from pyro_dlatent.utils import atomic_write, write_json
+
+WRITES = 300
+
+
+def _writer(path: str, tag: int, start: float) -> int:
+    while time.time() < start:  # both processes write at the same time
+        time.sleep(0.001)
+    failures = 0
+    for i in range(WRITES):
+        try:
+            write_json({"writer": tag, "i": i, "pad": "x" * 2000}, path)
+        except OSError:
+            failures += 1
+        try:
+            json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            failures += 1
+    return failures
+
+
+def test_two_processes_writing_one_json_file_never_collide(tmp_path):
+    # With one fixed temporary name, two writers renamed each other's half-written files
+    # (FileNotFoundError, invalid JSON read back).
+    path = tmp_path / "state.json"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        start = time.time() + 5.0
+        failures = pool.starmap(_writer, [(str(path), 0, start), (str(path), 1, start)])
+    assert failures == [0, 0]
+    record = json.loads(path.read_text())
+    assert record["writer"] in (0, 1) and record["i"] == WRITES - 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "state.json"
+    write_json({"a": 1}, path)
+
+    def broken(tmp):
+        tmp.write_text("{half")
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
