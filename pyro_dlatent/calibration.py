@@ -31,6 +31,8 @@ __all__ = [
     "calibration_summary",
     "coverage",
     "encoding_features",
+    "rank_uniformity_pvalue",
+    "sbc_ranks",
 ]
 
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
@@ -379,3 +381,42 @@ def calibration_summary(
         0.0 if constant else float(scipy.stats.spearmanr(scale, np.abs(error))[0])
     )
     return result
+
+
+def sbc_ranks(truth: Any, draws: Any) -> np.ndarray:
+    """Simulation-based calibration ranks: how many posterior draws fall below each truth.
+
+    Parameters
+    ----------
+    truth : array-like, shape ``(n, k)``
+        True parameters of ``n`` problems drawn from the prior.
+    draws : array-like, shape ``(n, L, k)``
+        ``L`` posterior draws of each problem.
+
+    Returns
+    -------
+    numpy.ndarray of int, shape ``(n, k)``
+        Ranks in ``0 .. L``: uniform over them when the posteriors are exact (Talts et al., 2018).
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    draws = np.asarray(draws, dtype=np.float64)
+    if draws.ndim != 3 or truth.shape != (draws.shape[0], draws.shape[2]):
+        raise ValueError(
+            f"expected truth (n, k) and draws (n, L, k), got {truth.shape} and {draws.shape}"
+        )
+    return (draws < truth[:, None, :]).sum(1)
+
+
+def rank_uniformity_pvalue(ranks: Any, num_draws: int, bins: int = 10) -> np.ndarray:
+    """Chi-square p-value of uniform SBC ranks, per parameter, with ``bins`` equal rank bins.
+
+    ``num_draws + 1`` must be a multiple of ``bins`` so that every bin holds as many ranks.
+    """
+    ranks = np.asarray(ranks)
+    if (num_draws + 1) % bins:
+        raise ValueError(f"expected num_draws + 1 a multiple of bins={bins}, got {num_draws}")
+    ranks = ranks.reshape(ranks.shape[0], -1)
+    counts = np.stack(
+        [np.bincount(r * bins // (num_draws + 1), minlength=bins) for r in ranks.T.astype(int)]
+    )
+    return scipy.stats.chisquare(counts, axis=1).pvalue

@@ -1,5 +1,6 @@
 """Disentangled deep priors for Bayesian inverse problems on an elliptic PDE."""
 
+from pyro_dlatent.inverse.exact import BumpPrior, ExactBumpPosterior
 from pyro_dlatent.inverse.fem import (
     ConductivityProblem,
     SourceProblem,
@@ -19,8 +20,10 @@ from pyro_dlatent.inverse.prior import (
 
 __all__ = [
     "AuxPrior",
+    "BumpPrior",
     "ConductivityProblem",
     "DeepPrior",
+    "ExactBumpPosterior",
     "GRFFieldPrior",
     "GRFPrior",
     "InferenceResult",
