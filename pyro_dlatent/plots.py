@@ -323,15 +323,36 @@ def marginal_posteriors(
     names: Sequence[str],
     truth: np.ndarray | None = None,
     prior_draws: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
 ) -> plt.Figure:
-    """Histogram of each named parameter's draws ``(num_draws, k)``, the truth marked."""
+    """Histogram of each named parameter's draws ``(num_draws, k)``, the truth marked.
+
+    ``reference`` (draws ``(n, k)`` of the exact posterior, where one is known) is drawn as a black
+    outline over the same bins.
+    """
     draws = np.asarray(draws)
     k = draws.shape[1]
     fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.3), squeeze=False)
     for j, ax in enumerate(axes[0]):
         if prior_draws is not None:
             ax.hist(prior_draws[:, j], bins=40, density=True, color="C7", alpha=0.4, label="prior")
-        ax.hist(draws[:, j], bins=40, density=True, color="C0", alpha=0.8, label="posterior")
+        _, bins, _ = ax.hist(
+            draws[:, j], bins=40, density=True, color="C0", alpha=0.8, label="posterior"
+        )
+        if reference is not None:
+            low = min(bins[0], reference[:, j].min())
+            high = max(bins[-1], reference[:, j].max())
+            width = bins[1] - bins[0]
+            edges = np.arange(low, high + width, width)
+            ax.hist(
+                reference[:, j],
+                bins=edges if len(edges) <= 400 else 40,
+                density=True,
+                histtype="step",
+                color="k",
+                lw=1.0,
+                label="exact",
+            )
         if truth is not None:
             ax.axvline(truth[j], color="C3", lw=1.5, label="truth")
         ax.set_title(names[j], fontsize=9)

@@ -49,6 +49,12 @@ def test_demo_leaves_data_model_report_and_posterior(demo_dir):
     assert summary["inversion"]["relative_l2_error"] == pytest.approx(expected, rel=1e-9)
     for name in ("fields.png", "observed_vs_predicted.png", "marginals.png"):
         assert (inversion / name).stat().st_size > 2000
+    # the exact posterior beside it (the simulator is known): the truth inside its 90% intervals
+    exact = json.loads((inversion / "summary.json").read_text())["exact"]
+    truth_aux = load_observations(inversion / "observations.nc").truth_aux
+    for name, (low, high) in exact["u_interval_90"].items():
+        assert low < truth_aux[name] < high, name
+    assert exact["relative_l2_error"] == pytest.approx(0.136, abs=0.01)
 
 
 def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
@@ -91,6 +97,10 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path, capsys):
     assert average["decay"] == 0.9 and average["applied"] is True
     bad = ["train", "halos", "--model", "dlcfm", "--out", str(tmp_path / "bad"), "--num", "96"]
     assert main([*bad, *small, "--ema-decay", "1.5"]) == 1
+    # a generator of halo maps cannot invert a source problem: the error names both lists
+    assert main(["invert", str(run), "--out", str(tmp_path / "inv"), "--method", "map"]) == 1
+    err = capsys.readouterr().err
+    assert "['log10_M500', 'concentration']" in err and "x0" in err
     aux = ["--aux", "log10_M500=14.0", "--aux", "log10_M500=15.0", "--aux", "concentration=3"]
     assert main(["sample", str(run), "--out", str(tmp_path / "s.nc"), *aux, "--num", "2"]) == 0
     images = xr.load_dataset(tmp_path / "s.nc", engine="h5netcdf")["image"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import xarray as xr
 
 from pyro_dlatent import data, metrics, plots
 from pyro_dlatent.export import save_netcdf
+from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior
 from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
 from pyro_dlatent.inverse.infer import InferenceResult, infer
 from pyro_dlatent.inverse.prior import DeepPrior
@@ -43,6 +45,10 @@ class Observations:
     truth_field : array ``(size, size)``, optional
     truth_aux : mapping of name to float, optional
         Known truth, for synthetic problems and figures.
+    simulator : mapping, optional
+        The prior the truth was drawn from, when it is the ``sources`` simulator's: the fields of
+        :class:`~pyro_dlatent.inverse.exact.BumpPrior`. With it the exact posterior is computed
+        beside any inversion as the reference.
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class Observations:
         *,
         truth_field: Any = None,
         truth_aux: dict[str, float] | None = None,
+        simulator: dict[str, Any] | None = None,
     ) -> None:
         values = np.asarray(values, dtype=np.float64)
         sensors = np.asarray(sensors, dtype=np.float64)
@@ -74,6 +81,18 @@ class Observations:
                 f"got {self.truth_field.shape}"
             )
         self.truth_aux = dict(truth_aux or {})
+        self.simulator = None if simulator is None else dict(simulator)
+        self.bump_prior()  # a malformed simulator fails here, naming its field
+
+    def bump_prior(self) -> BumpPrior | None:
+        """The simulator's prior, when known."""
+        if self.simulator is None:
+            return None
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.simulator.items()}
+        try:
+            return BumpPrior(**fields)
+        except TypeError as err:
+            raise ValueError(f"simulator {self.simulator!r} is not a BumpPrior: {err}") from err
 
     def problem(self) -> SourceProblem:
         """The source problem these data observe."""
@@ -89,7 +108,12 @@ def save_observations(obs: Observations, path: str | os.PathLike) -> Path:
             "sensor_x": (("sensor",), obs.sensors[:, 0]),
             "sensor_y": (("sensor",), obs.sensors[:, 1]),
         },
-        attrs={"noise_sd": obs.noise_sd, "size": obs.size, "truth_aux": json.dumps(obs.truth_aux)},
+        attrs={
+            "noise_sd": obs.noise_sd,
+            "size": obs.size,
+            "truth_aux": json.dumps(obs.truth_aux),
+            "simulator": json.dumps(obs.simulator),
+        },
     )
     if obs.truth_field is not None:
         ds["truth_field"] = (("y", "x"), obs.truth_field)
@@ -114,6 +138,7 @@ def load_observations(path: str | os.PathLike) -> Observations:
     if missing:
         raise ValueError(f"observations file {str(path)!r} lacks {missing}")
     truth_aux = ds.attrs.get("truth_aux", "{}")
+    simulator = ds.attrs.get("simulator", "null")
     return Observations(
         ds["obs"].values,
         np.column_stack([ds["sensor_x"].values, ds["sensor_y"].values]),
@@ -121,6 +146,7 @@ def load_observations(path: str | os.PathLike) -> Observations:
         int(ds.attrs["size"]),
         truth_field=ds["truth_field"].values if "truth_field" in ds else None,
         truth_aux=json.loads(truth_aux) if isinstance(truth_aux, str) else {},
+        simulator=json.loads(simulator) if isinstance(simulator, str) else None,
     )
 
 
@@ -143,7 +169,16 @@ def synthetic_observations(
     problem = SourceProblem(size, sensors, noise_sd)
     values = simulate_observations(problem, torch.as_tensor(truth), seed=seed).numpy()
     truth_aux = {name: float(ds[name].values[0]) for name in ds.attrs["aux_names"]}
-    return Observations(values, sensors, noise_sd, size, truth_field=truth, truth_aux=truth_aux)
+    simulator = dataclasses.asdict(BumpPrior.from_dataset(ds))
+    return Observations(
+        values,
+        sensors,
+        noise_sd,
+        size,
+        truth_field=truth,
+        truth_aux=truth_aux,
+        simulator=simulator,
+    )
 
 
 def invert_run(
@@ -159,7 +194,11 @@ def invert_run(
     ``out`` receives ``posterior.nc`` (the ArviZ data), ``summary.json`` (``az.summary`` of the
     named parameters, run health, field error when the truth is known) and the figures
     ``fields.png`` (truth / posterior mean / posterior sd), ``observed_vs_predicted.png`` and
-    ``marginals.png`` (named parameters with the truth marked).
+    ``marginals.png`` (named parameters with the truth marked). When the observations know their
+    simulator (:attr:`Observations.simulator`), the exact posterior
+    (:class:`~pyro_dlatent.inverse.exact.ExactBumpPosterior`) is drawn over the marginals and
+    summarized under ``summary["exact"]``. A generator whose auxiliaries are not the problem's
+    named parameters is refused.
 
     Parameters
     ----------
@@ -178,6 +217,13 @@ def invert_run(
             f"observations are on a {observations.size}x{observations.size} grid but the "
             f"generator makes {generator.image_size}x{generator.image_size} fields"
         )
+    names = list(generator.scaler.names)
+    known = list(observations.truth_aux) or (list(NAMES) if observations.simulator else [])
+    if known and sorted(known) != sorted(names):
+        raise ValueError(
+            f"the generator's auxiliaries {names} are not the problem's named parameters "
+            f"{known}: invert with a generator trained on data of this problem"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prior = DeepPrior(generator)
@@ -187,7 +233,6 @@ def invert_run(
     idata = result.idata
     save_netcdf(idata, out / "posterior.nc", overwrite=True)
 
-    names = list(generator.scaler.names)
     u_draws = np.asarray(idata.posterior["u"]).reshape(-1, len(names))
     mean = np.asarray(idata.field_summary["field_mean"])
     sd = np.asarray(idata.field_summary["field_sd"]) if "field_sd" in idata.field_summary else None
@@ -202,6 +247,22 @@ def invert_run(
         summary["relative_l2_error"] = float(metrics.relative_l2_error(mean[None], truth[None])[0])
     if observations.truth_aux:
         summary["truth_aux"] = observations.truth_aux
+    reference = None
+    bump_prior = observations.bump_prior()
+    if bump_prior is not None:
+        exact = ExactBumpPosterior(observations.problem(), observations.values, bump_prior)
+        order = [NAMES.index(n) for n in names]
+        reference = exact.sample(4000, rng=0)[:, order]
+        interval = exact.interval(0.9)[order]
+        summary["exact"] = {
+            "u_mean": dict(zip(names, exact.mean()[order].tolist(), strict=True)),
+            "u_sd": dict(zip(names, exact.sd()[order].tolist(), strict=True)),
+            "u_interval_90": dict(zip(names, interval.tolist(), strict=True)),
+        }
+        if truth is not None:
+            exact_mean, _ = exact.field_moments(2000, rng=0)
+            error = metrics.relative_l2_error(exact_mean[None], truth[None])[0]
+            summary["exact"]["relative_l2_error"] = float(error)
     write_json(summary, out / "summary.json")
 
     plots.save_figure(
@@ -218,6 +279,7 @@ def invert_run(
     units = generator.scaler.units
     labels = [f"{n} [{u}]" if u else n for n, u in zip(names, units, strict=True)]
     plots.save_figure(
-        plots.marginal_posteriors(u_draws, names=labels, truth=truth_u), out / "marginals.png"
+        plots.marginal_posteriors(u_draws, names=labels, truth=truth_u, reference=reference),
+        out / "marginals.png",
     )
     return result
