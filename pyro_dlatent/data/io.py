@@ -36,6 +36,10 @@ __all__ = [
 _FORMATS = {".nc": "netcdf", ".nc4": "netcdf", ".netcdf": "netcdf", ".zarr": "zarr"}
 
 
+_RESERVED = ("image", "sample", "x", "y")
+"""Names of a dataset's own variables and dimensions, which auxiliaries and extras cannot take."""
+
+
 def from_arrays(
     images: Any,
     aux: Mapping[str, Any],
@@ -77,24 +81,39 @@ def from_arrays(
     n = images.shape[0]
     if n == 0 or images.shape[1] == 0 or images.shape[2] == 0:
         raise ValueError(f"images is empty: shape {images.shape}")
-    if not np.isfinite(images).all():
-        raise ValueError("images contains non-finite values")
+    stored = images.astype(np.float32, copy=False)
+    if not np.isfinite(stored).all():  # checked as stored: 1e39 is finite in float64, not float32
+        raise ValueError(
+            "images contains values that are not finite as float32 (NaN, inf, or |x| > 3.4e38)"
+        )
     if not isinstance(aux, Mapping) or len(aux) == 0:
         raise ValueError("aux must be a non-empty mapping of auxiliary names to arrays")
+    taken = set(_RESERVED)
+    for label, names in (("aux", list(aux)), ("extra", list(extra or {}))):
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{label} names must be non-empty strings, got {name!r}")
+            if name in taken:
+                raise ValueError(
+                    f"{label} name {name!r} is taken (by the dataset's own {sorted(_RESERVED)} "
+                    "or another auxiliary or extra variable); rename it"
+                )
+            taken.add(name)
     units = dict(units or {})
     transforms = dict(transforms or {})
     for label, mapping in (("units", units), ("transforms", transforms)):
         unknown = set(mapping) - set(aux)
         if unknown:
             raise ValueError(f"{label} names unknown auxiliaries {sorted(unknown)}")
-    data_vars: dict[str, Any] = {
-        "image": (("sample", "y", "x"), images.astype(np.float32, copy=False))
-    }
+    data_vars: dict[str, Any] = {"image": (("sample", "y", "x"), stored)}
     for name, values in aux.items():
         try:
-            values = np.asarray(values, dtype=np.float64)
+            values = np.asarray(values)
         except (TypeError, ValueError) as err:
             raise TypeError(f"aux[{name!r}] must be numeric") from err
+        if values.dtype.kind not in "fiub":
+            raise TypeError(f"aux[{name!r}] must be real numbers, got dtype {values.dtype}")
+        values = values.astype(np.float64)
         if values.shape != (n,):
             raise ValueError(f"aux[{name!r}] must have shape ({n},), got {values.shape}")
         if np.isinf(values).any():

@@ -89,6 +89,14 @@ def test_split_is_disjoint_and_seeded():
         (np.zeros((3, 4, 4)), {"a": [np.nan] * 3}, "aux\\['a'\\]", ValueError),
         (np.zeros((3, 4, 4)), {}, "aux", ValueError),
         (np.zeros((3, 4, 4)), {"a": ["x", "y", "z"]}, "aux\\['a'\\]", TypeError),
+        # finite in float64 but not in the float32 the images are stored in
+        (np.full((3, 4, 4), 1e39), {"a": [1, 2, 3]}, "float32", ValueError),
+        # a complex auxiliary would lose its imaginary part
+        (np.zeros((3, 4, 4)), {"a": [1 + 1j, 2, 3]}, "real numbers", TypeError),
+        # an auxiliary named like the dataset's own variables would replace them
+        (np.zeros((3, 4, 4)), {"image": [1, 2, 3]}, "'image' is taken", ValueError),
+        (np.zeros((3, 4, 4)), {"x": [1, 2, 3]}, "'x' is taken", ValueError),
+        (np.zeros((3, 4, 4)), {"": [1, 2, 3]}, "non-empty strings", ValueError),
     ],
 )
 def test_from_arrays_rejects_bad_input(images, aux, match, error):
@@ -109,3 +117,13 @@ def test_bad_paths(tmp_path):
     xr.Dataset({"a": ("t", np.arange(3.0))}).to_netcdf(foreign, engine="h5netcdf")
     with pytest.raises(ValueError, match="image"):
         load(foreign)
+
+
+def test_extra_names_cannot_collide_with_auxiliaries_or_the_images():
+    images = np.zeros((3, 4, 4))
+    with pytest.raises(ValueError, match="extra name 'a' is taken"):
+        from_arrays(images, {"a": [1, 2, 3]}, extra={"a": [0, 0, 0]})
+    with pytest.raises(ValueError, match="extra name 'image' is taken"):
+        from_arrays(images, {"a": [1, 2, 3]}, extra={"image": [0, 0, 0]})
+    ds = from_arrays(images + 1, {"a": [1, 2, 3], "b": [4, 5, 6]}, extra={"flag": [0, 1, 0]})
+    np.testing.assert_array_equal(ds["image"].values, images + 1)  # images kept as given
