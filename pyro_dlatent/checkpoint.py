@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,8 +176,14 @@ def _to_cpu(value: Any) -> Any:
 def _safe_load(source: Any, map_location: Any, what: str) -> Any:
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never
+        raise ValueError(
+            f"{what} holds pickled objects other than tensors and plain data; it is refused, "
+            "since loading them could run code"
+        ) from err
     except Exception as err:  # any reader failure means an unusable file
-        raise ValueError(f"{what} is not a readable pyro_dlatent checkpoint: {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{what} is not a readable pyro_dlatent checkpoint: {reason}") from err
 
 
 def _reject_constant(name: str) -> float:

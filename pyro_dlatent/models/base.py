@@ -479,6 +479,32 @@ class _WeightAverage:
             self.swap()
 
 
+def _check_weights(skeleton: torch.nn.Module, state: Mapping[str, Any], what: str) -> None:
+    """Refuse weights whose shapes differ from the config's model, or any non-finite tensor."""
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise ValueError(f"{what} holds no model weights")
+    expected = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+    for name, shape in expected.items():
+        value = weights.get(name)
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+            raise ValueError(
+                f"{what}: weight {name!r} has shape {tuple(value.shape)} but its config makes "
+                f"{shape}; the file is inconsistent"
+            )
+    saved = dict(weights)
+    average = state.get("average")
+    if isinstance(average, dict) and isinstance(average.get("weights"), dict):
+        saved.update({f"average.{k}": v for k, v in average["weights"].items()})
+    bad = []
+    for name, value in saved.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not bool(value.isfinite().all()):
+                bad.append(name)
+    if bad:
+        raise ValueError(f"{what} holds non-finite weights in {bad[:4]}; it cannot be used")
+
+
 @contextlib.contextmanager
 def _forked_rng(device: torch.device) -> Iterator[None]:
     """Run a block with private copies of the CPU (and ``device``'s) RNG state."""
@@ -2048,9 +2074,12 @@ class GuidedLatentModel(PyroModule):
         config = klass._upgrade_config(dict(ckpt.config))
         config.pop("class", None)
         try:
-            model = klass(scaler, **config)
+            with torch.device("meta"):  # shapes first, so a forged config allocates nothing
+                skeleton = klass(scaler, **config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{what} has an invalid config: {err}") from err
+        _check_weights(skeleton, ckpt.state, what)
+        model = klass(scaler, **config)
         model._load_state(ckpt.state, what)
         if weights is not None:
             model._load_weight_set(ckpt.state.get("average"), weights, what)
