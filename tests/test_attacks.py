@@ -70,3 +70,32 @@ def test_a_pickle_is_refused_without_advice_to_unpickle_it(tmp_path):
 def test_a_checkpoint_that_loads_still_predicts(saved):
     model = GuidedLatentModel.load(saved)
     assert np.isfinite(model.encode(np.zeros((2, 16, 16))).z_aux_loc.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("noise_sd", "match"),
+    [
+        (1e-300, "noise_sd >= 1e-18"),  # passed '> 0', then underflowed to 0 in float32
+        (np.array([0.1, 0.2]), "noise_sd a positive number"),  # was a TypeError naming nothing
+        ("0.1", "noise_sd a positive number"),
+        (True, "noise_sd a positive number"),
+        (-1.0, "noise_sd > 0"),
+        (float("nan"), "noise_sd > 0"),
+    ],
+)
+def test_a_bad_noise_sd_is_named(noise_sd, match):
+    from pyro_dlatent.inverse import SourceProblem, default_sensors
+    from pyro_dlatent.inverse.run import Observations
+
+    with pytest.raises(ValueError, match=match):
+        SourceProblem(9, default_sensors(3), noise_sd)
+    with pytest.raises(ValueError, match=match):
+        Observations(np.ones(9), default_sensors(3), noise_sd, 9)
+
+
+def test_observations_of_size_zero_blame_the_size():
+    from pyro_dlatent.inverse import default_sensors
+    from pyro_dlatent.inverse.run import Observations
+
+    with pytest.raises(ValueError, match="size >= 3"):
+        Observations(np.ones(9), default_sensors(3), 0.1, 0, truth_field=np.zeros((0, 0)))

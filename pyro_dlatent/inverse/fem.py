@@ -26,6 +26,7 @@ coordinates; every matrix is stored permuted into image order so that no call re
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,10 @@ from skfem.helpers import dot, grad
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "MIN_NOISE_SD",
     "ConductivityProblem",
     "SourceProblem",
+    "check_noise_sd",
     "default_sensors",
     "diffusion",
     "mass",
@@ -141,11 +144,32 @@ def _factorize(matrix: sp.spmatrix) -> Any:
     return splu(sp.csc_matrix(matrix), permc_spec="MMD_AT_PLUS_A", options={"SymmetricMode": True})
 
 
-def _check_positive(name: str, value: float) -> float:
-    value = float(value)
+MIN_NOISE_SD = 1e-18
+"""Smallest noise sd accepted: ``1 / noise_sd**2`` must stay finite in float32."""
+
+
+def _check_positive(name: str, value: float, *, minimum: float = 0.0) -> float:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"expected {name} a positive number, got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {name} a positive number, got {value!r}") from None
     if not np.isfinite(value) or value <= 0.0:
         raise ValueError(f"expected {name} > 0, got {value}")
+    if value < minimum:
+        raise ValueError(
+            f"expected {name} >= {minimum:g} (smaller values overflow 1 / {name}**2 in float32), "
+            f"got {value:g}"
+        )
     return value
+
+
+def check_noise_sd(value: Any) -> float:
+    """``noise_sd`` as a float, or a ``ValueError`` naming it (a positive number >= 1e-18)."""
+    return _check_positive("noise_sd", value, minimum=MIN_NOISE_SD)
 
 
 class _EllipticProblem:
@@ -154,7 +178,7 @@ class _EllipticProblem:
     def __init__(self, size: int, sensors: Any, noise_sd: float) -> None:
         self.size = _check_size(size)
         self.sensors = _check_sensors(sensors)
-        self.noise_sd = _check_positive("noise_sd", noise_sd)
+        self.noise_sd = check_noise_sd(noise_sd)
         self.basis, self._mesh_of_image = unit_square_basis(self.size)
         self.mesh = self.basis.mesh
         image_of_mesh = np.argsort(self._mesh_of_image)

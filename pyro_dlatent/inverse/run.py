@@ -15,7 +15,12 @@ import xarray as xr
 from pyro_dlatent import data, metrics, plots
 from pyro_dlatent.export import save_netcdf
 from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior
-from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
+from pyro_dlatent.inverse.fem import (
+    SourceProblem,
+    check_noise_sd,
+    default_sensors,
+    simulate_observations,
+)
 from pyro_dlatent.inverse.infer import InferenceResult, infer
 from pyro_dlatent.inverse.prior import DeepPrior
 from pyro_dlatent.utils import write_json, write_netcdf
@@ -70,9 +75,11 @@ class Observations:
             raise ValueError("values contains non-finite entries")
         if sensors.shape != (values.size, 2):
             raise ValueError(f"sensors must have shape ({values.size}, 2), got {sensors.shape}")
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 3:
+            raise ValueError(f"expected size >= 3 (nodes per axis, an int), got {size!r}")
         self.values = values
         self.sensors = sensors
-        self.noise_sd = float(noise_sd)
+        self.noise_sd = check_noise_sd(noise_sd)
         self.size = int(size)
         self.truth_field = None if truth_field is None else np.asarray(truth_field, np.float64)
         if self.truth_field is not None and self.truth_field.shape != (self.size, self.size):
