@@ -99,3 +99,37 @@ def test_observations_of_size_zero_blame_the_size():
 
     with pytest.raises(ValueError, match="size >= 3"):
         Observations(np.ones(9), default_sensors(3), 0.1, 0, truth_field=np.zeros((0, 0)))
+
+
+@pytest.mark.parametrize("scale", [1e10, -1e10])
+def test_map_on_data_the_prior_cannot_explain_warns_like_nuts(scale):
+    # Observations scaled by +-1e10: MAP used to return a normal-looking summary.
+    from pyro_dlatent.inverse.infer import InferenceWarning, infer
+    from tests.inverse.test_infer import _linear_setup
+
+    problem, prior, _, data = _linear_setup()
+    with pytest.warns(InferenceWarning, match="noise sds"):
+        result = infer(
+            problem,
+            prior,
+            data * scale,
+            method="map",
+            num_starts=2,
+            steps=50,
+            lbfgs_steps=20,
+            num_samples=10,
+            progress=False,
+        )
+    assert result.health["misfit_rms"] > 1e6
+    quiet = infer(
+        problem,
+        prior,
+        data,
+        method="map",
+        num_starts=2,
+        steps=50,
+        lbfgs_steps=20,
+        num_samples=10,
+        progress=False,
+    )
+    assert quiet.health["misfit_rms"] < 5.0

@@ -61,6 +61,7 @@ __all__ = [
     "InferenceResult",
     "InferenceWarning",
     "LatentPotential",
+    "data_misfit",
     "infer",
     "loss_settled",
     "run_health",
@@ -993,6 +994,29 @@ def loss_settled(losses: np.ndarray, *, window: float = 0.1, atol: float = 0.01)
     return {"settled": abs(change) <= max(4.0 * noise, atol), "change": change, "noise": noise}
 
 
+MAX_MISFIT_RMS = 5.0
+"""Largest RMS over sensors, in noise sds, of the posterior-mean data misfit before a warning."""
+
+
+def data_misfit(model: Any, predictive: Any) -> dict[str, float]:
+    """RMS over sensors of ``(d - mean predicted d) / noise_sd``: about 1 for a fit that explains d.
+
+    Parameters
+    ----------
+    model : InverseProblemModel
+        Its ``observations`` and ``noise_sd``.
+    predictive : array, shape ``(..., m)``
+        Posterior predictive draws of the data.
+    """
+    predicted = np.asarray(predictive, dtype=np.float64)
+    predicted = predicted.reshape(-1, predicted.shape[-1]).mean(0)
+    observed = model.observations.detach().cpu().double().numpy()
+    noise = model.noise_sd.detach().cpu().double().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        rms = float(np.sqrt(np.mean(((observed - predicted) / noise) ** 2)))
+    return {"misfit_rms": rms if math.isfinite(rms) else math.inf}
+
+
 def run_health(idata: Any, var_names: list[str] | None = None) -> dict[str, Any]:
     """Divergences, worst R-hat and smallest bulk/tail ESS of a sampled posterior (via ArviZ).
 
@@ -1269,6 +1293,13 @@ def infer(
                 f"the SVI loss has not settled (mean moved by {health['change']:.3g} over the "
                 f"last 10% of the steps; noise {health['noise']:.3g}); increase steps"
             )
+    health.update(data_misfit(model, outputs["posterior_predictive"]))
+    if not health["misfit_rms"] <= MAX_MISFIT_RMS:
+        messages.append(
+            f"the posterior's predicted data miss the observations by {health['misfit_rms']:.3g} "
+            f"noise sds (RMS over sensors, > {MAX_MISFIT_RMS:g}): the prior cannot explain these "
+            "data; check the observations' units and noise_sd"
+        )
     if messages:
         health["warnings"] = messages
         if warn:
