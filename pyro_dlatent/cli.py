@@ -86,20 +86,29 @@ def train(
     num: Annotated[int, typer.Option(help="Images to simulate (built-in data).")] = 2048,
     size: Annotated[int, typer.Option(help="Image side (built-in data).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the data, the split and training.")] = 0,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs [model's default].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Minibatch size [default].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate [model's default].")] = None,
     ema_decay: Annotated[
-        float, typer.Option(help="Decay of a moving average of the weights kept after training.")
-    ] = 0.0,
-    residual_dim: Annotated[int, typer.Option(help="Residual latent dimension.")] = 4,
-    tau: Annotated[float, typer.Option(help="Tether sd of the guided block.")] = 0.1,
+        float | None,
+        typer.Option(help="Decay of a moving average of the weights kept after training."),
+    ] = None,
+    residual_dim: Annotated[
+        int | None, typer.Option(help="Residual latent dimension [model's default].")
+    ] = None,
+    tau: Annotated[
+        float | None, typer.Option(help="Tether sd of the guided block [model's default].")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train a model; the run folder gets weights, history, report and figures."""
+    """Train a model; the run folder gets weights, history, report and figures.
+
+    Options left out take the model's own defaults (the same as the Python API's), and the report
+    is computed on the validation part the fit held out.
+    """
     from pyro_dlatent.runs import CHECKPOINT_DIR, open_dataset, train_run
 
     if not out.parent.exists():
@@ -107,20 +116,19 @@ def train(
             f"directory {str(out.parent)!r} does not exist", param_hint="--out"
         )
     ds = open_dataset(data, num=num, size=size, seed=seed)
+    model_kwargs = {"residual_dim": residual_dim, "tau": tau}
+    fit_kwargs = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay}
     try:
         train_run(
             ds,
             out,
             model=model,
-            model_kwargs={"residual_dim": residual_dim, "tau": tau, "seed": seed},
+            model_kwargs={"seed": seed, **{k: v for k, v in model_kwargs.items() if v is not None}},
             fit_kwargs={
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": lr,
-                "ema_decay": ema_decay,
                 "seed": seed,
                 "device": device,
                 "progress": progress,
+                **{k: v for k, v in fit_kwargs.items() if v is not None},
             },
             resume=resume,
             overwrite=overwrite,
@@ -232,8 +240,9 @@ def invert(
     else:
         obs = load_observations(observations)
     out.mkdir(parents=True, exist_ok=True)
-    if observations is None:
-        save_observations(obs, out / "observations.nc")
+    save_observations(
+        obs, out / "observations.nc"
+    )  # the data of this posterior, never an older run's
     kwargs = {"num_samples": num_samples, "seed": seed, "progress": progress}
     if method == "nuts":
         kwargs["num_chains"] = num_chains
@@ -410,10 +419,12 @@ def demo(
     fast: Annotated[bool, typer.Option(help="A small, quick version.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed of every stage.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    overwrite: _Overwrite = False,
 ) -> None:
     """The main job on built-in data: simulate, train, explain, invert; results in --out."""
     from pyro_dlatent.demo import run_demo
 
+    _refuse_replacing(out / "summary.json", overwrite)
     run_demo(out, fast=fast, seed=seed, progress=progress)
     typer.echo(f"wrote results to {out} (see {out / 'summary.json'})")
 

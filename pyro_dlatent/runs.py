@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Mapping
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,12 @@ from pyro_dlatent.utils import write_json
 
 __all__ = [
     "MODELS",
+    "RunFolderBusy",
     "build_model",
     "explain",
     "load_model",
     "open_dataset",
+    "run_lock",
     "train_run",
     "traversal_figure",
 ]
@@ -35,6 +40,8 @@ MODELS = {
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_NAME = "last.pt"
+LOCK_FILE = ".lock"
 
 
 def open_dataset(
@@ -166,6 +173,55 @@ def explain(model: GuidedLatentModel, dataset: xr.Dataset, out: str | os.PathLik
     return report
 
 
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold an OS-level lock on the run folder ``out`` (``out/.lock``) for the block.
+
+    A second writer fails at once with :class:`RunFolderBusy` naming the holder's process id. The
+    operating system releases the lock when its holder exits, however it exits, so a crash leaves
+    no stale lock; a lock file left by one is reported and taken over.
+    """
+    import fcntl
+
+    path = Path(out) / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunFolderBusy(
+                f"run folder {str(out)!r} is in use by process {holder}; wait for it to finish "
+                "or use another --out"
+            ) from None
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous:
+            warnings.warn(
+                f"run folder {str(out)!r}: process {previous} ended without releasing it (a "
+                "crash or a kill); taking it over",
+                stacklevel=3,
+            )
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
 def train_run(
     dataset: xr.Dataset,
     out: str | os.PathLike,
@@ -181,23 +237,59 @@ def train_run(
 
     The folder receives ``run.json`` (the settings), ``checkpoints/last.pt`` after every epoch
     (so an interrupted run continues with ``resume=True``), ``model.pt``, ``history.json`` and
-    what :func:`explain` writes, computed on ``held_out`` when given (else on ``dataset``). An
-    existing finished run is kept unless ``overwrite``.
+    what :func:`explain` writes, computed on ``held_out`` when given, else on the validation part
+    the fit held out (never on images it trained on).
+
+    The folder is owned while the run lasts (:func:`run_lock`). A finished run, or an interrupted
+    one, is kept unless ``overwrite`` (or, for an interrupted one, ``resume``); a run that fails
+    (other than by Ctrl-C) before its first epoch is saved removes the folder it created.
     """
     out = Path(out)
     model_kwargs = dict(model_kwargs or {})
     fit_kwargs = dict(fit_kwargs or {})
-    if (out / MODEL_FILE).exists() and not (overwrite or resume):
-        raise FileExistsError(
-            f"run folder {str(out)!r} already holds a trained model; pass overwrite or resume"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model, "model_kwargs": model_kwargs, "fit_kwargs": fit_kwargs}
-    write_json(settings, out / "run.json")
-    net = build_model(model, dataset, **model_kwargs)
     checkpoints = out / CHECKPOINT_DIR
-    net.fit(dataset, checkpoint_dir=checkpoints, resume=True if resume else None, **fit_kwargs)
-    net.save(out / MODEL_FILE)
-    write_json(net.history, out / "history.json")
-    explain(net, dataset if held_out is None else held_out, out)
+    if not (overwrite or resume):
+        if (out / MODEL_FILE).exists():
+            raise FileExistsError(
+                f"run folder {str(out)!r} already holds a trained model; pass overwrite "
+                "(--overwrite) to replace it"
+            )
+        if (checkpoints / CHECKPOINT_NAME).exists():
+            raise FileExistsError(
+                f"run folder {str(out)!r} holds an interrupted run ({CHECKPOINT_DIR}/"
+                f"{CHECKPOINT_NAME}); pass resume (--resume) to continue it or overwrite "
+                "(--overwrite) to start over"
+            )
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(out):
+            for stray in [*out.glob(".*.tmp"), *checkpoints.glob(".*.tmp")]:
+                stray.unlink(missing_ok=True)  # left by a write that a kill interrupted
+            if overwrite and not resume:
+                (checkpoints / CHECKPOINT_NAME).unlink(missing_ok=True)
+            settings = {"model": model, "model_kwargs": model_kwargs, "fit_kwargs": fit_kwargs}
+            if not (resume and (out / "run.json").exists()):
+                write_json(settings, out / "run.json")
+            net = build_model(model, dataset, **model_kwargs)
+            net.fit(
+                dataset, checkpoint_dir=checkpoints, resume=True if resume else None, **fit_kwargs
+            )
+            net.save(out / MODEL_FILE)
+            write_json(net.history, out / "history.json")
+            if held_out is None:
+                fraction = fit_kwargs.get("val_fraction", 0.1)
+                held_out = (
+                    data.split(dataset, fraction, seed=fit_kwargs.get("seed", 0))[1]
+                    if fraction > 0
+                    else dataset
+                )
+            explain(net, held_out, out)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if created and not (checkpoints / CHECKPOINT_NAME).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    (out / LOCK_FILE).unlink(missing_ok=True)
     return net

@@ -74,6 +74,10 @@ def test_ctrl_c_during_training_leaves_a_resumable_run(tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     assert not (run / "model.pt").exists()
+    saved = checkpoint.read_bytes()
+    again = subprocess.run(command, capture_output=True, text=True, env=env)  # no --resume
+    assert again.returncode == 1 and "--resume" in again.stderr
+    assert checkpoint.read_bytes() == saved  # the completed epochs are kept
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -1,0 +1,80 @@
+"""Run folders: the CLI trains the API's model, reports on held-out images, and owns its folder."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+
+from pyro_dlatent import cli, data
+from pyro_dlatent.cli import main
+from pyro_dlatent.models.auxvae import AuxVAE
+from pyro_dlatent.models.base import GuidedLatentModel
+from pyro_dlatent.runs import RunFolderBusy, run_lock
+
+SMALL = ["--num", "64", "--size", "16", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+
+
+def test_train_options_default_to_the_models_own_defaults():
+    # `pyro-dlatent train` used to pass tau=0.1 and lr=1e-3 over the model's 0.05 and 3e-3.
+    options = inspect.signature(cli.train).parameters
+    for name in ("epochs", "batch_size", "lr", "ema_decay", "residual_dim", "tau"):
+        assert options[name].default is None, name
+
+
+def test_train_builds_the_api_model_and_reports_on_the_validation_part(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "sources", "--out", str(run), *SMALL]) == 0
+    net = GuidedLatentModel.load(run / "model.pt")
+    defaults = inspect.signature(AuxVAE.__init__).parameters
+    assert net.config["tau"] == defaults["tau"].default
+    assert net.residual_dim == defaults["residual_dim"].default
+    report = json.loads((run / "report.json").read_text())
+    ds = data.simulate("sources", 64, size=16, seed=0)
+    assert report["n"] == data.split(ds, 0.1, seed=0)[1].sizes["sample"]
+    assert not (run / ".lock").exists()
+
+
+def test_an_interrupted_run_is_never_restarted_without_resume_or_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"an interrupted run's epochs")
+    assert main(["train", "sources", "--out", str(run), *SMALL]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"an interrupted run's epochs"
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(run):
+        assert main(["train", "sources", "--out", str(run), *SMALL]) == 1
+        err = capsys.readouterr().err
+        assert "RunFolderBusy" in err and "in use by process" in err
+        with pytest.raises(RunFolderBusy):
+            with run_lock(run):
+                pass
+    assert not (run / "model.pt").exists()
+
+
+def test_a_lock_left_by_a_crash_is_reported_and_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("999999")  # a holder that died without releasing it
+    with pytest.warns(UserWarning, match="999999 ended without releasing"):
+        with run_lock(run):
+            assert (run / ".lock").read_text().strip().isdigit()
+
+
+def test_a_failed_command_removes_the_folder_it_created(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "sources", "--out", str(run), "--model", "bogus", *SMALL]) == 1
+    assert not run.exists()
+
+
+def test_demo_keeps_an_earlier_demo_unless_told(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text("{}")
+    assert main(["demo", "--out", str(tmp_path), "--fast", "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "summary.json").read_text() == "{}"
