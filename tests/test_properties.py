@@ -73,3 +73,49 @@ def test_latent_log_prob_is_finite_and_matches_normal(aux_dim, residual_dim, bat
     expected = torch.distributions.Normal(loc, scale).log_prob(z.double()).sum(-1)
     torch.testing.assert_close(log_prob.double(), expected, rtol=1e-5, atol=1e-4)
     assert split.rec_dist((batch,)).event_shape == (residual_dim,)
+
+
+_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e40, max_value=1e40),
+    st.integers(-(2**40), 2**40),
+)
+_NAMES = st.one_of(st.sampled_from(["image", "x", "y", "sample", "", "mass"]), st.text(max_size=6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    images=st.one_of(
+        arrays(  # any float64, near and past float32's range, NaN and inf included
+            np.float64,
+            st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)),
+            elements=st.one_of(st.floats(-1e40, 1e40), st.floats()),
+        ),
+        arrays(
+            st.sampled_from([np.int8, np.int32, np.uint8, np.float32, np.complex64]),
+            st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)),
+        ),
+    ),
+    names=st.lists(_NAMES, min_size=0, max_size=3),
+    data=st.data(),
+)
+def test_from_arrays_returns_its_input_or_one_line_error(images, names, data):
+    from pyro_dlatent.data import from_arrays
+
+    n = images.shape[0]
+    aux = {
+        name: data.draw(st.lists(_VALUES, min_size=n, max_size=n).map(np.array)) for name in names
+    }
+    try:
+        ds = from_arrays(images, aux)
+    except (ValueError, TypeError) as err:
+        assert "\n" not in str(err) and str(err)
+        return
+    # accepted: everything is stored as given, finite where it must be
+    stored = ds["image"].values
+    assert stored.dtype == np.float32 and np.isfinite(stored).all()
+    np.testing.assert_array_equal(stored, images.astype(np.float32))
+    assert ds.attrs["aux_names"] == list(aux)
+    for name, values in aux.items():
+        np.testing.assert_array_equal(ds[name].values, values.astype(np.float64))
+        assert not np.isinf(ds[name].values).any() and np.isfinite(ds[name].values).any()

@@ -78,3 +78,15 @@ def test_demo_keeps_an_earlier_demo_unless_told(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--fast", "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+def test_resume_removes_what_a_kill_during_a_write_left(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "sources", "--out", str(run), *SMALL]) == 0
+    strays = [run / "checkpoints" / ".last.pt.k1ll3d.tmp", run / ".history.json.k1ll3d.tmp"]
+    for stray in strays:
+        stray.write_bytes(b"\0" * 4096)  # half-written files of a killed write
+    two_epochs = [a if a != "1" else "2" for a in SMALL]
+    assert main(["train", "sources", "--out", str(run), "--resume", *two_epochs]) == 0
+    assert not any(stray.exists() for stray in strays)
+    assert len(json.loads((run / "history.json").read_text())) == 2
