@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +52,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     one, and the temporary file is removed when ``write`` fails.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except PermissionError as err:
+        raise PermissionError(
+            err.errno, f"cannot write {path.name!r} into {str(path.parent)!r}: permission denied"
+        ) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -58,11 +65,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _disk_full(err, path.parent):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the disk of {str(path.parent)!r} while writing {path.name!r}; "
+                "the file there was kept as it was",
+            ) from err
         raise
     _fsync_dir(path.parent)
     return path
+
+
+_FULL_BELOW = 1 << 20
+"""Free bytes under which a failed write is reported as a full disk."""
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a write failed for want of space (libraries do not all raise ENOSPC)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, Exception):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _FULL_BELOW
+    except OSError:
+        return False
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

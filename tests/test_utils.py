@@ -55,3 +55,36 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
         atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_full_disk_is_named_and_the_old_file_kept(tmp_path, monkeypatch):
+    # torch.save on a full disk raised "[enforce fail at inline_container.cc:672] . unexpected
+    # pos 896 vs 790", naming neither the disk nor the file.
+    import shutil
+    from collections import namedtuple
+
+    path = tmp_path / "last.pt"
+    write_json({"epoch": 3}, path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10, 10, 0))
+
+    def torch_like(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 896 vs 790")
+
+    with pytest.raises(OSError, match=r"no space left .* 'last\.pt'") as info:
+        atomic_write(path, torch_like)
+    assert "\n" not in str(info.value)
+    assert json.loads(path.read_text()) == {"epoch": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_folder_without_write_permission_is_named(tmp_path, monkeypatch):
+    # (simulated: this suite may run as root, who writes into read-only folders)
+    import tempfile
+
+    def denied(**kwargs):
+        raise PermissionError(13, "Permission denied", kwargs["dir"])
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError, match=r"cannot write 'x\.json' into .*: permission denied"):
+        write_json({}, tmp_path / "x.json")
