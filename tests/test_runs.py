@@ -90,3 +90,55 @@ def test_resume_removes_what_a_kill_during_a_write_left(tmp_path):
     assert main(["train", "sources", "--out", str(run), "--resume", *two_epochs]) == 0
     assert not any(stray.exists() for stray in strays)
     assert len(json.loads((run / "history.json").read_text())) == 2
+
+
+def test_two_processes_on_one_run_folder(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from pyro_dlatent.runs import run_lock\n"
+            f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"
+        )],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pyro_dlatent.cli",
+                "train",
+                "sources",
+                "--out",
+                str(run),
+                *SMALL,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert second.returncode == 1
+        assert f"in use by process {holder.pid}" in second.stderr
+        assert time.perf_counter() - start < 30  # at once, not after the holder's minute
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: the OS released its lock, and the next run reports and takes it
+    assert main(["train", "sources", "--out", str(run), *SMALL]) == 0
+
+
+def test_a_refused_resume_keeps_the_runs_settings(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "sources", "--out", str(run), *SMALL]) == 0
+    settings = (run / "run.json").read_text()
+    changed = ["--batch-size" if a == "--batch-size" else a for a in SMALL]
+    changed[changed.index("--batch-size") + 1] = "16"  # another fit: resume is refused
+    assert main(["train", "sources", "--out", str(run), "--resume", *changed]) == 1
+    assert (run / "run.json").read_text() == settings

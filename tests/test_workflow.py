@@ -78,6 +78,9 @@ def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
     args = ["invert", str(run), "--out", str(tmp_path / "inv"), "--observations", str(observations)]
     assert main([*args, "--method", "map", "--steps", "50", "--no-progress"]) == 0
     assert (tmp_path / "inv" / "posterior.nc").is_file()
+    # the folder holds the observations of its posterior (an earlier run's would not match)
+    written = load_observations(tmp_path / "inv" / "observations.nc")
+    np.testing.assert_array_equal(written.values, load_observations(observations).values)
     assert main([*args, "--method", "map"]) == 2  # the posterior there is kept
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--method", "bogus", "--overwrite"]) == 2
