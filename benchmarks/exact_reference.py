@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from pyro_dlatent.calibration import binomial_band, rank_uniformity_pvalue, sbc_ranks
-from pyro_dlatent.data.sources import gaussian_bump, grid, sample_matern_field
 from pyro_dlatent.inverse import SourceProblem, default_sensors, simulate_observations
-from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior
+from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, bump_field
 
 __all__ = ["main", "problem"]
 
@@ -36,18 +35,8 @@ def problem(
 ) -> tuple[np.ndarray, SourceProblem, np.ndarray, np.ndarray]:
     """Problem ``index``: its true ``u``, the FEM problem, the observations and the true field."""
     rng = np.random.default_rng((seed, index))
-    prior = BumpPrior()
-    u = prior.sample(1, rng)[0]
-    t = grid(size)
-    residual = sample_matern_field(
-        1,
-        size,
-        sd=prior.residual_sd,
-        length_scale=prior.length_scale,
-        smoothness=prior.smoothness,
-        rng=rng,
-    )[0]
-    field = gaussian_bump(t, t, *([v] for v in u))[0] + residual
+    u = BumpPrior().sample(1, rng)[0]
+    field = bump_field(u, size, rng)
     sensors = default_sensors(5)
     clean = SourceProblem(size, sensors, 1.0).forward(torch.as_tensor(field)).numpy()
     noise_sd = float(noise_fraction * (clean.max() - clean.min()))

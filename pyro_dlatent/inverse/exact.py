@@ -33,9 +33,14 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from pyro_dlatent.data.sources import gaussian_bump, grid, residual_covariance
+from pyro_dlatent.data.sources import (
+    gaussian_bump,
+    grid,
+    residual_covariance,
+    sample_matern_field,
+)
 
-__all__ = ["NAMES", "BumpPrior", "ExactBumpPosterior"]
+__all__ = ["NAMES", "BumpPrior", "ExactBumpPosterior", "bump_field"]
 
 NAMES = ("x0", "y0", "log_amplitude", "width")
 """The named parameters, in the order of every array here."""
@@ -111,6 +116,23 @@ class BumpPrior:
         return residual_covariance(
             size, sd=self.residual_sd, length_scale=self.length_scale, smoothness=self.smoothness
         )
+
+
+def bump_field(
+    u: Any, size: int, rng: np.random.Generator, prior: BumpPrior | None = None
+) -> np.ndarray:
+    """A field ``b(u) + r`` of the simulator, ``(size, size)``, with ``r`` drawn from ``prior``."""
+    prior = BumpPrior() if prior is None else prior
+    t = grid(size)
+    residual = sample_matern_field(
+        1,
+        size,
+        sd=prior.residual_sd,
+        length_scale=prior.length_scale,
+        smoothness=prior.smoothness,
+        rng=rng,
+    )[0]
+    return gaussian_bump(t, t, *([v] for v in np.asarray(u, dtype=np.float64)))[0] + residual
 
 
 class ExactBumpPosterior:

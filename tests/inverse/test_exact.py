@@ -9,9 +9,9 @@ import torch
 
 from pyro_dlatent import data
 from pyro_dlatent.calibration import rank_uniformity_pvalue, sbc_ranks
-from pyro_dlatent.data.sources import gaussian_bump, grid, sample_matern_field
+from pyro_dlatent.data.sources import gaussian_bump, grid
 from pyro_dlatent.inverse import SourceProblem, default_sensors, simulate_observations
-from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior
+from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, bump_field
 
 SIZE = 16
 
@@ -19,16 +19,7 @@ SIZE = 16
 def problem_and_data(u, *, prior=BumpPrior(), noise_sd=0.01, seed=0, size=SIZE):
     """A sources field with parameters ``u`` observed by 25 sensors."""
     rng = np.random.default_rng(seed)
-    t = grid(size)
-    residual = sample_matern_field(
-        1,
-        size,
-        sd=prior.residual_sd,
-        length_scale=prior.length_scale,
-        smoothness=prior.smoothness,
-        rng=rng,
-    )
-    field = gaussian_bump(t, t, *([v] for v in u))[0] + residual[0]
+    field = bump_field(u, size, rng, prior)
     problem = SourceProblem(size, default_sensors(5), noise_sd)
     values = simulate_observations(problem, torch.as_tensor(field), seed=rng).numpy()
     return problem, values, field
