@@ -108,28 +108,10 @@ def test_map_on_data_the_prior_cannot_explain_warns_like_nuts(scale):
     from tests.inverse.test_infer import _linear_setup
 
     problem, prior, _, data = _linear_setup()
+    settings = {"method": "map", "num_starts": 2, "steps": 50, "lbfgs_steps": 20}
+    settings.update(num_samples=10, progress=False)
     with pytest.warns(InferenceWarning, match="noise sds"):
-        result = infer(
-            problem,
-            prior,
-            data * scale,
-            method="map",
-            num_starts=2,
-            steps=50,
-            lbfgs_steps=20,
-            num_samples=10,
-            progress=False,
-        )
+        result = infer(problem, prior, data * scale, **settings)
     assert result.health["misfit_rms"] > 1e6
-    quiet = infer(
-        problem,
-        prior,
-        data,
-        method="map",
-        num_starts=2,
-        steps=50,
-        lbfgs_steps=20,
-        num_samples=10,
-        progress=False,
-    )
+    quiet = infer(problem, prior, data, **settings)
     assert quiet.health["misfit_rms"] < 5.0
