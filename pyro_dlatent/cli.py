@@ -230,7 +230,7 @@ def invert(
         save_observations,
         synthetic_observations,
     )
-    from pyro_dlatent.runs import load_model
+    from pyro_dlatent.runs import load_model, owned_folder
 
     if method not in ("map", "svi", "nuts"):
         raise typer.BadParameter(f"must be map, svi or nuts, got {method!r}", param_hint="--method")
@@ -239,16 +239,14 @@ def invert(
         obs = synthetic_observations(size=generator.image_size, seed=problem_seed)
     else:
         obs = load_observations(observations)
-    out.mkdir(parents=True, exist_ok=True)
-    save_observations(
-        obs, out / "observations.nc"
-    )  # the data of this posterior, never an older run's
     kwargs = {"num_samples": num_samples, "seed": seed, "progress": progress}
     if method == "nuts":
         kwargs["num_chains"] = num_chains
     else:
         kwargs["steps"] = steps
-    invert_run(generator, obs, out, method=method, **kwargs)
+    with owned_folder(out):
+        save_observations(obs, out / "observations.nc")  # this posterior's data, not an older's
+        invert_run(generator, obs, out, method=method, **kwargs)
     typer.echo(f"wrote the posterior and figures to {out}")
 
 
@@ -376,7 +374,7 @@ def anomalies(
     """Rank images by the Mahalanobis radius of their encoded residual block, with p-values."""
     _refuse_replacing(out / "anomalies.nc", overwrite)
     from pyro_dlatent import anomaly, plots
-    from pyro_dlatent.runs import load_model, open_dataset
+    from pyro_dlatent.runs import load_model, open_dataset, owned_folder
 
     if views not in anomaly.VIEWS:
         raise typer.BadParameter(
@@ -406,10 +404,10 @@ def anomalies(
         detector, encoded.z_rec_loc.cpu().numpy(), condition=condition(encoded), extra=extra
     )
     table.attrs.update(views=views, by=by or "")
-    out.mkdir(parents=True, exist_ok=True)
-    write_netcdf(table, out / "anomalies.nc")
-    fig = anomaly.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))
-    plots.save_figure(fig, out / "anomalies.png")
+    with owned_folder(out):
+        write_netcdf(table, out / "anomalies.nc")
+        fig = anomaly.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))
+        plots.save_figure(fig, out / "anomalies.png")
     typer.echo(f"ranked {ds.sizes['sample']} images into {out}")
 
 
@@ -423,9 +421,11 @@ def demo(
 ) -> None:
     """The main job on built-in data: simulate, train, explain, invert; results in --out."""
     from pyro_dlatent.demo import run_demo
+    from pyro_dlatent.runs import owned_folder
 
     _refuse_replacing(out / "summary.json", overwrite)
-    run_demo(out, fast=fast, seed=seed, progress=progress)
+    with owned_folder(out):
+        run_demo(out, fast=fast, seed=seed, progress=progress)
     typer.echo(f"wrote results to {out} (see {out / 'summary.json'})")
 
 

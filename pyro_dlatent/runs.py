@@ -7,7 +7,7 @@ import importlib
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "explain",
     "load_model",
     "open_dataset",
+    "owned_folder",
     "run_lock",
     "train_run",
     "traversal_figure",
@@ -222,6 +223,34 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
         handle.close()
 
 
+@contextlib.contextmanager
+def owned_folder(
+    out: str | os.PathLike, *, keep: Callable[[], bool] | None = None
+) -> Iterator[Path]:
+    """Create (if needed) and lock the results folder ``out`` while a command writes it.
+
+    The lock is :func:`run_lock`; temporary files that a killed write left are removed first. When
+    the block fails (other than by Ctrl-C, which keeps what is done), a folder this call created
+    is removed again unless ``keep()`` says it holds something worth keeping, so a failed command
+    leaves no empty or half-written folder behind.
+    """
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(out):
+            for stray in out.glob(".*.tmp"):
+                stray.unlink(missing_ok=True)
+            yield out
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if created and not (keep is not None and keep()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    (out / LOCK_FILE).unlink(missing_ok=True)
+
+
 def train_run(
     dataset: xr.Dataset,
     out: str | os.PathLike,
@@ -260,36 +289,24 @@ def train_run(
                 f"{CHECKPOINT_NAME}); pass resume (--resume) to continue it or overwrite "
                 "(--overwrite) to start over"
             )
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with run_lock(out):
-            for stray in [*out.glob(".*.tmp"), *checkpoints.glob(".*.tmp")]:
-                stray.unlink(missing_ok=True)  # left by a write that a kill interrupted
-            if overwrite and not resume:
-                (checkpoints / CHECKPOINT_NAME).unlink(missing_ok=True)
-            settings = {"model": model, "model_kwargs": model_kwargs, "fit_kwargs": fit_kwargs}
-            if not (resume and (out / "run.json").exists()):
-                write_json(settings, out / "run.json")
-            net = build_model(model, dataset, **model_kwargs)
-            net.fit(
-                dataset, checkpoint_dir=checkpoints, resume=True if resume else None, **fit_kwargs
+    with owned_folder(out, keep=(checkpoints / CHECKPOINT_NAME).exists):
+        for stray in checkpoints.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)  # left by a checkpoint write that a kill interrupted
+        if overwrite and not resume:
+            (checkpoints / CHECKPOINT_NAME).unlink(missing_ok=True)
+        settings = {"model": model, "model_kwargs": model_kwargs, "fit_kwargs": fit_kwargs}
+        if not (resume and (out / "run.json").exists()):
+            write_json(settings, out / "run.json")
+        net = build_model(model, dataset, **model_kwargs)
+        net.fit(dataset, checkpoint_dir=checkpoints, resume=True if resume else None, **fit_kwargs)
+        net.save(out / MODEL_FILE)
+        write_json(net.history, out / "history.json")
+        if held_out is None:
+            fraction = fit_kwargs.get("val_fraction", 0.1)
+            held_out = (
+                data.split(dataset, fraction, seed=fit_kwargs.get("seed", 0))[1]
+                if fraction > 0
+                else dataset
             )
-            net.save(out / MODEL_FILE)
-            write_json(net.history, out / "history.json")
-            if held_out is None:
-                fraction = fit_kwargs.get("val_fraction", 0.1)
-                held_out = (
-                    data.split(dataset, fraction, seed=fit_kwargs.get("seed", 0))[1]
-                    if fraction > 0
-                    else dataset
-                )
-            explain(net, held_out, out)
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        if created and not (checkpoints / CHECKPOINT_NAME).exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    (out / LOCK_FILE).unlink(missing_ok=True)
+        explain(net, held_out, out)
     return net

@@ -104,6 +104,7 @@ def test_cli_dlcfm_train_sample_tails_anomalies(tmp_path, capsys):
     assert main(["invert", str(run), "--out", str(tmp_path / "inv"), "--method", "map"]) == 1
     err = capsys.readouterr().err
     assert "['log10_M500', 'concentration']" in err and "x0" in err
+    assert not (tmp_path / "inv").exists()  # the failed command left no folder behind
     aux = ["--aux", "log10_M500=14.0", "--aux", "log10_M500=15.0", "--aux", "concentration=3"]
     assert main(["sample", str(run), "--out", str(tmp_path / "s.nc"), *aux, "--num", "2"]) == 0
     images = xr.load_dataset(tmp_path / "s.nc", engine="h5netcdf")["image"]
