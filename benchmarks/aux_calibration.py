@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test-num", type=int, default=4096, help="held-out images")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON of model options, e.g. '{\"depth\": 2}'",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON file of the results")
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     train = _dataset(args.dataset, args.num, args.size, args.seed)
     held_out = _dataset(args.dataset, args.test_num, args.size, args.seed + 10_000)
-    model = build_model(args.model, train, seed=args.seed)
+    model = build_model(args.model, train, **{"seed": args.seed, **args.model_kwargs})
     start = time.perf_counter()
     model.fit(train, epochs=args.epochs, seed=args.seed, progress=False)
     fit_seconds = time.perf_counter() - start
