@@ -27,7 +27,14 @@ import torch
 import xarray as xr
 
 from pyro_dlatent import data
-from pyro_dlatent.calibration import COVERAGE_LEVELS, binomial_band, calibration_summary, coverage
+from pyro_dlatent.calibration import (
+    COVERAGE_LEVELS,
+    binomial_band,
+    calibration_summary,
+    coverage,
+    interval_bounds,
+    interval_probabilities,
+)
 from pyro_dlatent.runs import build_model
 
 __all__ = ["main", "score", "user_dataset"]
@@ -64,26 +71,18 @@ def _dataset(name: str, n: int, size: int, seed: int) -> xr.Dataset:
 
 def score(model: Any, held_out: xr.Dataset) -> dict[str, Any]:
     """The calibration numbers of every auxiliary of ``model`` on ``held_out``."""
-    tails = sorted({(1 - level) / 2 for level in COVERAGE_LEVELS})
-    probabilities = tails + [1 - p for p in reversed(tails)]
-    predicted = model.predict_aux(held_out, quantiles=probabilities)
+    predicted = model.predict_aux(held_out, quantiles=interval_probabilities(COVERAGE_LEVELS))
     result = {}
     for name in model.aux_names:
         truth = held_out[name].values.astype(np.float64)
-
-        def bounds(level: float, name: str = name) -> tuple[np.ndarray, np.ndarray]:
-            lo = f"{name}_q{100 * (1 - level) / 2:02g}".replace(".", "_")
-            hi = f"{name}_q{100 * (1 + level) / 2:02g}".replace(".", "_")
-            return predicted[lo].values, predicted[hi].values
-
         entry = calibration_summary(
             truth,
             predicted[name].values,
             predicted[f"{name}_sd"].values,
-            {level: bounds(level) for level in COVERAGE_LEVELS},
+            {level: interval_bounds(predicted, name, level) for level in COVERAGE_LEVELS},
         )
         third = np.digitize(truth, np.quantile(truth, [1 / 3, 2 / 3]))
-        lower, upper = bounds(0.9)
+        lower, upper = interval_bounds(predicted, name, 0.9)
         entry["coverage_90_by_third"] = [
             coverage(truth[third == k], lower[third == k], upper[third == k]) for k in range(3)
         ]

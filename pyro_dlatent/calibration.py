@@ -31,6 +31,9 @@ __all__ = [
     "calibration_summary",
     "coverage",
     "encoding_features",
+    "interval_bounds",
+    "interval_probabilities",
+    "quantile_label",
     "rank_uniformity_pvalue",
     "sbc_ranks",
 ]
@@ -289,6 +292,24 @@ class AuxCalibration(torch.nn.Module):
         quantiles[:, unfitted] = math.nan
         mu[:, unfitted] = math.nan
         return mu, quantiles
+
+
+def quantile_label(p: float) -> str:
+    """Suffix of the variable ``predict_aux`` reports for quantile ``p`` (``0.05 -> "q05"``)."""
+    return f"q{100 * p:02g}".replace(".", "_")
+
+
+def interval_probabilities(levels: Sequence[float] = COVERAGE_LEVELS) -> list[float]:
+    """The quantile levels that bound the central intervals of ``levels``, in increasing order."""
+    tails = sorted({(1 - level) / 2 for level in levels})
+    return tails + [1 - p for p in reversed(tails)]
+
+
+def interval_bounds(predicted: Any, name: str, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds of the central ``level`` interval of ``name`` in ``predict_aux`` output."""
+    lower = predicted[f"{name}_{quantile_label((1 - level) / 2)}"].values
+    upper = predicted[f"{name}_{quantile_label((1 + level) / 2)}"].values
+    return lower, upper
 
 
 def coverage(truth: Any, lower: Any, upper: Any) -> float:

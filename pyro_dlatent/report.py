@@ -30,7 +30,12 @@ import torch
 import xarray as xr
 
 from pyro_dlatent import metrics
-from pyro_dlatent.calibration import COVERAGE_LEVELS, calibration_summary
+from pyro_dlatent.calibration import (
+    COVERAGE_LEVELS,
+    calibration_summary,
+    interval_bounds,
+    interval_probabilities,
+)
 from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.utils import atomic_write
 
@@ -98,25 +103,15 @@ def _variable_entries(
     return entries
 
 
-def _quantile_label(p: float) -> str:
-    return f"q{100 * p:02g}".replace(".", "_")
-
-
 def _calibration_entries(model: Any, images: Any, ds: xr.Dataset, batch_size: int) -> dict:
     """Coverage and sharpness of :meth:`predict_aux`'s reported uncertainty, per auxiliary."""
-    tails = sorted({(1 - level) / 2 for level in COVERAGE_LEVELS})
-    probabilities = tails + [1 - p for p in reversed(tails)]
-    predicted = model.predict_aux(images, quantiles=probabilities, batch_size=batch_size)
+    predicted = model.predict_aux(
+        images, quantiles=interval_probabilities(COVERAGE_LEVELS), batch_size=batch_size
+    )
     entries = {}
     for name in model.aux_names:
         truth = ds[name].values.astype(np.float64)
-        intervals = {
-            level: (
-                predicted[f"{name}_{_quantile_label((1 - level) / 2)}"].values,
-                predicted[f"{name}_{_quantile_label((1 + level) / 2)}"].values,
-            )
-            for level in COVERAGE_LEVELS
-        }
+        intervals = {level: interval_bounds(predicted, name, level) for level in COVERAGE_LEVELS}
         summary = calibration_summary(
             truth, predicted[name].values, predicted[f"{name}_sd"].values, intervals
         )

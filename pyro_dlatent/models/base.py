@@ -63,6 +63,7 @@ from pyro_dlatent.calibration import (
     MIN_CALIBRATION_ROWS,
     AuxCalibration,
     encoding_features,
+    quantile_label,
 )
 from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 from pyro_dlatent.data.io import check_dataset, split
@@ -1619,7 +1620,7 @@ class GuidedLatentModel(PyroModule):
         levels = np.asarray(quantiles, dtype=np.float64).reshape(-1)
         if not np.all((levels > 0) & (levels < 1)):
             raise ValueError(f"expected quantiles in (0, 1), got {list(quantiles)!r}")
-        labels = [f"q{100 * p:02g}".replace(".", "_") for p in levels]
+        labels = [quantile_label(p) for p in levels]
         if len(set(labels)) != len(labels):
             raise ValueError(f"expected distinct quantiles, got {list(quantiles)!r}")
         encoding = self.encode(images, batch_size=batch_size)
