@@ -589,7 +589,7 @@ def sample_ode(
     to at least :data:`LEVEL_GRID_INTERVALS` (it holds every stage time of the three solvers;
     four evaluations of the small head per interval), and the zero-mean remainder with the
     requested solver, the U-Net seeing that level. ``dopri5`` integrates the coupled state
-    (its adaptive steps resolve the level). On ``halos`` (32x32, the README's mean-head models,
+    (its adaptive steps resolve the level). On ``halos`` (32x32, docs/history.md's mean-head runs,
     held-out maps) RK4 with 4 steps on the coupled state left the lightest eighth of the
     generated maps 1.7 times as bright as simulated over the whole map, and the whole-map Y-M
     slope at 1.590 and 1.514 (seeds 0 and 1; simulator 1.745); with the level apart, 1.743 and

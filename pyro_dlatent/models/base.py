@@ -1090,7 +1090,7 @@ class GuidedLatentModel(PyroModule):
             ``load(..., weights="live")`` brings back the live weights with their own
             generation map. On ``halos`` (DL-CFM, 8,352 steps, 0.999) it settled the
             whole-map Y-M slope of two runs (1.58 and 2.02 to 1.75 and 1.76; simulated 1.745)
-            but made one run's maps 12% fainter; the README has the table.
+            but made one run's maps 12% fainter; docs/history.md has the table.
 
         Returns
         -------

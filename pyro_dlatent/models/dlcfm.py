@@ -80,8 +80,8 @@ and pixel-histogram distance within 10% of dopri5's (122 evaluations) at every l
 count, with images within 1.9% RMS of dopri5's; midpoint with the same 16 evaluations was
 2.9% off and Euler 4.5%. Rerun on a DL-CFM trained on 8192 maps for 144 epochs (512 maps): again
 RK4 with 4 steps was the fewest evaluations within 10% of dopri5's fidelity (98 evaluations),
-images within 0.9% RMS; midpoint needed 16 evaluations (1.6%) and Euler 32 (2.0%). Again on the
-README's seed-0 mean-head model with the level integrated apart (512 maps): RK4 with 4 steps,
+images within 0.9% RMS; midpoint needed 16 evaluations (1.6%) and Euler 32 (2.0%). Again on
+docs/history.md's seed-0 mean-head model, level integrated apart (512 maps): RK4 with 4 steps,
 images within 4.0% RMS of dopri5's (134 evaluations); midpoint needed 32 evaluations, Euler
 none up to 32.
 """
@@ -247,7 +247,7 @@ class DLCFM(GuidedLatentModel):
     field_mean_head : bool
         Produce the field's mean level with a head that sees the mean level of the flow's state
         (``mean_head`` of :class:`~pyro_dlatent.flow.ConditionalVectorField`), which the U-Net's
-        group norms hide from it. On ``halos`` (the README's setting) it cut the spread of the
+        group norms hide from it. On ``halos`` (docs/history.md) it cut the spread of the
         low-mass maps' background level from 0.14 to 0.02-0.03 (simulated 0.011); with the
         neighbour draws of :meth:`calibrate_generation` and the level integrated apart
         (:func:`~pyro_dlatent.flow.sample_ode`) its generated maps scored power-spectrum error
