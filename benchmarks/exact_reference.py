@@ -21,28 +21,11 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from pyro_dlatent.calibration import binomial_band, rank_uniformity_pvalue, sbc_ranks
-from pyro_dlatent.inverse import SourceProblem, default_sensors, simulate_observations
-from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, bump_field
+from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, sample_problem
 
-__all__ = ["main", "problem"]
-
-
-def problem(
-    index: int, *, seed: int = 0, size: int = 32, noise_fraction: float = 0.02
-) -> tuple[np.ndarray, SourceProblem, np.ndarray, np.ndarray]:
-    """Problem ``index``: its true ``u``, the FEM problem, the observations and the true field."""
-    rng = np.random.default_rng((seed, index))
-    u = BumpPrior().sample(1, rng)[0]
-    field = bump_field(u, size, rng)
-    sensors = default_sensors(5)
-    clean = SourceProblem(size, sensors, 1.0).forward(torch.as_tensor(field)).numpy()
-    noise_sd = float(noise_fraction * (clean.max() - clean.min()))
-    fem = SourceProblem(size, sensors, noise_sd)
-    values = simulate_observations(fem, torch.as_tensor(field), seed=rng).numpy()
-    return u, fem, values, field
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -58,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     covariance = BumpPrior().covariance(args.size)
     truths, means, intervals, draws, errors, seconds = [], [], [], [], [], []
     for index in range(args.start, args.start + args.count):
-        u, fem, values, field = problem(
+        u, fem, values, field = sample_problem(
             index, seed=args.seed, size=args.size, noise_fraction=args.noise_fraction
         )
         start = time.perf_counter()

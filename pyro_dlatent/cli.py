@@ -212,7 +212,13 @@ def invert(
         Path | None,
         typer.Option(help="Observations netCDF (default: a built-in synthetic problem)."),
     ] = None,
-    method: Annotated[str, typer.Option(help="map, svi or nuts.")] = "nuts",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="collapsed (the residual integrated out; calibrated against the exact posterior), "
+            "map, svi or nuts (the full deep prior)."
+        ),
+    ] = "collapsed",
     num_samples: Annotated[int, typer.Option(help="Posterior draws (per chain for NUTS).")] = 500,
     num_chains: Annotated[int, typer.Option(help="NUTS chains.")] = 2,
     steps: Annotated[int, typer.Option(help="Optimization steps (MAP, SVI).")] = 2000,
@@ -232,17 +238,21 @@ def invert(
     )
     from pyro_dlatent.runs import load_model, owned_folder
 
-    if method not in ("map", "svi", "nuts"):
-        raise typer.BadParameter(f"must be map, svi or nuts, got {method!r}", param_hint="--method")
+    if method not in ("collapsed", "map", "svi", "nuts"):
+        raise typer.BadParameter(
+            f"must be collapsed, map, svi or nuts, got {method!r}", param_hint="--method"
+        )
     generator = load_model(model, weights=weights).generator()
     if observations is None:
         obs = synthetic_observations(size=generator.image_size, seed=problem_seed)
     else:
         obs = load_observations(observations)
-    kwargs = {"num_samples": num_samples, "seed": seed, "progress": progress}
+    kwargs: dict[str, Any] = {"num_samples": num_samples, "seed": seed}
+    if method != "collapsed":
+        kwargs["progress"] = progress
     if method == "nuts":
         kwargs["num_chains"] = num_chains
-    else:
+    elif method != "collapsed":
         kwargs["steps"] = steps
     with owned_folder(out):
         save_observations(obs, out / "observations.nc")  # this posterior's data, not an older's

@@ -38,7 +38,7 @@ def run_demo(
 
     Stages: simulate each built-in dataset (netCDF + preview figure); train an Aux-VAE on
     ``sources`` and explain it on held-out fields (traversal, scatter, alignment report); invert
-    sensor data of a held-out source field under the trained deep prior (full-rank SVI):
+    sensor data of a held-out source field under the trained deep prior (collapsed):
     posterior netCDF, summary and figures in ``inversion/``.
 
     Parameters
@@ -85,13 +85,9 @@ def run_demo(
         vae.generator(),
         observations,
         out / "inversion",
-        method="svi",
-        guide="fullrank",
-        steps=200 if fast else 600,
-        num_starts=4,
+        method="collapsed",
         num_samples=200 if fast else 1000,
         seed=seed,
-        progress=progress,
     )
     inversion = json.loads((out / "inversion" / "summary.json").read_text())
     summary["inversion"] = {

@@ -40,7 +40,7 @@ from pyro_dlatent.data.sources import (
     sample_matern_field,
 )
 
-__all__ = ["NAMES", "BumpPrior", "ExactBumpPosterior", "bump_field"]
+__all__ = ["NAMES", "BumpPrior", "ExactBumpPosterior", "bump_field", "sample_problem"]
 
 NAMES = ("x0", "y0", "log_amplitude", "width")
 """The named parameters, in the order of every array here."""
@@ -133,6 +133,31 @@ def bump_field(
         rng=rng,
     )[0]
     return gaussian_bump(t, t, *([v] for v in np.asarray(u, dtype=np.float64)))[0] + residual
+
+
+def sample_problem(
+    index: int, *, seed: int = 0, size: int = 32, noise_fraction: float = 0.02
+) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
+    """Inverse problem ``index`` of a study: true ``u``, the problem, observations, true field.
+
+    ``u`` from :class:`BumpPrior`, the field :func:`bump_field`, observed by 25 sensors with noise
+    of sd ``noise_fraction`` times the range of the clean data (the demo's rule); all drawn from
+    ``numpy.random.default_rng((seed, index))``, so problem ``index`` is the same whatever shard
+    of a study computes it.
+    """
+    import torch
+
+    from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
+
+    rng = np.random.default_rng((seed, index))
+    u = BumpPrior().sample(1, rng)[0]
+    field = bump_field(u, size, rng)
+    sensors = default_sensors(5)
+    clean = SourceProblem(size, sensors, 1.0).forward(torch.as_tensor(field)).numpy()
+    noise_sd = float(noise_fraction * (clean.max() - clean.min()))
+    problem = SourceProblem(size, sensors, noise_sd)
+    values = simulate_observations(problem, torch.as_tensor(field), seed=rng).numpy()
+    return u, problem, values, field
 
 
 class ExactBumpPosterior:

@@ -931,27 +931,29 @@ def _posterior_outputs(
     }
 
 
-def _problem_metadata(problem: Any, model: InverseProblemModel) -> tuple[dict, dict, dict]:
+def _problem_metadata(
+    problem: Any, noise_sd: torch.Tensor, num_sensors: int, field_shape: tuple[int, int]
+) -> tuple[dict, dict, dict]:
     """constant_data variables, their dims, and coords (sensors, noise, mesh nodes).
 
     ``node_x``, ``node_y`` ``(y, x)`` are the mesh-node coordinates (``node_xy[i, j] = (x, y)``
     of the field's pixel ``[i, j]``); the index coordinates ``x`` and ``y`` are its first row
     and column, exact for the structured unit-square mesh.
     """
-    constant: dict[str, Any] = {"noise_sd": model.noise_sd.detach().cpu().numpy()}
+    constant: dict[str, Any] = {"noise_sd": noise_sd.detach().cpu().numpy()}
     dims: dict[str, list[str]] = {}
     if constant["noise_sd"].ndim == 1:
         dims["noise_sd"] = ["sensor"]
-    coords: dict[str, Any] = {"sensor": list(range(model.num_sensors))}
+    coords: dict[str, Any] = {"sensor": list(range(num_sensors))}
     sensors = getattr(problem, "sensors", None)
     if sensors is not None:
         sensors = np.asarray(sensors, dtype=np.float64)
-        if sensors.shape == (model.num_sensors, 2):
+        if sensors.shape == (num_sensors, 2):
             constant["sensor_x"] = sensors[:, 0]
             constant["sensor_y"] = sensors[:, 1]
             dims["sensor_x"] = ["sensor"]
             dims["sensor_y"] = ["sensor"]
-    height, width = model.prior.field_shape
+    height, width = field_shape
     node_xy = getattr(problem, "node_xy", None)
     if node_xy is not None and np.shape(node_xy) == (height, width, 2):
         node_xy = np.asarray(node_xy, dtype=np.float64)
@@ -1254,7 +1256,9 @@ def infer(
         outputs = _posterior_outputs(model, latent, chunk_size, keep_fields=field_draws)
         fields = outputs["fields"]
 
-    constant, constant_dims, coords = _problem_metadata(problem, model)
+    constant, constant_dims, coords = _problem_metadata(
+        problem, model.noise_sd, model.num_sensors, model.prior.field_shape
+    )
     meta = prior.arviz_metadata()
     dims = {**meta["dims"], **constant_dims, OBS_SITE: ["sensor"]}
     posterior = {k: v.detach().cpu().numpy() for k, v in latent.items()}

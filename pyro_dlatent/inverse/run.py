@@ -14,6 +14,7 @@ import xarray as xr
 
 from pyro_dlatent import data, metrics, plots
 from pyro_dlatent.export import save_netcdf
+from pyro_dlatent.inverse.collapsed import infer_collapsed
 from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior
 from pyro_dlatent.inverse.fem import (
     SourceProblem,
@@ -193,7 +194,7 @@ def invert_run(
     observations: Observations,
     out: str | os.PathLike,
     *,
-    method: str = "nuts",
+    method: str = "collapsed",
     **infer_kwargs: Any,
 ) -> InferenceResult:
     """Invert ``observations`` under the deep prior of ``generator``; write results into ``out``.
@@ -214,8 +215,6 @@ def invert_run(
     observations : Observations
     out : folder, created if absent
     method : {"map", "svi", "nuts"}
-    **infer_kwargs
-        Passed to :func:`pyro_dlatent.inverse.infer`.
     """
     import arviz as az
 
@@ -233,10 +232,21 @@ def invert_run(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prior = DeepPrior(generator)
-    result = infer(
-        observations.problem(), prior, observations.values, method=method, **infer_kwargs
-    )
+    bump_prior = observations.bump_prior()
+    if method == "collapsed":
+        if bump_prior is not None and "bounds" not in infer_kwargs:
+            infer_kwargs["bounds"] = bump_prior.bounds[[NAMES.index(n) for n in names]]
+        result = infer_collapsed(
+            observations.problem(), generator, observations.values, **infer_kwargs
+        )
+    else:
+        result = infer(
+            observations.problem(),
+            DeepPrior(generator),
+            observations.values,
+            method=method,
+            **infer_kwargs,
+        )
     idata = result.idata
     save_netcdf(idata, out / "posterior.nc", overwrite=True)
 
@@ -246,6 +256,8 @@ def invert_run(
     summary: dict[str, Any] = {"method": method, "health": result.health, "names": names}
     summary["u_mean"] = dict(zip(names, u_draws.mean(0).tolist(), strict=True))
     summary["u_sd"] = dict(zip(names, u_draws.std(0).tolist(), strict=True))
+    interval = np.quantile(u_draws, [0.05, 0.95], axis=0).T
+    summary["u_interval_90"] = dict(zip(names, interval.tolist(), strict=True))
     if method == "nuts":
         table = az.summary(idata, var_names=["u"])
         summary["az_summary"] = json.loads(table.to_json(orient="index"))
@@ -255,7 +267,6 @@ def invert_run(
     if observations.truth_aux:
         summary["truth_aux"] = observations.truth_aux
     reference = None
-    bump_prior = observations.bump_prior()
     if bump_prior is not None:
         exact = ExactBumpPosterior(observations.problem(), observations.values, bump_prior)
         order = [NAMES.index(n) for n in names]

@@ -44,6 +44,7 @@ from pyro_dlatent.models.base import (
     _initialization_rng,
 )
 from pyro_dlatent.nn import ConvDecoder
+from pyro_dlatent.residual import ResidualField
 
 __all__ = ["LIKELIHOODS", "OBS_SCALES", "AuxVAE", "DecoderGenerator"]
 
@@ -108,6 +109,9 @@ class DecoderGenerator(nn.Module):
         (``scaler.transform_tensor``) and back.
     tau : float
         The prior sd of ``z_aux`` around the standardized auxiliaries the model was trained with.
+    residual_field : ResidualField or None
+        What ``G(u~, 0)`` leaves in the training images (the collapsed deep prior's residual),
+        if the model fitted one.
     """
 
     def __init__(
@@ -121,9 +125,11 @@ class DecoderGenerator(nn.Module):
         image_scale: torch.Tensor,
         scaler: AuxScaler,
         tau: float,
+        residual_field: ResidualField | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        self.residual_field = residual_field
         self.tau = float(tau)
         self.aux_dim = aux_dim
         self.residual_dim = residual_dim
@@ -235,6 +241,7 @@ class AuxVAE(GuidedLatentModel):
     """
 
     _networks = ("encoder", "decoder")
+    residual_after_fit = True
     fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType(
         {"lr": 3e-3, "lr_decay": 1.0 / 30.0}
     )
@@ -426,4 +433,7 @@ class AuxVAE(GuidedLatentModel):
             image_scale=self.image_scale,
             scaler=copy.deepcopy(self.scaler),
             tau=self.tau,
+            residual_field=(
+                copy.deepcopy(self.residual_field) if bool(self.residual_field.fitted) else None
+            ),
         )

@@ -74,6 +74,7 @@ from pyro_dlatent.penalties import (
     alignment_penalty,
     decorrelation_penalty,
 )
+from pyro_dlatent.residual import ResidualField
 
 __all__ = [
     "ALIGN_SITE",
@@ -130,6 +131,7 @@ _PREDICTIVE_POINTS = 200
 """Equally likely quantiles whose physical values give :meth:`GuidedLatentModel.predict_aux`'s
 mean and sd."""
 _CALIBRATION = "aux_calibration"
+_RESIDUAL = "residual_field"
 """Attribute (and state-dict prefix) of the :class:`~pyro_dlatent.calibration.AuxCalibration`."""
 _NEIGHBOUR_ELEMENTS = 2**21
 """Distances between requested rows and calibration images computed at once (memory bound)."""
@@ -630,6 +632,8 @@ class GuidedLatentModel(PyroModule):
 
     calibrate_after_fit: ClassVar[bool] = False
     """Whether :meth:`fit` ends with :meth:`calibrate_generation` on its training part."""
+    residual_after_fit: ClassVar[bool] = False
+    """Whether :meth:`fit` ends with :meth:`fit_residual_field` (the collapsed deep prior's)."""
 
     def __init__(
         self,
@@ -714,6 +718,8 @@ class GuidedLatentModel(PyroModule):
             self.register_buffer(name, torch.zeros(0, k))
         # Predictive distribution of the auxiliaries given an image (see calibrate_uncertainty).
         self.aux_calibration = AuxCalibration(k, residual_dim)
+        # What G(u~, 0) leaves in the training fields (see fit_residual_field).
+        self.residual_field = ResidualField(image_size, k)
         with _initialization_rng(seed):
             self.encoder = ConvEncoder(
                 image_size,
@@ -1223,6 +1229,8 @@ class GuidedLatentModel(PyroModule):
             self.calibrate_uncertainty(train, val, batch_size=eval_batch_size)
         else:
             self.aux_calibration.reset()
+        if self.residual_after_fit:
+            self.fit_residual_field(train, batch_size=eval_batch_size)
         if checkpoint is not None:
             self.save(checkpoint, extra=self._fit_extra(settings, fingerprint))
         return history
@@ -1340,6 +1348,7 @@ class GuidedLatentModel(PyroModule):
             raise ValueError(f"{what} holds no model weights")
         optional = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS + _TABLE_BUFFERS)
         optional |= {f"{_CALIBRATION}.{name}" for name, _ in self.aux_calibration.named_buffers()}
+        optional |= {f"{_RESIDUAL}.{name}" for name, _ in self.residual_field.named_buffers()}
         self._shape_tables(weights, what)
         try:
             result = self.load_state_dict(weights, strict=False)
@@ -1361,6 +1370,8 @@ class GuidedLatentModel(PyroModule):
         self._check_tables(what)
         if any(key.startswith(f"{_CALIBRATION}.") for key in result.missing_keys):
             self.aux_calibration.reset()  # written before calibrated uncertainty
+        if any(key.startswith(f"{_RESIDUAL}.") for key in result.missing_keys):
+            self.residual_field.reset()  # written before the collapsed deep prior
         optimizer = state.get("optimizer") or {}
         if self._optim is not None and optimizer:
             store_names = self._store_names()
@@ -1416,6 +1427,13 @@ class GuidedLatentModel(PyroModule):
             warnings.warn(
                 f"{what} keeps no uncertainty calibration for its {weights} weights; predict_aux "
                 "reports the guide's sd until calibrate_uncertainty(training, held-out) is run",
+                stacklevel=3,
+            )
+        if bool(self.residual_field.fitted):
+            self.residual_field.reset()
+            warnings.warn(
+                f"{what} keeps no residual field for its {weights} weights; the collapsed deep "
+                "prior needs fit_residual_field(training data) first",
                 stacklevel=3,
             )
         if not kept and self.generation_calibrated:
@@ -1524,6 +1542,50 @@ class GuidedLatentModel(PyroModule):
     def _features(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
         encoding = self.encode(images, batch_size=batch_size)
         return encoding_features(encoding.z_aux_loc, encoding.z_aux_scale, encoding.z_rec_loc)
+
+    @torch.no_grad()
+    def fit_residual_field(
+        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 1024
+    ) -> ResidualField:
+        """Fit :attr:`residual_field`, what ``G(u~, 0)`` leaves in ``data``'s images.
+
+        ``G(u~, 0)`` is the decoder at the standardized auxiliaries and a zero residual block;
+        rows with a missing auxiliary are left out, and at most
+        :data:`~pyro_dlatent.residual.MAX_FIELDS` rows are read. The collapsed deep prior
+        (:mod:`pyro_dlatent.inverse.collapsed`) integrates this Gaussian field out of an inverse
+        problem; :meth:`fit` calls this on its training part for models with
+        :attr:`residual_after_fit`.
+        """
+        from pyro_dlatent.residual import MAX_FIELDS, MIN_FIELDS
+
+        data = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
+        rows = torch.arange(data.images.shape[0])
+        if data.mask is not None:
+            rows = rows[data.mask.all(1)]
+        if len(rows) < MIN_FIELDS:
+            self.residual_field.reset()
+            warnings.warn(
+                f"only {len(rows)} images have every auxiliary (< {MIN_FIELDS}): no residual "
+                "field, so no collapsed deep prior",
+                stacklevel=2,
+            )
+            return self.residual_field
+        if len(rows) > MAX_FIELDS:
+            generator = torch.Generator().manual_seed(0)
+            rows = rows[torch.randperm(len(rows), generator=generator)[:MAX_FIELDS]].sort().values
+        aux = data.aux[rows]
+        residuals = []
+        was_training = self.training
+        self.eval()
+        try:
+            for i in range(0, len(rows), batch_size):
+                z_aux = aux[i : i + batch_size].to(self.image_loc.device)
+                z_rec = z_aux.new_zeros(z_aux.shape[0], self.residual_dim)
+                mean = self.decode(z_aux, z_rec).cpu().double()
+                residuals.append(data.images[rows[i : i + batch_size]].double() - mean)
+        finally:
+            self.train(was_training)
+        return self.residual_field.fit(torch.cat(residuals).numpy(), aux.double().numpy())
 
     def calibrate_uncertainty(
         self,

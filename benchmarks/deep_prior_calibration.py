@@ -1,0 +1,204 @@
+"""The collapsed deep prior against the exact posterior over many ``sources`` inverse problems.
+
+Problem ``i`` is :func:`pyro_dlatent.inverse.exact.sample_problem` ``(i, seed=--seed)`` (the same
+whatever shard computes it). For each, the exact posterior
+(:class:`~pyro_dlatent.inverse.exact.ExactBumpPosterior`), the collapsed deep prior of a trained
+Aux-VAE (:class:`~pyro_dlatent.inverse.collapsed.CollapsedPosterior`, prior box: the training
+range) and a Gaussian random field fitted by maximum marginal likelihood on training fields.
+Reported per named parameter: 90% coverage (all, faint third), SBC rank p-value (99 draws),
+median 90% width and RMSE of the posterior mean, each method's over exact; for the field, the
+median relative L2 error of the posterior mean (exact, collapsed, GRF) and the pixelwise
+coverage of the collapsed posterior's 90% intervals.
+
+Run (train once, then shard; ``--merge`` combines shard outputs)::
+
+    python benchmarks/deep_prior_calibration.py --train-only --model vae.pt
+    python benchmarks/deep_prior_calibration.py --model vae.pt --count 200 --out study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyro_dlatent import data
+from pyro_dlatent.calibration import binomial_band, rank_uniformity_pvalue, sbc_ranks
+from pyro_dlatent.inverse.collapsed import CollapsedPosterior
+from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, sample_problem
+from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
+from pyro_dlatent.inverse.grf import GRFPrior
+from pyro_dlatent.models import AuxVAE
+from pyro_dlatent.residual import residual_field
+
+__all__ = ["main", "summarize"]
+
+SIZE = 32
+NUM_RANK_DRAWS = 99
+
+
+def _train(args: argparse.Namespace) -> AuxVAE:
+    train = data.simulate("sources", args.train_num, size=SIZE, seed=args.train_seed)
+    model = AuxVAE.from_dataset(train, seed=args.train_seed)
+    model.fit(train, epochs=args.epochs, seed=args.train_seed, progress=False)
+    model.save(args.model)
+    return model
+
+
+def _grf(train: Any, noise_sd: float) -> GRFPrior:
+    fields = torch.as_tensor(train["image"].values[:2048], dtype=torch.float64)
+    problem = SourceProblem(SIZE, default_sensors(5), noise_sd)
+    observed = simulate_observations(problem, fields, seed=0)
+    initial = GRFPrior.from_matern(SIZE, 0.2, 1.0, mean=float(fields.mean()))
+    return initial.fit_hyperparameters(problem, observed)
+
+
+def _relative(estimate: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.linalg.norm(estimate - truth) / np.linalg.norm(truth))
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One record per problem of the shard ``--start``, ``--count``."""
+    model = AuxVAE.load(args.model)
+    generator = model.generator()
+    if list(generator.scaler.names) != list(NAMES):
+        raise ValueError(f"the model's auxiliaries {generator.scaler.names} are not {NAMES}")
+    train = data.simulate("sources", args.train_num, size=SIZE, seed=args.train_seed)
+    residual = residual_field(generator, train["image"].values, train[list(NAMES)])
+    bounds = BumpPrior().bounds if args.prior == "simulator" else None
+    covariance = BumpPrior().covariance(SIZE)
+    _, first, _, _ = sample_problem(0, seed=args.seed, size=SIZE)
+    grf = _grf(train, first.noise_sd)
+    records = []
+    for index in range(args.start, args.start + args.count):
+        u, problem, values, field = sample_problem(index, seed=args.seed, size=SIZE)
+        rng = np.random.default_rng((args.seed, index, 7))
+        exact = ExactBumpPosterior(problem, values, covariance=covariance)
+        exact_field, _ = exact.field_moments(1000, rng)
+        start = time.perf_counter()
+        post = CollapsedPosterior(problem, values, generator, residual, bounds=bounds, seed=index)
+        _, fields = post.field_draws(args.field_draws, rng)
+        seconds = time.perf_counter() - start
+        low, high = np.quantile(fields, [0.05, 0.95], axis=0)
+        grf_mean, _ = grf.posterior(problem, torch.as_tensor(values))
+        records.append(
+            {
+                "index": index,
+                "truth": u.tolist(),
+                "exact_mean": exact.mean().tolist(),
+                "exact_interval": exact.interval(0.9).tolist(),
+                "exact_draws": exact.sample(NUM_RANK_DRAWS, rng).tolist(),
+                "mean": post.mean().tolist(),
+                "interval": post.interval(0.9).tolist(),
+                "draws": post.sample(NUM_RANK_DRAWS, rng).tolist(),
+                "field_error": _relative(fields.mean(0), field),
+                "exact_field_error": _relative(exact_field, field),
+                "grf_field_error": _relative(np.asarray(grf_mean).reshape(field.shape), field),
+                "pixel_coverage": float(((low <= field) & (field <= high)).mean()),
+                "seconds": seconds,
+                **{k: v for k, v in post.summary().items() if k != "rounds"},
+            }
+        )
+        print(
+            f"problem {index}: {seconds:.1f} s, ESS {post.ess:.0f}, k {post.khat:.2f}, "
+            f"modes {len(post.modes)}",
+            flush=True,
+        )
+    return records
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Coverage, SBC, widths, RMSE and field errors of the collapsed prior and exact."""
+    truths = np.array([r["truth"] for r in records])
+    faint = truths[:, 2] < np.log(10.0) / 3
+    result: dict[str, Any] = {"num_problems": len(records), "num_faint": int(faint.sum())}
+    for prefix, label in (("exact_", "exact"), ("", "collapsed")):
+        intervals = np.array([r[prefix + "interval"] for r in records])
+        means = np.array([r[prefix + "mean"] for r in records])
+        draws = np.array([r[prefix + "draws"] for r in records])
+        inside = (intervals[..., 0] <= truths) & (truths <= intervals[..., 1])
+        p_values = rank_uniformity_pvalue(sbc_ranks(truths, draws), NUM_RANK_DRAWS)
+        result[label] = {
+            name: {
+                "coverage_90": float(inside[:, j].mean()),
+                "coverage_90_faint": float(inside[faint, j].mean()),
+                "sbc_p_value": float(p_values[j]),
+                "median_width_90": float(np.median(intervals[:, j, 1] - intervals[:, j, 0])),
+                "rmse": float(np.sqrt(np.mean((means[:, j] - truths[:, j]) ** 2))),
+            }
+            for j, name in enumerate(NAMES)
+        }
+    for name in NAMES:
+        entry, reference = result["collapsed"][name], result["exact"][name]
+        entry["width_over_exact"] = entry["median_width_90"] / reference["median_width_90"]
+        entry["rmse_over_exact"] = entry["rmse"] / reference["rmse"]
+    errors = {k: np.median([r[k] for r in records]) for k in ("field_error", "exact_field_error")}
+    result["field"] = {
+        "median_error": float(errors["field_error"]),
+        "median_error_exact": float(errors["exact_field_error"]),
+        "median_error_grf": float(np.median([r["grf_field_error"] for r in records])),
+        "error_over_exact": float(errors["field_error"] / errors["exact_field_error"]),
+        "pixel_coverage_90": float(np.mean([r["pixel_coverage"] for r in records])),
+    }
+    result["seconds_per_problem"] = float(np.mean([r["seconds"] for r in records]))
+    result["median_pareto_k"] = float(np.median([r["pareto_k"] for r in records]))
+    result["band_90"] = binomial_band(len(records), 0.9)
+    return result
+
+
+def _print(result: dict[str, Any]) -> None:
+    for name in NAMES:
+        c, e = result["collapsed"][name], result["exact"][name]
+        print(
+            f"{name:>14}: coverage {c['coverage_90']:.3f} (faint {c['coverage_90_faint']:.3f}; "
+            f"exact {e['coverage_90']:.3f})  SBC p {c['sbc_p_value']:.3f}  width x exact "
+            f"{c['width_over_exact']:.2f}  RMSE x exact {c['rmse_over_exact']:.2f}"
+        )
+    f = result["field"]
+    print(
+        f"field error median {f['median_error']:.3f} (exact {f['median_error_exact']:.3f}, "
+        f"x {f['error_over_exact']:.3f}; GRF {f['median_error_grf']:.3f}); pixel coverage "
+        f"{f['pixel_coverage_90']:.3f}; {result['seconds_per_problem']:.1f} s per problem; "
+        f"1% band {result['band_90'][0]:.3f}-{result['band_90'][1]:.3f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="Aux-VAE checkpoint (written by --train-only)"
+    )
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--train-num", type=int, default=8192)
+    parser.add_argument("--train-seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prior", choices=("training", "simulator"), default="training")
+    parser.add_argument("--field-draws", type=int, default=400)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, help="shard outputs to combine")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.train_only:
+        _train(args)
+        return {}
+    if args.merge:
+        records = [r for path in args.merge for r in json.loads(Path(path).read_text())["records"]]
+    else:
+        records = run(args)
+    result = summarize(records)
+    _print(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"summary": result, "records": records}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""What a generator's conditional mean leaves in the training fields, as a Gaussian field.
+
+:class:`ResidualField` is the residual model of the collapsed deep prior
+(:mod:`pyro_dlatent.inverse.collapsed`): mean and covariance of :math:`f_i - G(\\tilde u_i, 0)`
+over training fields. It lives in the core so that a model can fit it after training and keep
+it in its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MAX_FIELDS",
+    "MAX_RANK",
+    "MIN_FIELDS",
+    "ResidualField",
+    "residual_field",
+    "standardized_mean",
+]
+
+MAX_RANK = 512
+"""Most principal components of the residual covariance kept (the rest is a diagonal)."""
+MIN_FIELDS = 20
+"""Fewest labelled training fields a :class:`ResidualField` is estimated from."""
+MAX_FIELDS = 20000
+"""Most training fields :func:`residual_field` reads (a random subset beyond)."""
+
+
+class ResidualField(torch.nn.Module):
+    """Gaussian model of what a generator's conditional mean leaves in the training fields.
+
+    Covariance :math:`\\Sigma_r = F F^\\top + \\mathrm{diag}(D)`: ``F`` the leading ``k``
+    principal components of the residuals (scaled by their sd), ``D`` the variance they leave
+    per pixel; a low-rank-plus-diagonal form keeps the checkpoint small for large images. Also
+    keeps the box of the standardized auxiliaries it was estimated on (the default prior range).
+
+    Parameters
+    ----------
+    size : int
+        Pixels per side of the fields.
+    aux_dim : int
+        Number of named auxiliaries.
+    rank : int, optional
+        Components kept, at most ``size**2`` (default ``min(size**2, MAX_RANK)``).
+    """
+
+    def __init__(self, size: int, aux_dim: int, rank: int | None = None) -> None:
+        super().__init__()
+        n = int(size) ** 2
+        rank = min(n, MAX_RANK) if rank is None else int(rank)
+        if not 1 <= rank <= n:
+            raise ValueError(f"expected 1 <= rank <= size**2 = {n}, got {rank!r}")
+        self.size = int(size)
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("num_fields", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(self.size, self.size))
+        self.register_buffer("factor", torch.zeros(n, rank))
+        self.register_buffer("diag", torch.ones(n))
+        self.register_buffer("aux_bounds", torch.zeros(int(aux_dim), 2))
+
+    def reset(self) -> None:
+        """Forget the fit."""
+        self.fitted.fill_(False)
+        self.num_fields.zero_()
+
+    def fit(self, residuals: Any, standardized_aux: Any) -> ResidualField:
+        """Estimate mean, factor and diagonal from residual fields ``(n, size, size)``.
+
+        ``standardized_aux`` ``(n, aux_dim)`` are the fields' standardized auxiliaries: their
+        range is the box of the default prior.
+        """
+        r = torch.as_tensor(np.asarray(residuals), dtype=torch.float64)
+        aux = torch.as_tensor(np.asarray(standardized_aux), dtype=torch.float64)
+        if r.dim() != 3 or tuple(r.shape[1:]) != (self.size, self.size):
+            raise ValueError(
+                f"residuals must be (n, {self.size}, {self.size}), got {tuple(r.shape)}"
+            )
+        if aux.shape != (r.shape[0], self.aux_bounds.shape[0]):
+            raise ValueError(
+                f"standardized_aux must be ({r.shape[0]}, {self.aux_bounds.shape[0]}), got "
+                f"{tuple(aux.shape)}"
+            )
+        if r.shape[0] < MIN_FIELDS:
+            raise ValueError(f"expected at least {MIN_FIELDS} fields, got {r.shape[0]}")
+        if not (torch.isfinite(r).all() and torch.isfinite(aux).all()):
+            raise ValueError("residuals and standardized_aux must be finite")
+        n = r.shape[0]
+        flat = r.reshape(n, -1)
+        mean = flat.mean(0)
+        centred = (flat - mean) / math.sqrt(n - 1)
+        k = self.factor.shape[1]
+        if centred.shape[1] <= 4096:
+            _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        else:  # large images: randomized SVD of the leading components only
+            _, s, v = torch.svd_lowrank(centred, q=min(k + 10, *centred.shape), niter=3)
+            vh = v.T
+        factor = torch.zeros_like(self.factor, dtype=torch.float64)
+        kept = min(k, s.numel())
+        factor[:, :kept] = vh[:kept].T * s[:kept]
+        variance = centred.square().sum(0)
+        floor = 1e-6 * float(variance.mean()) + 1e-12
+        diag = (variance - factor.square().sum(1)).clamp_min(floor)
+        self.mean.copy_(mean.reshape(self.size, self.size))
+        self.factor.copy_(factor)
+        self.diag.copy_(diag)
+        self.aux_bounds.copy_(torch.stack([aux.min(0).values, aux.max(0).values], -1))
+        self.num_fields.fill_(n)
+        self.fitted.fill_(True)
+        return self
+
+    def covariance(self) -> np.ndarray:
+        """:math:`\\Sigma_r` as a dense ``(size**2, size**2)`` float64 array."""
+        f = self.factor.double().numpy()
+        return f @ f.T + np.diag(self.diag.double().numpy())
+
+
+def standardized_mean(generator: torch.nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """``G(s, 0)``: the generator at standardized auxiliaries ``s`` and a zero residual block."""
+    z_rec = s.new_zeros(*s.shape[:-1], int(generator.residual_dim))
+    return generator(s, z_rec)
+
+
+@torch.no_grad()
+def residual_field(
+    generator: torch.nn.Module,
+    images: Any,
+    aux: Any,
+    *,
+    rank: int | None = None,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> ResidualField:
+    """Fit a :class:`ResidualField` to training fields and their auxiliaries (physical units).
+
+    Rows with a missing auxiliary are left out; at most :data:`MAX_FIELDS` rows are read.
+    """
+    scaler = generator.scaler
+    images = np.asarray(images, dtype=np.float64)
+    s = scaler.transform(aux)
+    keep = np.isfinite(s).all(1)
+    images, s = images[keep], s[keep]
+    if len(images) > MAX_FIELDS:
+        rows = np.sort(np.random.default_rng(seed).choice(len(images), MAX_FIELDS, replace=False))
+        images, s = images[rows], s[rows]
+    dtype = next(generator.parameters()).dtype
+    means = [
+        standardized_mean(generator, torch.as_tensor(s[i : i + batch_size], dtype=dtype))
+        .double()
+        .numpy()
+        for i in range(0, len(s), batch_size)
+    ]
+    residuals = images - np.concatenate(means) if means else images
+    field = ResidualField(int(generator.image_size), int(generator.aux_dim), rank)
+    return field.fit(residuals, s)

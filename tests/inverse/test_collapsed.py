@@ -1,0 +1,195 @@
+"""The collapsed deep prior: with the true bump as its generator it must be the exact posterior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyro_dlatent.data.sources import grid
+from pyro_dlatent.inverse.collapsed import CollapsedModel, CollapsedPosterior, infer_collapsed
+from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, sample_problem
+from pyro_dlatent.inverse.infer import InferenceWarning
+from pyro_dlatent.latent import AuxScaler
+from pyro_dlatent.residual import ResidualField, residual_field
+
+__all__: list[str] = []
+
+SIZE = 16
+
+
+class BumpGenerator(torch.nn.Module):
+    """An oracle ``G(s, z) = b(u)``: the simulator's bump at the de-standardized ``u``."""
+
+    def __init__(self, size: int = SIZE) -> None:
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.scaler = AuxScaler(list(NAMES)).fit(BumpPrior().sample(4096, rng))
+        self.aux_dim, self.residual_dim, self.image_size = 4, 2, size
+        self.register_buffer("t", torch.as_tensor(grid(size)))
+        self.weight = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
+        u = self.scaler.inverse_transform_tensor(z_aux.double())
+        x0, y0, log_amp, width = (u[..., j, None, None] for j in range(4))
+        t = self.t
+        square = (t[None, :] - x0) ** 2 + (t[:, None] - y0) ** 2
+        return self.weight * torch.exp(log_amp - 0.5 * square / width**2)
+
+
+@pytest.fixture(scope="module")
+def oracle() -> tuple[BumpGenerator, ResidualField]:
+    generator = BumpGenerator()
+    residual = ResidualField(SIZE, 4)
+    covariance = BumpPrior().covariance(SIZE)
+    evals, evecs = np.linalg.eigh(covariance)
+    residual.factor.copy_(torch.as_tensor(evecs * np.sqrt(evals.clip(0))))
+    residual.diag.fill_(1e-10)
+    s = generator.scaler.transform(BumpPrior().bounds.T)
+    residual.aux_bounds.copy_(torch.as_tensor(np.sort(s.T, axis=1)))
+    residual.fitted.fill_(True)
+    return generator, residual
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 5])
+def test_with_the_true_bump_it_is_the_exact_posterior(oracle, index: int) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(index, size=SIZE)
+    exact = ExactBumpPosterior(problem, values)
+    post = CollapsedPosterior(CollapsedModel(problem, generator, residual, values), seed=index)
+    assert post.khat < 0.7 and post.ess > 400
+    sd = exact.sd()
+    # Importance-sampling error of a mean: sd / sqrt(ESS); 5 of them, plus the grid's own error.
+    tolerance = 5 * sd / np.sqrt(post.ess) + 0.02 * sd
+    np.testing.assert_array_less(np.abs(post.mean() - exact.mean()), tolerance)
+    np.testing.assert_allclose(post.sd(), sd, rtol=0.15)
+    np.testing.assert_allclose(post.interval(0.9), exact.interval(0.9), atol=float(sd.max()))
+
+
+def test_field_draws_match_the_exact_field_moments(oracle) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(1, size=SIZE)
+    exact_mean, exact_sd = ExactBumpPosterior(problem, values).field_moments(4000, rng=0)
+    post = CollapsedPosterior(CollapsedModel(problem, generator, residual, values), seed=1)
+    _, fields = post.field_draws(4000, rng=1)
+    scale = exact_sd.mean()
+    # Monte Carlo error of a pixel mean over 4000 draws is sd / 63; allow 5 of them.
+    assert np.abs(fields.mean(0) - exact_mean).max() < 5 * exact_sd.max() / np.sqrt(4000) + 0.01
+    np.testing.assert_allclose(fields.std(0), exact_sd, rtol=0.1, atol=0.05 * scale)
+
+
+def test_residual_field_recovers_a_known_covariance() -> None:
+    rng = np.random.default_rng(0)
+    size, n = 6, 20000
+    root = rng.normal(size=(size * size, 3)) * 0.5
+    diag = 0.1 + 0.05 * rng.random(size * size)
+    fields = rng.normal(size=(n, 3)) @ root.T + rng.normal(size=(n, size * size)) * np.sqrt(diag)
+    fields += 2.0
+    field = ResidualField(size, 1, rank=3).fit(fields.reshape(n, size, size), rng.random((n, 1)))
+    truth = root @ root.T + np.diag(diag)
+    # The sample covariance's entries have sd about sqrt(2 / n) * variance: 0.01 here.
+    np.testing.assert_allclose(field.covariance(), truth, atol=0.05)
+    np.testing.assert_allclose(field.mean.numpy(), 2.0, atol=0.02)
+
+
+def test_residual_field_of_a_generator_skips_missing_auxiliaries(oracle) -> None:
+    generator, _ = oracle
+    rng = np.random.default_rng(1)
+    u = BumpPrior().sample(64, rng)
+    with torch.no_grad():
+        clean = generator(torch.as_tensor(generator.scaler.transform(u)), torch.zeros(64, 2))
+    images = clean.numpy() + 0.1 * rng.normal(size=clean.shape)
+    u[:4, 2] = np.nan
+    fitted = residual_field(generator, images, {n: u[:, j] for j, n in enumerate(NAMES)})
+    assert int(fitted.num_fields) == 60
+    assert abs(float(fitted.diag.mean() + fitted.factor.square().sum(1).mean()) - 0.01) < 0.002
+
+
+def test_bad_inputs_name_the_argument(oracle) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(0, size=SIZE)
+    with pytest.raises(ValueError, match="not a fitted"):
+        CollapsedModel(problem, generator, ResidualField(SIZE, 4), values)
+    with pytest.raises(ValueError, match="observations"):
+        CollapsedModel(problem, generator, residual, values[:-1])
+    with pytest.raises(ValueError, match="bounds"):
+        CollapsedModel(problem, generator, residual, values, bounds=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="residuals"):
+        ResidualField(SIZE, 4).fit(np.zeros((30, SIZE, SIZE + 1)), np.zeros((30, 4)))
+    with pytest.raises(ValueError, match="at least"):
+        ResidualField(SIZE, 4).fit(np.zeros((3, SIZE, SIZE)), np.zeros((3, 4)))
+
+
+def test_the_pyro_model_scores_what_the_posterior_uses(oracle) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(2, size=SIZE)
+    model = CollapsedModel(problem, generator, residual, values)
+    s = torch.as_tensor(generator.scaler.transform(BumpPrior().sample(3, np.random.default_rng(0))))
+    for row in s:
+        trace = pyro.poutine.trace(pyro.poutine.condition(model, data={"s": row})).get_trace()
+        expected = model.log_likelihood(row[None])[0]
+        torch.testing.assert_close(trace.nodes["obs"]["fn"].log_prob(model.observations), expected)
+        u = trace.nodes["u"]["value"].numpy()
+        np.testing.assert_allclose(u, generator.scaler.inverse_transform(row[None].numpy())[0])
+
+
+def test_infer_collapsed_exports_arviz_data_and_health(oracle) -> None:
+    import arviz as az
+
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(3, size=SIZE)
+    result = infer_collapsed(problem, generator, values, residual=residual, num_samples=200)
+    posterior = result.idata.posterior
+    assert posterior["u"].shape == (1, 200, 4)
+    assert list(posterior["u"].coords["aux"].values) == list(NAMES)
+    fields = result.idata.field_summary
+    assert (fields["field_q05"] <= fields["field_mean"]).all()
+    assert (fields["field_mean"] <= fields["field_q95"]).all()
+    assert result.health["pareto_k"] < 0.7 and "warnings" not in result.health
+    # the posterior predictive explains the data to within the noise (RMS about 1 sd or less)
+    assert result.health["misfit_rms"] < 2.0
+    assert az.loo(result.idata).p_loo < 25
+
+
+def test_infer_collapsed_warns_on_data_it_cannot_explain(oracle) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(3, size=SIZE)
+    with pytest.warns(InferenceWarning, match="miss the observations"):
+        result = infer_collapsed(
+            problem, generator, values * 1e3, residual=residual, num_samples=50
+        )
+    assert result.health["misfit_rms"] > 5
+
+
+def test_infer_collapsed_needs_a_residual_field(oracle) -> None:
+    generator, _ = oracle
+    _, problem, values, _ = sample_problem(3, size=SIZE)
+    with pytest.raises(ValueError, match="no residual field"):
+        infer_collapsed(problem, generator, values)
+
+
+def test_an_auxvae_keeps_its_residual_field_through_save_and_load(tmp_path) -> None:
+    from pyro_dlatent import data
+    from pyro_dlatent.models import AuxVAE
+
+    ds = data.simulate("sources", 96, size=SIZE, seed=0)
+    vae = AuxVAE.from_dataset(ds, residual_dim=2, width=8, hidden=32, seed=0)
+    vae.fit(ds, epochs=1, seed=0, progress=False)
+    assert bool(vae.residual_field.fitted)
+    assert int(vae.residual_field.num_fields) == 96 - round(96 * 0.1)  # the training part
+    path = vae.save(tmp_path / "vae.pt")
+    loaded = AuxVAE.load(path)
+    torch.testing.assert_close(loaded.residual_field.factor, vae.residual_field.factor)
+    generator = loaded.generator()
+    assert generator.residual_field is not None
+    # the field it fitted is what the decoder at (u~, 0) leaves in those images
+    train, _ = data.split(ds, 0.1, seed=0)
+    images = torch.as_tensor(train["image"].values, dtype=torch.float64)
+    s = torch.as_tensor(vae.scaler.transform(train[list(NAMES)]), dtype=torch.float32)
+    with torch.no_grad():
+        mean = generator(s, torch.zeros(len(s), 2)).double()
+    residual = (images - mean).reshape(len(s), -1)
+    np.testing.assert_allclose(
+        loaded.residual_field.mean.numpy().ravel(), residual.mean(0).numpy(), atol=1e-4
+    )
