@@ -29,7 +29,7 @@ import torch
 
 from pyro_dlatent import data
 from pyro_dlatent.calibration import binomial_band, rank_uniformity_pvalue, sbc_ranks
-from pyro_dlatent.inverse.collapsed import CollapsedPosterior
+from pyro_dlatent.inverse.collapsed import CollapsedModel, CollapsedPosterior
 from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, sample_problem
 from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
 from pyro_dlatent.inverse.grf import GRFPrior
@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if list(generator.scaler.names) != list(NAMES):
         raise ValueError(f"the model's auxiliaries {generator.scaler.names} are not {NAMES}")
     train = data.simulate("sources", args.train_num, size=SIZE, seed=args.train_seed)
-    residual = residual_field(generator, train["image"].values, train[list(NAMES)])
+    residual = generator.residual_field  # fitted by AuxVAE.fit on its training part
+    if residual is None:
+        residual = residual_field(generator, train["image"].values, train[list(NAMES)])
     bounds = BumpPrior().bounds if args.prior == "simulator" else None
     covariance = BumpPrior().covariance(SIZE)
     _, first, _, _ = sample_problem(0, seed=args.seed, size=SIZE)
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         exact = ExactBumpPosterior(problem, values, covariance=covariance)
         exact_field, _ = exact.field_moments(1000, rng)
         start = time.perf_counter()
-        post = CollapsedPosterior(problem, values, generator, residual, bounds=bounds, seed=index)
+        model = CollapsedModel(problem, generator, residual, values, bounds=bounds)
+        post = CollapsedPosterior(model, seed=index)
         _, fields = post.field_draws(args.field_draws, rng)
         seconds = time.perf_counter() - start
         low, high = np.quantile(fields, [0.05, 0.95], axis=0)

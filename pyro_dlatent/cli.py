@@ -220,7 +220,13 @@ def invert(
         ),
     ] = "collapsed",
     num_samples: Annotated[int, typer.Option(help="Posterior draws (per chain for NUTS).")] = 500,
-    num_chains: Annotated[int, typer.Option(help="NUTS chains.")] = 2,
+    sampler: Annotated[
+        str, typer.Option(help="Of --method collapsed: importance (default) or nuts.")
+    ] = "importance",
+    num_chains: Annotated[int, typer.Option(help="NUTS chains.")] = 4,
+    num_warmup: Annotated[int, typer.Option(help="NUTS warm-up steps per chain.")] = 500,
+    target_accept: Annotated[float, typer.Option(help="NUTS target acceptance probability.")] = 0.8,
+    max_tree_depth: Annotated[int, typer.Option(help="NUTS maximum tree depth.")] = 8,
     steps: Annotated[int, typer.Option(help="Optimization steps (MAP, SVI).")] = 2000,
     problem_seed: Annotated[int, typer.Option(help="Seed of the synthetic problem.")] = 12345,
     seed: Annotated[int, typer.Option(help="Seed of the inference.")] = 0,
@@ -247,12 +253,24 @@ def invert(
         obs = synthetic_observations(size=generator.image_size, seed=problem_seed)
     else:
         obs = load_observations(observations)
-    kwargs: dict[str, Any] = {"num_samples": num_samples, "seed": seed}
-    if method != "collapsed":
-        kwargs["progress"] = progress
-    if method == "nuts":
-        kwargs["num_chains"] = num_chains
-    elif method != "collapsed":
+    if sampler not in ("importance", "nuts"):
+        raise typer.BadParameter(
+            f"must be importance or nuts, got {sampler!r}", param_hint="--sampler"
+        )
+    kwargs: dict[str, Any] = {"num_samples": num_samples, "seed": seed, "progress": progress}
+    nuts = {
+        "num_chains": num_chains,
+        "num_warmup": num_warmup,
+        "target_accept_prob": target_accept,
+        "max_tree_depth": max_tree_depth,
+    }
+    if method == "collapsed":
+        kwargs["sampler"] = sampler
+        if sampler == "nuts":
+            kwargs.update(nuts)
+    elif method == "nuts":
+        kwargs.update(nuts)
+    else:
         kwargs["steps"] = steps
     with owned_folder(out):
         save_observations(obs, out / "observations.nc")  # this posterior's data, not an older's

@@ -120,7 +120,13 @@ class ResidualField(torch.nn.Module):
 
 
 def standardized_mean(generator: torch.nn.Module, s: torch.Tensor) -> torch.Tensor:
-    """``G(s, 0)``: the generator at standardized auxiliaries ``s`` and a zero residual block."""
+    """The field a generator expects at standardized auxiliaries ``s`` ``(n, d)``.
+
+    Its ``conditional_mean`` where it has one (``AuxVAE.generator()``), else ``G(s, 0)``.
+    """
+    mean = getattr(generator, "conditional_mean", None)
+    if mean is not None:
+        return mean(s)
     z_rec = s.new_zeros(*s.shape[:-1], int(generator.residual_dim))
     return generator(s, z_rec)
 

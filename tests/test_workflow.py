@@ -84,6 +84,13 @@ def test_cli_traverse_encode_invert(demo_dir, tmp_path, capsys):
     assert main([*args, "--method", "map"]) == 2  # the posterior there is kept
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--method", "bogus", "--overwrite"]) == 2
+    assert main([*args, "--sampler", "bogus", "--overwrite"]) == 2
+    # the default: the collapsed deep prior, with 90% intervals in the summary
+    assert main([*args, "--overwrite", "--num-samples", "200", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "inv" / "summary.json").read_text())
+    assert summary["method"] == "collapsed" and summary["health"]["pareto_k"] < 0.7
+    low, high = summary["u_interval_90"]["width"]
+    assert low < summary["u_mean"]["width"] < high
     assert main(["invert", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

@@ -48,7 +48,7 @@ from pyro.nn import PyroModule
 
 from pyro_dlatent.residual import ResidualField, standardized_mean
 
-__all__ = ["CollapsedModel", "CollapsedPosterior", "infer_collapsed"]
+__all__ = ["MAX_PARETO_K", "SAMPLERS", "CollapsedModel", "CollapsedPosterior", "infer_collapsed"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -171,6 +171,33 @@ class CollapsedModel(PyroModule):
             obs=self.observations,
         )
         return mean.reshape(*batch, *self.field_shape)
+
+    @torch.no_grad()
+    def field_draws(
+        self, u: np.ndarray, rng: np.random.Generator | int | None = None, *, batch_size: int = 512
+    ) -> np.ndarray:
+        """A draw of the field given each row of ``u`` (physical units), ``(n, size, size)``.
+
+        Matheron's rule: :math:`f = m + r_0 + K (d - A (m + r_0) - e_0)` with
+        :math:`m = G(\\tilde u, 0) + \\mu_r`, :math:`r_0 \\sim \\mathcal N(0, \\Sigma_r)`,
+        :math:`e_0 \\sim \\mathcal N(0, \\sigma^2 I)` is a draw of the Gaussian ``f | u, d``.
+        """
+        rng = np.random.default_rng(rng)
+        s = self.scaler.transform(np.atleast_2d(u))
+        factor = self.residual.factor.double().numpy()
+        root_diag = np.sqrt(self.residual.diag.double().numpy())
+        data = self.observations.numpy()
+        fields = []
+        for i in range(0, len(s), batch_size):
+            chunk = torch.as_tensor(s[i : i + batch_size])
+            n = len(chunk)
+            prior_draw = (self.mean_fields(chunk) + self._residual_mean).numpy()
+            prior_draw += rng.standard_normal((n, factor.shape[1])) @ factor.T
+            prior_draw += rng.standard_normal((n, len(root_diag))) * root_diag
+            noise = rng.standard_normal((n, self.num_sensors)) * self.noise
+            innovation = data - prior_draw @ self.operator.T - noise
+            fields.append(prior_draw + innovation @ self.gain.T)
+        return np.concatenate(fields).reshape(len(s), *self.field_shape)
 
 
 class CollapsedPosterior:
@@ -370,31 +397,10 @@ class CollapsedPosterior:
     def field_draws(
         self, num: int, rng: np.random.Generator | int | None = None, *, batch_size: int = 512
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``num`` posterior draws of ``u`` (physical) and of the field ``(num, size, size)``.
-
-        Given ``u``, Matheron's rule: :math:`f = m + r_0 + K (d - A (m + r_0) - e_0)` with
-        :math:`m = G(\\tilde u, 0) + \\mu_r`, :math:`r_0 \\sim \\mathcal N(0, \\Sigma_r)`,
-        :math:`e_0 \\sim \\mathcal N(0, \\sigma^2 I)` is a draw of the conditional Gaussian.
-        """
+        """``num`` posterior draws of ``u`` (physical) and of the field ``(num, size, size)``."""
         rng = np.random.default_rng(rng)
         u = self.sample(num, rng)
-        s = self.scaler.transform(u)
-        model = self.model
-        factor = model.residual.factor.double().numpy()
-        root_diag = np.sqrt(model.residual.diag.double().numpy())
-        mu_r = model.residual.mean.double().numpy().ravel()
-        fields = []
-        for i in range(0, num, batch_size):
-            n = len(s[i : i + batch_size])
-            m = model.mean_fields(torch.as_tensor(s[i : i + batch_size])).numpy() + mu_r
-            r0 = rng.standard_normal((n, factor.shape[1])) @ factor.T
-            r0 += rng.standard_normal((n, len(root_diag))) * root_diag
-            e0 = rng.standard_normal((n, model.num_sensors)) * model.noise
-            prior_draw = m + r0
-            innovation = model.observations.numpy() - prior_draw @ model.operator.T - e0
-            fields.append(prior_draw + innovation @ model.gain.T)
-        size = int(model.residual.size)
-        return u, np.concatenate(fields).reshape(num, size, size)
+        return u, self.model.field_draws(u, rng, batch_size=batch_size)
 
     def summary(self) -> dict[str, Any]:
         """Diagnostics: modes found, importance rounds, ESS, Pareto k, generator evaluations."""
@@ -412,6 +418,49 @@ MAX_PARETO_K = 0.7
 """Largest Pareto :math:`\\hat k` of the importance weights before a warning."""
 
 
+SAMPLERS = ("importance", "nuts")
+"""Samplers of :func:`infer_collapsed`."""
+
+
+def _run_nuts(
+    model: CollapsedModel,
+    post: CollapsedPosterior,
+    *,
+    num_samples: int,
+    num_warmup: int,
+    num_chains: int,
+    target_accept_prob: float,
+    max_tree_depth: int,
+    rng: np.random.Generator,
+    progress: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pyro's NUTS on the collapsed model, chains started at importance-posterior draws."""
+    import warnings
+
+    from pyro.infer import MCMC, NUTS
+
+    lo, hi = model.box[:, 0].numpy(), model.box[:, 1].numpy()
+    start = (post.scaler.transform(post.sample(num_chains, rng)) - lo) / (hi - lo)
+    start = np.clip(start, 1e-6, 1 - 1e-6)
+    kernel = NUTS(model, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=num_warmup,
+        num_chains=num_chains,
+        initial_params={"s": torch.as_tensor(np.log(start) - np.log1p(-start))},
+        disable_progbar=not progress,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*sequentially.*")
+        pyro.set_rng_seed(int(rng.integers(2**31)))
+        mcmc.run()
+    s = mcmc.get_samples(group_by_chain=True)["s"].numpy()
+    diagnostics = mcmc.diagnostics()
+    divergences = sum(len(v) for v in diagnostics.get("divergences", {}).values())
+    return s, {"divergences": int(divergences)}
+
+
 def infer_collapsed(
     problem: Any,
     generator: torch.nn.Module,
@@ -419,8 +468,14 @@ def infer_collapsed(
     *,
     residual: ResidualField | None = None,
     bounds: Any = None,
+    sampler: str = "importance",
     num_samples: int = 1000,
+    num_warmup: int = 500,
+    num_chains: int = 4,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 8,
     seed: int = 0,
+    progress: bool = False,
     warn: bool = True,
     **search: Any,
 ) -> Any:
@@ -435,9 +490,18 @@ def infer_collapsed(
     residual : ResidualField, optional
     bounds : array-like ``(aux_dim, 2)``, optional
         The prior range of the auxiliaries in physical units (default: the training range).
+    sampler : {"importance", "nuts"}
+        ``"importance"``: :class:`CollapsedPosterior`'s draws. ``"nuts"``: Pyro's NUTS on
+        :class:`CollapsedModel`, ``num_chains`` chains of ``num_warmup`` + ``num_samples``
+        steps started at importance draws; where the importance sampler found several modes
+        and the chains disagree, the run-health warning says so.
     num_samples : int
-        Equally weighted posterior draws exported.
+        Posterior draws exported (per chain for NUTS).
+    num_warmup, num_chains, target_accept_prob, max_tree_depth
+        NUTS settings (ignored by the importance sampler).
     seed : int
+    progress : bool
+        NUTS progress bar.
     warn : bool
         Warn (:class:`InferenceWarning`) when the run-health checks fail.
     **search
@@ -447,9 +511,10 @@ def infer_collapsed(
     Returns
     -------
     InferenceResult
-        ``method="collapsed"``; the posterior group holds ``u`` and ``s`` (one chain),
-        ``field_summary`` the field's mean, sd and 5% / 95% quantiles; ``health`` the
-        effective sample size, the Pareto :math:`\\hat k`, the modes found and the data misfit.
+        ``method="collapsed"``; the posterior group holds ``u`` and ``s``, ``field_summary``
+        the field's mean, sd and 5% / 95% quantiles; ``health`` the importance sampler's
+        effective sample size, Pareto :math:`\\hat k` and modes, NUTS's divergences, R-hat and
+        ESS, and the data misfit.
     """
     import warnings
 
@@ -461,8 +526,11 @@ def infer_collapsed(
         _check_int,
         _problem_metadata,
         data_misfit,
+        run_health,
     )
 
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     num_samples = _check_int(num_samples, "num_samples", 2)
     residual = getattr(generator, "residual_field", None) if residual is None else residual
     if residual is None:
@@ -473,12 +541,32 @@ def infer_collapsed(
     model = CollapsedModel(problem, generator, residual, observations, bounds=bounds)
     post = CollapsedPosterior(model, seed=seed, **search)
     rng = np.random.default_rng((int(seed), 2))
-    u, fields = post.field_draws(num_samples, rng)
-    flat = fields.reshape(num_samples, -1)
-    predicted = flat @ model.operator.T
+    health: dict[str, Any] = {
+        k: v for k, v in post.summary().items() if k not in ("rounds", "seconds")
+    }
+    if sampler == "nuts":
+        num_chains = _check_int(num_chains, "num_chains", 1)
+        s, stats = _run_nuts(
+            model,
+            post,
+            num_samples=num_samples,
+            num_warmup=_check_int(num_warmup, "num_warmup", 0),
+            num_chains=num_chains,
+            target_accept_prob=float(target_accept_prob),
+            max_tree_depth=_check_int(max_tree_depth, "max_tree_depth", 1),
+            rng=rng,
+            progress=progress,
+        )
+        health.update(stats)
+        u = model.scaler.inverse_transform(s.reshape(-1, s.shape[-1])).reshape(s.shape)
+    else:
+        u = post.sample(num_samples, rng)[None]
+    chains, draws = u.shape[:2]
+    fields = model.field_draws(u.reshape(chains * draws, -1), rng)
+    predicted = fields.reshape(chains * draws, -1) @ model.operator.T
     noise = model.noise
     data = model.observations.numpy()
-    draws = predicted + rng.standard_normal(predicted.shape) * noise
+    replicated = predicted + rng.standard_normal(predicted.shape) * noise
     log_lik = -0.5 * ((data - predicted) / noise) ** 2 - np.log(noise) - 0.5 * _LOG_2PI
     constant, constant_dims, coords = _problem_metadata(
         problem, model.noise_sd, model.num_sensors, model.field_shape
@@ -490,10 +578,11 @@ def infer_collapsed(
         "field_q05": np.quantile(fields, 0.05, axis=0),
         "field_q95": np.quantile(fields, 0.95, axis=0),
     }
+    shape = (chains, draws)
     idata = to_arviz(
-        {"u": u[None], "s": model.scaler.transform(u)[None]},
-        posterior_predictive={"obs": draws[None]},
-        log_likelihood={"obs": log_lik[None]},
+        {"u": u, "s": model.scaler.transform(u.reshape(chains * draws, -1)).reshape(u.shape)},
+        posterior_predictive={"obs": replicated.reshape(*shape, -1)},
+        log_likelihood={"obs": log_lik.reshape(*shape, -1)},
         observed_data={"obs": data},
         constant_data=constant,
         coords={**coords, "aux": names, "aux_units": ("aux", list(model.scaler.units))},
@@ -502,19 +591,30 @@ def infer_collapsed(
             "u": {"long_name": "auxiliary variables (physical units)"},
             "s": {"long_name": "standardized auxiliary variables"},
         },
-        attrs={"inference_method": "collapsed"},
+        attrs={"inference_method": "collapsed", "sampler": sampler},
         field_summary=field_summary_from_moments(summary, x=coords["x"], y=coords["y"]),
     )
-    health: dict[str, Any] = {
-        k: v for k, v in post.summary().items() if k not in ("rounds", "seconds")
-    }
-    health.update(data_misfit(model, draws))
+    health.update(data_misfit(model, replicated))
     messages = []
-    if not post.khat < MAX_PARETO_K:
+    if sampler == "nuts":
+        health.update({k: v for k, v in run_health(idata, ["u"]).items() if k != "divergences"})
+        if health["divergences"] > 0:
+            messages.append(f"{health['divergences']} divergent transitions")
+        if not health["max_rhat"] <= 1.01:
+            modes = health["num_modes"]
+            messages.append(
+                f"max R-hat {health['max_rhat']:.3f} > 1.01: "
+                + (
+                    f"the posterior has {modes} modes and the chains did not mix between them; "
+                    "use sampler='importance', whose mixture covers every mode it found"
+                    if modes > 1
+                    else "run more warm-up steps (num_warmup)"
+                )
+            )
+    elif not post.khat < MAX_PARETO_K:
         messages.append(
             f"the importance weights are unreliable (Pareto k {post.khat:.2f} >= "
-            f"{MAX_PARETO_K}): raise num_screen and num_starts, or check the posterior with "
-            "method='nuts'"
+            f"{MAX_PARETO_K}): raise num_screen and num_starts, or check with sampler='nuts'"
         )
     if not health["misfit_rms"] <= MAX_MISFIT_RMS:
         messages.append(
@@ -530,6 +630,6 @@ def infer_collapsed(
         idata=idata,
         method="collapsed",
         model=model,
-        samples={"u": torch.as_tensor(u)[None]},
+        samples={"u": torch.as_tensor(u)},
         health=health,
     )

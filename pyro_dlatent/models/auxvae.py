@@ -46,7 +46,10 @@ from pyro_dlatent.models.base import (
 from pyro_dlatent.nn import ConvDecoder
 from pyro_dlatent.residual import ResidualField
 
-__all__ = ["LIKELIHOODS", "OBS_SCALES", "AuxVAE", "DecoderGenerator"]
+__all__ = ["LIKELIHOODS", "MEAN_EPOCHS", "OBS_SCALES", "AuxVAE", "DecoderGenerator"]
+
+MEAN_EPOCHS = 10
+"""Passes of :meth:`AuxVAE.fit_collapsed_prior` over the training images."""
 
 LIKELIHOODS = ("gaussian", "logmse")
 """Reconstruction likelihoods of :class:`AuxVAE`."""
@@ -110,8 +113,10 @@ class DecoderGenerator(nn.Module):
     tau : float
         The prior sd of ``z_aux`` around the standardized auxiliaries the model was trained with.
     residual_field : ResidualField or None
-        What ``G(u~, 0)`` leaves in the training images (the collapsed deep prior's residual),
-        if the model fitted one.
+        What :meth:`conditional_mean` leaves in the training images (the collapsed deep prior's
+        residual), if the model fitted one.
+    mean_net : nn.Module or None
+        The network of :meth:`conditional_mean` (``AuxVAE.mean_decoder``), if fitted.
     """
 
     def __init__(
@@ -126,10 +131,12 @@ class DecoderGenerator(nn.Module):
         scaler: AuxScaler,
         tau: float,
         residual_field: ResidualField | None = None,
+        mean_net: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.residual_field = residual_field
+        self.mean_net = mean_net
         self.tau = float(tau)
         self.aux_dim = aux_dim
         self.residual_dim = residual_dim
@@ -166,6 +173,20 @@ class DecoderGenerator(nn.Module):
         batch = z_aux.shape[:-1]
         latent = torch.cat([z_aux, z_rec], dim=-1).reshape(-1, self.aux_dim + self.residual_dim)
         images = self.net(latent) * self.image_scale + self.image_loc
+        return images.reshape(*batch, self.image_size, self.image_size)
+
+    def conditional_mean(self, z_aux: torch.Tensor) -> torch.Tensor:
+        """``E[image | u]`` at standardized auxiliaries ``z_aux`` ``(*batch, aux_dim)``.
+
+        The mean network where the model fitted one, else the decoder at ``z_rec = 0``.
+        """
+        if self.mean_net is None:
+            return self(z_aux, z_aux.new_zeros(*z_aux.shape[:-1], self.residual_dim))
+        batch = z_aux.shape[:-1]
+        latent = torch.cat([z_aux, z_aux.new_zeros(*batch, self.residual_dim)], dim=-1).reshape(
+            -1, self.aux_dim + self.residual_dim
+        )
+        images = self.mean_net(latent) * self.image_scale + self.image_loc
         return images.reshape(*batch, self.image_size, self.image_size)
 
 
@@ -242,6 +263,7 @@ class AuxVAE(GuidedLatentModel):
 
     _networks = ("encoder", "decoder")
     residual_after_fit = True
+    _collapsed_parts = ("mean_decoder",)
     fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType(
         {"lr": 3e-3, "lr_decay": 1.0 / 30.0}
     )
@@ -308,6 +330,8 @@ class AuxVAE(GuidedLatentModel):
                 harmonics=harmonics,
                 harmonic_inputs=self.aux_dim,
             )
+        # E[image | u] for the collapsed deep prior (see fit_collapsed_prior); not trained by SVI.
+        self.mean_decoder = copy.deepcopy(self.decoder.net).requires_grad_(False)
 
     @classmethod
     def from_dataset(cls, dataset: xr.Dataset, residual_dim: int = 4, **kwargs: Any) -> AuxVAE:
@@ -338,6 +362,63 @@ class AuxVAE(GuidedLatentModel):
     # ------------------------------------------------------------------ likelihood
     def _decode_std(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
         return self.decoder.net(torch.cat([z_aux, z_rec], dim=-1))
+
+    def _mean_inputs(self, z_aux: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z_aux, z_aux.new_zeros(z_aux.shape[0], self.residual_dim)], dim=-1)
+
+    def _conditional_mean(self, z_aux: torch.Tensor) -> torch.Tensor:
+        z_aux = z_aux.to(device=self.device, dtype=torch.float32)
+        with torch.no_grad():
+            return self.mean_decoder(self._mean_inputs(z_aux)) * self.image_scale + self.image_loc
+
+    def fit_collapsed_prior(
+        self,
+        data: xr.Dataset | Any,
+        *,
+        seed: int | None = None,
+        epochs: int = MEAN_EPOCHS,
+        batch_size: int = 128,
+        lr: float = 2e-3,
+    ) -> ResidualField:
+        """Fit the conditional mean ``E[image | u]`` and the residual field of the collapsed prior.
+
+        The decoder at a zero residual block is not that mean (the residual block carries part
+        of every image, and the guided coordinates it was trained at are the encoder's, not the
+        standardized auxiliaries), so :attr:`mean_decoder`, a copy of it, is fitted to the
+        images by least squares on their standardized auxiliaries (``epochs`` passes of Adam,
+        one-cycle rate peaking at ``lr``), then :meth:`fit_residual_field` measures what it
+        leaves. :meth:`fit` calls this on its training part.
+        """
+        data = data if hasattr(data, "mask") else self.prepare(data, name="data")
+        epochs = _check_int(epochs, "epochs", 1)
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        rows = self._complete_rows(data)
+        if rows is None:
+            return self.residual_field
+        net = self.mean_decoder
+        net.load_state_dict(self.decoder.net.state_dict())
+        inputs = self._mean_inputs(data.aux[rows].to(self.device, torch.float32))
+        targets = (data.images[rows].to(self.device) - self.image_loc) / self.image_scale
+        steps = math.ceil(len(rows) / batch_size)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr / 10)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=epochs * steps
+        )
+        order = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        net.requires_grad_(True).train()
+        try:
+            with torch.enable_grad():
+                for _ in range(epochs):
+                    for batch in torch.randperm(len(rows), generator=order).split(batch_size):
+                        batch = batch.to(self.device)
+                        loss = (net(inputs[batch]) - targets[batch]).square().mean()
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        schedule.step()
+        finally:
+            net.requires_grad_(False).eval()
+        return self.fit_residual_field(data)
 
     def likelihood(
         self, images_std: torch.Tensor, z_aux: torch.Tensor, z_rec: torch.Tensor
@@ -435,5 +516,8 @@ class AuxVAE(GuidedLatentModel):
             tau=self.tau,
             residual_field=(
                 copy.deepcopy(self.residual_field) if bool(self.residual_field.fitted) else None
+            ),
+            mean_net=(
+                copy.deepcopy(self.mean_decoder) if bool(self.residual_field.fitted) else None
             ),
         )

@@ -633,7 +633,9 @@ class GuidedLatentModel(PyroModule):
     calibrate_after_fit: ClassVar[bool] = False
     """Whether :meth:`fit` ends with :meth:`calibrate_generation` on its training part."""
     residual_after_fit: ClassVar[bool] = False
-    """Whether :meth:`fit` ends with :meth:`fit_residual_field` (the collapsed deep prior's)."""
+    """Whether :meth:`fit` ends with :meth:`fit_collapsed_prior` (the collapsed deep prior's)."""
+    _collapsed_parts: ClassVar[tuple[str, ...]] = ()
+    """Submodules that only the collapsed deep prior uses (optional in older checkpoints)."""
 
     def __init__(
         self,
@@ -1230,7 +1232,7 @@ class GuidedLatentModel(PyroModule):
         else:
             self.aux_calibration.reset()
         if self.residual_after_fit:
-            self.fit_residual_field(train, batch_size=eval_batch_size)
+            self.fit_collapsed_prior(train, seed=seed)
         if checkpoint is not None:
             self.save(checkpoint, extra=self._fit_extra(settings, fingerprint))
         return history
@@ -1349,6 +1351,7 @@ class GuidedLatentModel(PyroModule):
         optional = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS + _TABLE_BUFFERS)
         optional |= {f"{_CALIBRATION}.{name}" for name, _ in self.aux_calibration.named_buffers()}
         optional |= {f"{_RESIDUAL}.{name}" for name, _ in self.residual_field.named_buffers()}
+        optional |= {k for k in self.state_dict() if k.split(".", 1)[0] in self._collapsed_parts}
         self._shape_tables(weights, what)
         try:
             result = self.load_state_dict(weights, strict=False)
@@ -1370,7 +1373,10 @@ class GuidedLatentModel(PyroModule):
         self._check_tables(what)
         if any(key.startswith(f"{_CALIBRATION}.") for key in result.missing_keys):
             self.aux_calibration.reset()  # written before calibrated uncertainty
-        if any(key.startswith(f"{_RESIDUAL}.") for key in result.missing_keys):
+        if any(
+            key.split(".", 1)[0] in (_RESIDUAL, *self._collapsed_parts)
+            for key in result.missing_keys
+        ):
             self.residual_field.reset()  # written before the collapsed deep prior
         optimizer = state.get("optimizer") or {}
         if self._optim is not None and optimizer:
@@ -1543,22 +1549,20 @@ class GuidedLatentModel(PyroModule):
         encoding = self.encode(images, batch_size=batch_size)
         return encoding_features(encoding.z_aux_loc, encoding.z_aux_scale, encoding.z_rec_loc)
 
-    @torch.no_grad()
-    def fit_residual_field(
-        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 1024
-    ) -> ResidualField:
-        """Fit :attr:`residual_field`, what ``G(u~, 0)`` leaves in ``data``'s images.
+    def _conditional_mean(self, z_aux: torch.Tensor) -> torch.Tensor:
+        """The field the collapsed deep prior expects at standardized auxiliaries ``z_aux``."""
+        return self.decode(z_aux, z_aux.new_zeros(z_aux.shape[0], self.residual_dim))
 
-        ``G(u~, 0)`` is the decoder at the standardized auxiliaries and a zero residual block;
-        rows with a missing auxiliary are left out, and at most
-        :data:`~pyro_dlatent.residual.MAX_FIELDS` rows are read. The collapsed deep prior
-        (:mod:`pyro_dlatent.inverse.collapsed`) integrates this Gaussian field out of an inverse
-        problem; :meth:`fit` calls this on its training part for models with
-        :attr:`residual_after_fit`.
-        """
+    def fit_collapsed_prior(
+        self, data: xr.Dataset | ModelTensors, *, seed: int | None = None
+    ) -> ResidualField:
+        """Fit what the collapsed deep prior needs on ``data``: here :meth:`fit_residual_field`."""
+        return self.fit_residual_field(data)
+
+    def _complete_rows(self, data: ModelTensors) -> torch.Tensor | None:
+        """Rows with every auxiliary, at most ``MAX_FIELDS`` (seeded subset); None if too few."""
         from pyro_dlatent.residual import MAX_FIELDS, MIN_FIELDS
 
-        data = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
         rows = torch.arange(data.images.shape[0])
         if data.mask is not None:
             rows = rows[data.mask.all(1)]
@@ -1567,12 +1571,30 @@ class GuidedLatentModel(PyroModule):
             warnings.warn(
                 f"only {len(rows)} images have every auxiliary (< {MIN_FIELDS}): no residual "
                 "field, so no collapsed deep prior",
-                stacklevel=2,
+                stacklevel=3,
             )
-            return self.residual_field
+            return None
         if len(rows) > MAX_FIELDS:
             generator = torch.Generator().manual_seed(0)
             rows = rows[torch.randperm(len(rows), generator=generator)[:MAX_FIELDS]].sort().values
+        return rows
+
+    @torch.no_grad()
+    def fit_residual_field(
+        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 1024
+    ) -> ResidualField:
+        """Fit :attr:`residual_field`, what ``G(u~, 0)`` leaves in ``data``'s images.
+
+        ``G(u~, 0)`` is the model's conditional mean at the standardized auxiliaries (the
+        decoder with a zero residual block, or a mean decoder fitted to it); rows with a missing
+        auxiliary are left out, and at most :data:`~pyro_dlatent.residual.MAX_FIELDS` rows are
+        read. The collapsed deep prior (:mod:`pyro_dlatent.inverse.collapsed`) integrates this
+        Gaussian field out of an inverse problem.
+        """
+        data = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
+        rows = self._complete_rows(data)
+        if rows is None:
+            return self.residual_field
         aux = data.aux[rows]
         residuals = []
         was_training = self.training
@@ -1580,8 +1602,7 @@ class GuidedLatentModel(PyroModule):
         try:
             for i in range(0, len(rows), batch_size):
                 z_aux = aux[i : i + batch_size].to(self.image_loc.device)
-                z_rec = z_aux.new_zeros(z_aux.shape[0], self.residual_dim)
-                mean = self.decode(z_aux, z_rec).cpu().double()
+                mean = self._conditional_mean(z_aux).cpu().double()
                 residuals.append(data.images[rows[i : i + batch_size]].double() - mean)
         finally:
             self.train(was_training)

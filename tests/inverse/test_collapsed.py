@@ -183,13 +183,48 @@ def test_an_auxvae_keeps_its_residual_field_through_save_and_load(tmp_path) -> N
     torch.testing.assert_close(loaded.residual_field.factor, vae.residual_field.factor)
     generator = loaded.generator()
     assert generator.residual_field is not None
-    # the field it fitted is what the decoder at (u~, 0) leaves in those images
+    for name, value in loaded.mean_decoder.state_dict().items():
+        torch.testing.assert_close(value, vae.mean_decoder.state_dict()[name])
+    # the field it fitted is what the conditional mean leaves in those images
     train, _ = data.split(ds, 0.1, seed=0)
     images = torch.as_tensor(train["image"].values, dtype=torch.float64)
     s = torch.as_tensor(vae.scaler.transform(train[list(NAMES)]), dtype=torch.float32)
     with torch.no_grad():
-        mean = generator(s, torch.zeros(len(s), 2)).double()
+        mean = generator.conditional_mean(s).double()
     residual = (images - mean).reshape(len(s), -1)
     np.testing.assert_allclose(
         loaded.residual_field.mean.numpy().ravel(), residual.mean(0).numpy(), atol=1e-4
     )
+
+
+@pytest.mark.slow
+def test_nuts_on_the_collapsed_model_agrees_with_the_exact_posterior(oracle) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(1, size=SIZE)
+    result = infer_collapsed(
+        problem,
+        generator,
+        values,
+        residual=residual,
+        sampler="nuts",
+        num_samples=300,
+        num_warmup=200,
+        num_chains=2,
+        seed=0,
+    )
+    health = result.health
+    assert health["divergences"] == 0 and health["max_rhat"] < 1.05
+    u = np.asarray(result.idata.posterior["u"]).reshape(-1, 4)
+    exact = ExactBumpPosterior(problem, values)
+    # Monte Carlo error of the chains' mean: sd / sqrt(ESS), ESS at least min_ess_bulk.
+    tolerance = 5 * exact.sd() / np.sqrt(health["min_ess_bulk"])
+    np.testing.assert_array_less(np.abs(u.mean(0) - exact.mean()), tolerance)
+    assert result.idata.posterior["u"].shape == (2, 300, 4)
+    assert result.idata.posterior.attrs["sampler"] == "nuts"
+
+
+def test_infer_collapsed_refuses_an_unknown_sampler(oracle) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(1, size=SIZE)
+    with pytest.raises(ValueError, match="sampler"):
+        infer_collapsed(problem, generator, values, residual=residual, sampler="hmc")
