@@ -113,6 +113,37 @@ class ResidualField(torch.nn.Module):
         self.fitted.fill_(True)
         return self
 
+    @classmethod
+    def from_covariance(
+        cls, covariance: Any, standardized_bounds: Any, mean: Any = None
+    ) -> ResidualField:
+        """A residual field of known covariance ``(size**2, size**2)`` (full rank, no estimate).
+
+        ``standardized_bounds`` ``(aux_dim, 2)`` is the prior box in standardized coordinates;
+        ``mean`` ``(size, size)`` defaults to zero.
+        """
+        cov = np.asarray(covariance, dtype=np.float64)
+        n = cov.shape[0]
+        size = math.isqrt(n)
+        if cov.shape != (n, n) or size * size != n or not np.isfinite(cov).all():
+            raise ValueError(
+                f"covariance must be a finite (size**2, size**2) array, got {cov.shape}"
+            )
+        box = np.asarray(standardized_bounds, dtype=np.float64)
+        if box.ndim != 2 or box.shape[1] != 2:
+            raise ValueError(f"standardized_bounds must be (aux_dim, 2), got {box.shape}")
+        evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
+        if evals.min() < -1e-8 * max(evals.max(), 1e-300):
+            raise ValueError("covariance is not positive semi-definite")
+        field = cls(size, box.shape[0], rank=n)
+        field.factor.copy_(torch.as_tensor(evecs * np.sqrt(evals.clip(0))))
+        field.diag.fill_(1e-12 * float(np.trace(cov)) / n)
+        if mean is not None:
+            field.mean.copy_(torch.as_tensor(np.asarray(mean, dtype=np.float64)))
+        field.aux_bounds.copy_(torch.as_tensor(np.sort(box, axis=1)))
+        field.fitted.fill_(True)
+        return field
+
     def covariance(self) -> np.ndarray:
         """:math:`\\Sigma_r` as a dense ``(size**2, size**2)`` float64 array."""
         f = self.factor.double().numpy()

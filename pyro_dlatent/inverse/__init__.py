@@ -1,5 +1,6 @@
 """Disentangled deep priors for Bayesian inverse problems on an elliptic PDE."""
 
+from pyro_dlatent.inverse.collapsed import CollapsedModel, CollapsedPosterior, infer_collapsed
 from pyro_dlatent.inverse.exact import BumpPrior, ExactBumpPosterior
 from pyro_dlatent.inverse.fem import (
     ConductivityProblem,
@@ -21,6 +22,8 @@ from pyro_dlatent.inverse.prior import (
 __all__ = [
     "AuxPrior",
     "BumpPrior",
+    "CollapsedModel",
+    "CollapsedPosterior",
     "ConductivityProblem",
     "DeepPrior",
     "ExactBumpPosterior",
@@ -34,6 +37,7 @@ __all__ = [
     "calibrate_tau",
     "default_sensors",
     "infer",
+    "infer_collapsed",
     "run_health",
     "simulate_observations",
 ]

@@ -443,16 +443,17 @@ def _run_nuts(
     start = (post.scaler.transform(post.sample(num_chains, rng)) - lo) / (hi - lo)
     start = np.clip(start, 1e-6, 1 - 1e-6)
     kernel = NUTS(model, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)
-    mcmc = MCMC(
-        kernel,
-        num_samples=num_samples,
-        warmup_steps=num_warmup,
-        num_chains=num_chains,
-        initial_params={"s": torch.as_tensor(np.log(start) - np.log1p(-start))},
-        disable_progbar=not progress,
-    )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*sequentially.*")
+        # more chains than CPUs: Pyro runs them one after another, as it says; nothing to act on
+        warnings.filterwarnings("ignore", message=".*drawn sequentially.*")
+        mcmc = MCMC(
+            kernel,
+            num_samples=num_samples,
+            warmup_steps=num_warmup,
+            num_chains=num_chains,
+            initial_params={"s": torch.as_tensor(np.log(start) - np.log1p(-start))},
+            disable_progbar=not progress,
+        )
         pyro.set_rng_seed(int(rng.integers(2**31)))
         mcmc.run()
     s = mcmc.get_samples(group_by_chain=True)["s"].numpy()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
 from pyro_dlatent.data.sources import (
@@ -40,7 +41,15 @@ from pyro_dlatent.data.sources import (
     sample_matern_field,
 )
 
-__all__ = ["NAMES", "BumpPrior", "ExactBumpPosterior", "bump_field", "sample_problem"]
+__all__ = [
+    "NAMES",
+    "BumpMean",
+    "BumpPrior",
+    "ExactBumpPosterior",
+    "bump_field",
+    "exact_collapsed",
+    "sample_problem",
+]
 
 NAMES = ("x0", "y0", "log_amplitude", "width")
 """The named parameters, in the order of every array here."""
@@ -135,6 +144,66 @@ def bump_field(
     return gaussian_bump(t, t, *([v] for v in np.asarray(u, dtype=np.float64)))[0] + residual
 
 
+class BumpMean(torch.nn.Module):
+    """The ``sources`` bump as a generator: ``conditional_mean(s)`` is :math:`b(u)` exactly.
+
+    With :meth:`residual` it is the "parametric mean plus Gaussian residual field" prior of the
+    simulator, usable wherever a trained generator is
+    (:func:`~pyro_dlatent.inverse.collapsed.infer_collapsed`; see :func:`exact_collapsed`).
+
+    Parameters
+    ----------
+    size : int
+        Nodes per side.
+    prior : BumpPrior, optional
+    """
+
+    def __init__(self, size: int, prior: BumpPrior | None = None) -> None:
+        from pyro_dlatent.latent import AuxScaler
+
+        super().__init__()
+        self.prior = BumpPrior() if prior is None else prior
+        self.aux_dim, self.residual_dim, self.image_size = 4, 1, int(size)
+        bounds = self.prior.bounds
+        # standardized coordinates of the box's uniform law: mean 0, sd 1 per parameter
+        self.scaler = AuxScaler(list(NAMES))
+        self.scaler.fit(np.stack([bounds[:, 0], bounds.mean(1), bounds[:, 1]]))
+        self.register_buffer("t", torch.as_tensor(grid(self.image_size)))
+        self._unit = torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+
+    def conditional_mean(self, s: torch.Tensor) -> torch.Tensor:
+        """:math:`b(u)` at standardized ``s`` ``(*batch, 4)``, float64 ``(*batch, size, size)``."""
+        u = self.scaler.inverse_transform_tensor(s.double())
+        x0, y0, log_amp, width = (u[..., j, None, None] for j in range(4))
+        square = (self.t[None, :] - x0) ** 2 + (self.t[:, None] - y0) ** 2
+        return torch.exp(log_amp - 0.5 * square / width**2)
+
+    def forward(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
+        """The bump (the residual block is not used)."""
+        return self.conditional_mean(z_aux)
+
+    def residual(self) -> Any:
+        """The simulator's Matérn field as a :class:`~pyro_dlatent.residual.ResidualField`."""
+        from pyro_dlatent.residual import ResidualField
+
+        box = self.scaler.transform(self.prior.bounds.T).T
+        return ResidualField.from_covariance(self.prior.covariance(self.image_size), box)
+
+
+def exact_collapsed(
+    problem: Any, observations: Any, prior: BumpPrior | None = None, **kwargs: Any
+) -> Any:
+    """The exact posterior through the collapsed prior's entry point (an ``InferenceResult``).
+
+    :func:`~pyro_dlatent.inverse.collapsed.infer_collapsed` with :class:`BumpMean` and the
+    simulator's residual: the same ArviZ data, health and samplers as a deep prior's result.
+    """
+    from pyro_dlatent.inverse.collapsed import infer_collapsed
+
+    mean = BumpMean(int(problem.size), prior)
+    return infer_collapsed(problem, mean, observations, residual=mean.residual(), **kwargs)
+
+
 def sample_problem(
     index: int, *, seed: int = 0, size: int = 32, noise_fraction: float = 0.02
 ) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
@@ -145,8 +214,6 @@ def sample_problem(
     ``numpy.random.default_rng((seed, index))``, so problem ``index`` is the same whatever shard
     of a study computes it.
     """
-    import torch
-
     from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
 
     rng = np.random.default_rng((seed, index))

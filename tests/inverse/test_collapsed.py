@@ -7,11 +7,16 @@ import pyro
 import pytest
 import torch
 
-from pyro_dlatent.data.sources import grid
 from pyro_dlatent.inverse.collapsed import CollapsedModel, CollapsedPosterior, infer_collapsed
-from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, sample_problem
+from pyro_dlatent.inverse.exact import (
+    NAMES,
+    BumpMean,
+    BumpPrior,
+    ExactBumpPosterior,
+    exact_collapsed,
+    sample_problem,
+)
 from pyro_dlatent.inverse.infer import InferenceWarning
-from pyro_dlatent.latent import AuxScaler
 from pyro_dlatent.residual import ResidualField, residual_field
 
 __all__: list[str] = []
@@ -19,37 +24,11 @@ __all__: list[str] = []
 SIZE = 16
 
 
-class BumpGenerator(torch.nn.Module):
-    """An oracle ``G(s, z) = b(u)``: the simulator's bump at the de-standardized ``u``."""
-
-    def __init__(self, size: int = SIZE) -> None:
-        super().__init__()
-        rng = np.random.default_rng(0)
-        self.scaler = AuxScaler(list(NAMES)).fit(BumpPrior().sample(4096, rng))
-        self.aux_dim, self.residual_dim, self.image_size = 4, 2, size
-        self.register_buffer("t", torch.as_tensor(grid(size)))
-        self.weight = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
-
-    def forward(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
-        u = self.scaler.inverse_transform_tensor(z_aux.double())
-        x0, y0, log_amp, width = (u[..., j, None, None] for j in range(4))
-        t = self.t
-        square = (t[None, :] - x0) ** 2 + (t[:, None] - y0) ** 2
-        return self.weight * torch.exp(log_amp - 0.5 * square / width**2)
-
-
 @pytest.fixture(scope="module")
-def oracle() -> tuple[BumpGenerator, ResidualField]:
-    generator = BumpGenerator()
-    residual = ResidualField(SIZE, 4)
-    covariance = BumpPrior().covariance(SIZE)
-    evals, evecs = np.linalg.eigh(covariance)
-    residual.factor.copy_(torch.as_tensor(evecs * np.sqrt(evals.clip(0))))
-    residual.diag.fill_(1e-10)
-    s = generator.scaler.transform(BumpPrior().bounds.T)
-    residual.aux_bounds.copy_(torch.as_tensor(np.sort(s.T, axis=1)))
-    residual.fitted.fill_(True)
-    return generator, residual
+def oracle() -> tuple[BumpMean, ResidualField]:
+    """The simulator's own bump and Matérn field as a collapsed prior: the exact posterior."""
+    generator = BumpMean(SIZE)
+    return generator, generator.residual()
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, 5])
@@ -98,7 +77,7 @@ def test_residual_field_of_a_generator_skips_missing_auxiliaries(oracle) -> None
     rng = np.random.default_rng(1)
     u = BumpPrior().sample(64, rng)
     with torch.no_grad():
-        clean = generator(torch.as_tensor(generator.scaler.transform(u)), torch.zeros(64, 2))
+        clean = generator(torch.as_tensor(generator.scaler.transform(u)), torch.zeros(64, 1))
     images = clean.numpy() + 0.1 * rng.normal(size=clean.shape)
     u[:4, 2] = np.nan
     fitted = residual_field(generator, images, {n: u[:, j] for j, n in enumerate(NAMES)})
@@ -228,3 +207,26 @@ def test_infer_collapsed_refuses_an_unknown_sampler(oracle) -> None:
     _, problem, values, _ = sample_problem(1, size=SIZE)
     with pytest.raises(ValueError, match="sampler"):
         infer_collapsed(problem, generator, values, residual=residual, sampler="hmc")
+
+
+def test_exact_collapsed_is_the_exact_posterior_as_arviz_data() -> None:
+    _, problem, values, _ = sample_problem(2, size=SIZE)
+    result = exact_collapsed(problem, values, num_samples=4000)
+    u = np.asarray(result.idata.posterior["u"]).reshape(-1, 4)
+    exact = ExactBumpPosterior(problem, values)
+    tolerance = 5 * exact.sd() / np.sqrt(result.health["ess"]) + 0.02 * exact.sd()
+    np.testing.assert_array_less(np.abs(u.mean(0) - exact.mean()), tolerance)
+    mean, sd = exact.field_moments(4000, rng=0)
+    fields = result.idata.field_summary
+    # pixel means of 4000 draws: Monte Carlo error sd / sqrt(ESS) at most 0.2 / 35 here
+    np.testing.assert_allclose(fields["field_mean"], mean, atol=5 * sd.max() / np.sqrt(1000))
+    np.testing.assert_allclose(fields["field_sd"], sd, rtol=0.1, atol=0.05 * sd.mean())
+
+
+def test_residual_field_from_covariance_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="covariance"):
+        ResidualField.from_covariance(np.ones((5, 5)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="semi-definite"):
+        ResidualField.from_covariance(-np.eye(4), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="standardized_bounds"):
+        ResidualField.from_covariance(np.eye(4), np.zeros(2))
