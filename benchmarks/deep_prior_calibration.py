@@ -37,7 +37,7 @@ from pyro_dlatent.inverse.grf import GRFPrior
 from pyro_dlatent.models import AuxVAE
 from pyro_dlatent.residual import residual_field
 
-__all__ = ["main", "parameter_table", "summarize"]
+__all__ = ["draw_record", "main", "parameter_table", "summarize"]
 
 SIZE = 32
 NUM_RANK_DRAWS = 99
@@ -103,14 +103,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         health = {k: v for k, v in result.health.items() if k != "warnings"}
         records.append(
             {
-                "index": index,
-                "truth": u.tolist(),
-                "exact_mean": exact.mean().tolist(),
-                "exact_interval": exact.interval(0.9).tolist(),
-                "exact_draws": exact.sample(NUM_RANK_DRAWS, rng).tolist(),
-                "mean": draws.mean(0).tolist(),
-                "interval": np.quantile(draws, [0.05, 0.95], axis=0).T.tolist(),
-                "draws": draws[rng.choice(len(draws), NUM_RANK_DRAWS, replace=False)].tolist(),
+                **draw_record(index, u, exact, draws, rng),
                 "field_error": _relative(np.asarray(fields["field_mean"]), field),
                 "exact_field_error": _relative(exact_field, field),
                 "grf_field_error": _relative(np.asarray(grf_mean).reshape(field.shape), field),
@@ -125,6 +118,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             flush=True,
         )
     return records
+
+
+def draw_record(
+    index: int, truth: np.ndarray, exact: Any, draws: np.ndarray, rng: np.random.Generator
+) -> dict[str, Any]:
+    """Problem ``index``'s truth, exact posterior and a method's ``draws`` of ``u``, as a record."""
+    return {
+        "index": index,
+        "truth": np.asarray(truth).tolist(),
+        "exact_mean": exact.mean().tolist(),
+        "exact_interval": exact.interval(0.9).tolist(),
+        "exact_draws": exact.sample(NUM_RANK_DRAWS, rng).tolist(),
+        "mean": draws.mean(0).tolist(),
+        "interval": np.quantile(draws, [0.05, 0.95], axis=0).T.tolist(),
+        "draws": draws[rng.choice(len(draws), NUM_RANK_DRAWS, replace=False)].tolist(),
+    }
 
 
 def parameter_table(records: list[dict[str, Any]], label: str = "collapsed") -> dict[str, Any]:

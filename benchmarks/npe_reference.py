@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from deep_prior_calibration import NUM_RANK_DRAWS, parameter_table
+from deep_prior_calibration import draw_record, parameter_table
 
 from pyro_dlatent.data.sources import gaussian_bump, grid, sample_matern_field
 from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, sample_problem
@@ -86,19 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (1000,), x=torch.as_tensor(values, dtype=torch.float32), show_progress_bars=False
         ).numpy()
         seconds = time.perf_counter() - start
-        records.append(
-            {
-                "index": index,
-                "truth": truth.tolist(),
-                "exact_mean": exact.mean().tolist(),
-                "exact_interval": exact.interval(0.9).tolist(),
-                "exact_draws": exact.sample(NUM_RANK_DRAWS, rng).tolist(),
-                "mean": draws.mean(0).tolist(),
-                "interval": np.quantile(draws, [0.05, 0.95], axis=0).T.tolist(),
-                "draws": draws[rng.choice(len(draws), NUM_RANK_DRAWS, replace=False)].tolist(),
-                "seconds": seconds,
-            }
-        )
+        records.append({**draw_record(index, truth, exact, draws, rng), "seconds": seconds})
     result = parameter_table(records, "npe")
     result["train_seconds"] = train_seconds
     result["seconds_per_problem"] = float(np.mean([r["seconds"] for r in records]))

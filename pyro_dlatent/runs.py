@@ -223,6 +223,46 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
         handle.close()
 
 
+def _snapshot(out: Path, backup: Path) -> list[Path]:
+    """Hard links (copies where the file system has none) of ``out``'s files under ``backup``."""
+    saved = []
+    for path in sorted(out.rglob("*")):
+        relative = path.relative_to(out)
+        if (
+            not path.is_file()
+            or path.is_symlink()
+            or relative.parts[0] == backup.name
+            or path.name == LOCK_FILE
+            or path.name.endswith(".tmp")
+        ):
+            continue
+        target = backup / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+        saved.append(relative)
+    return saved
+
+
+def _roll_back(out: Path, backup: Path, saved: list[Path]) -> None:
+    """Put ``out`` back as :func:`_snapshot` found it: new files removed, replaced ones restored."""
+    kept = set(saved)
+    for path in sorted(out.rglob("*"), reverse=True):
+        relative = path.relative_to(out)
+        if relative.parts[0] == backup.name or path.name == LOCK_FILE:
+            continue
+        if path.is_file() or path.is_symlink():
+            if relative not in kept:
+                path.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    for relative in saved:
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(backup / relative, out / relative)
+
+
 @contextlib.contextmanager
 def owned_folder(
     out: str | os.PathLike, *, keep: Callable[[], bool] | None = None
@@ -230,23 +270,42 @@ def owned_folder(
     """Create (if needed) and lock the results folder ``out`` while a command writes it.
 
     The lock is :func:`run_lock`; temporary files that a killed write left are removed first. When
-    the block fails (other than by Ctrl-C, which keeps what is done), a folder this call created
-    is removed again unless ``keep()`` says it holds something worth keeping, so a failed command
-    leaves no empty or half-written folder behind.
+    the block fails (other than by Ctrl-C, which keeps what is done), the folder is put back as
+    it was unless ``keep()`` says it now holds something worth keeping (an interrupted training's
+    checkpoint): a folder this call created is removed, and in one that existed the files the
+    command added are removed and the ones it replaced restored (from hard links taken at the
+    start, so the snapshot costs no copy).
     """
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    backup = out / f".before-{os.getpid()}"
+    held = False
     try:
         with run_lock(out):
+            held = True
             for stray in out.glob(".*.tmp"):
                 stray.unlink(missing_ok=True)
-            yield out
+            for old in out.glob(".before-*"):
+                shutil.rmtree(old, ignore_errors=True)  # a crashed command's snapshot
+            saved = None if created else _snapshot(out, backup)
+            try:
+                yield out
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                if saved is not None and not (keep is not None and keep()):
+                    _roll_back(out, backup, saved)
+                raise
+            finally:
+                shutil.rmtree(backup, ignore_errors=True)
     except KeyboardInterrupt:
         raise
     except BaseException:
         if created and not (keep is not None and keep()):
             shutil.rmtree(out, ignore_errors=True)
+        elif held:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # ours, released: not another's
         raise
     (out / LOCK_FILE).unlink(missing_ok=True)
 

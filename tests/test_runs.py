@@ -11,7 +11,8 @@ from pyro_dlatent import cli, data
 from pyro_dlatent.cli import main
 from pyro_dlatent.models.auxvae import AuxVAE
 from pyro_dlatent.models.base import GuidedLatentModel
-from pyro_dlatent.runs import RunFolderBusy, run_lock
+from pyro_dlatent.runs import RunFolderBusy, owned_folder, run_lock
+from pyro_dlatent.utils import write_json
 
 SMALL = ["--num", "64", "--size", "16", "--epochs", "1", "--batch-size", "32", "--no-progress"]
 
@@ -142,3 +143,41 @@ def test_a_refused_resume_keeps_the_runs_settings(tmp_path):
     changed[changed.index("--batch-size") + 1] = "16"  # another fit: resume is refused
     assert main(["train", "sources", "--out", str(run), "--resume", *changed]) == 1
     assert (run / "run.json").read_text() == settings
+
+
+def test_a_failed_command_puts_an_existing_folder_back_as_it_was(tmp_path):
+    out = tmp_path / "inv"
+    (out / "figures").mkdir(parents=True)
+    (out / "summary.json").write_text('{"old": true}')
+    (out / "figures" / "fields.png").write_bytes(b"old figure")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="midway"), owned_folder(out):
+        write_json({"new": True}, out / "summary.json")  # replaced (atomically)
+        (out / "posterior.nc").write_bytes(b"half")  # added
+        (out / "new").mkdir()
+        (out / "new" / "x.png").write_bytes(b"added")
+        raise RuntimeError("failed midway")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not (out / "new").exists()
+    assert not list(out.glob(".before-*"))  # no snapshot left behind
+
+
+def test_a_command_that_succeeds_keeps_its_files_and_no_snapshot(tmp_path):
+    out = tmp_path / "inv"
+    out.mkdir()
+    (out / "summary.json").write_text('{"old": true}')
+    with owned_folder(out):
+        write_json({"new": True}, out / "summary.json")
+    assert json.loads((out / "summary.json").read_text()) == {"new": True}
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+
+
+def test_a_failed_resume_keeps_what_keep_says_is_worth_keeping(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    with pytest.raises(RuntimeError), owned_folder(out, keep=lambda: True):
+        (out / "last.pt").write_bytes(b"checkpoint")
+        raise RuntimeError("killed")
+    assert (out / "last.pt").read_bytes() == b"checkpoint"
