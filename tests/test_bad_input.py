@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pyro_dlatent import AuxScaler, AuxVAE, LatentSplit, data, metrics
-from pyro_dlatent.inverse import DeepPrior, infer
+from pyro_dlatent.inverse import DeepPrior, infer, infer_collapsed
+from pyro_dlatent.inverse.exact import BumpMean
 from pyro_dlatent.inverse.fem import ConductivityProblem, SourceProblem, default_sensors
 from pyro_dlatent.inverse.grf import GRFPrior
 from pyro_dlatent.inverse.run import Observations, invert_run
+from pyro_dlatent.residual import ResidualField
 
 
 @functools.cache
@@ -40,6 +42,18 @@ def _scaler():
 
 
 NAN_IMAGES = np.full((2, 16, 16), np.nan)
+
+
+def _collapsed(generator=None, observations=None, **kwargs):
+    mean = BumpMean(16)
+    return infer_collapsed(
+        _problem16(),
+        mean if generator is None else generator,
+        np.zeros(9) if observations is None else observations,
+        residual=None if generator is not None else mean.residual(),
+        **kwargs,
+    )
+
 
 CASES = [
     # latent split and scaler
@@ -120,6 +134,16 @@ CASES = [
         ValueError,
         lambda: infer(_problem16(), DeepPrior(_vae().generator()), np.zeros(9), method="mcmc"),
     ),
+    # the collapsed deep prior
+    ("sampler", ValueError, lambda: _collapsed(sampler="hmc")),
+    ("num_samples", ValueError, lambda: _collapsed(num_samples=1)),
+    ("num_chains", ValueError, lambda: _collapsed(sampler="nuts", num_chains=0)),
+    ("target_accept_prob", ValueError, lambda: _collapsed(sampler="nuts", target_accept_prob=1)),
+    ("bounds", ValueError, lambda: _collapsed(bounds=np.zeros((2, 2)))),
+    ("prior box", ValueError, lambda: _collapsed(bounds=np.ones((4, 2)))),
+    ("observations", ValueError, lambda: _collapsed(observations=np.full(9, np.nan))),
+    ("residual field", ValueError, lambda: _collapsed(generator=_vae().generator())),
+    ("covariance", ValueError, lambda: ResidualField.from_covariance(np.eye(5), np.zeros((1, 2)))),
     # metrics
     ("latents", ValueError, lambda: metrics.mcc(np.full((5, 2), np.nan), np.zeros((5, 2)))),
     ("degree", ValueError, lambda: metrics.leakage(np.zeros((5, 2)), np.zeros((5, 2)), degree=0)),

@@ -539,6 +539,12 @@ def infer_collapsed(
             "the generator carries no residual field (a model fitted before it existed, or not an "
             "AuxVAE): refit, or pass residual=residual_field(generator, images, aux)"
         )
+    if sampler == "nuts":
+        num_chains = _check_int(num_chains, "num_chains", 1)
+        num_warmup = _check_int(num_warmup, "num_warmup", 0)
+        max_tree_depth = _check_int(max_tree_depth, "max_tree_depth", 1)
+        if not 0.0 < float(target_accept_prob) < 1.0:
+            raise ValueError(f"expected 0 < target_accept_prob < 1, got {target_accept_prob!r}")
     model = CollapsedModel(problem, generator, residual, observations, bounds=bounds)
     post = CollapsedPosterior(model, seed=seed, **search)
     rng = np.random.default_rng((int(seed), 2))
@@ -546,15 +552,14 @@ def infer_collapsed(
         k: v for k, v in post.summary().items() if k not in ("rounds", "seconds")
     }
     if sampler == "nuts":
-        num_chains = _check_int(num_chains, "num_chains", 1)
         s, stats = _run_nuts(
             model,
             post,
             num_samples=num_samples,
-            num_warmup=_check_int(num_warmup, "num_warmup", 0),
+            num_warmup=num_warmup,
             num_chains=num_chains,
             target_accept_prob=float(target_accept_prob),
-            max_tree_depth=_check_int(max_tree_depth, "max_tree_depth", 1),
+            max_tree_depth=max_tree_depth,
             rng=rng,
             progress=progress,
         )
