@@ -75,6 +75,7 @@ from pyro_dlatent.inverse import (
     SourceProblem,
     default_sensors,
     infer,
+    infer_collapsed,
     simulate_observations,
 )
 from pyro_dlatent.inverse.prior import calibrate_tau
@@ -425,10 +426,17 @@ def wellspec(args: argparse.Namespace) -> dict[str, Any]:
     data = simulate_observations(problem, truths, seed=args.test_seed + 1)
     oracle_mean, _ = grf.posterior(problem, data)
     oracle_err = relative_l2_error(oracle_mean.numpy(), truths.numpy())
-    prior = DeepPrior(load_generator(args.model))
+    if args.method == "collapsed":
+        generator = AuxVAE.load(args.model).generator()
+    else:
+        prior = DeepPrior(load_generator(args.model))
     deep_err = []
     for i in range(args.num_problems):
-        mean, _ = deep_field(problem, prior, data[i], args.method, seed=i, **_map_kwargs(args))
+        if args.method == "collapsed":
+            result = infer_collapsed(problem, generator, data[i].numpy(), seed=i, warn=False)
+            mean = np.asarray(result.idata["field_summary"]["field_mean"])
+        else:
+            mean, _ = deep_field(problem, prior, data[i], args.method, seed=i, **_map_kwargs(args))
         deep_err.append(float(relative_l2_error(mean[None], truths[i][None].numpy())[0]))
         _log(f"problem {i}: deep {deep_err[-1]:.3f} oracle {oracle_err[i]:.3f}")
     deep_err = np.asarray(deep_err)
@@ -944,7 +952,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guide", default="fullrank", choices=["normal", "lowrank", "fullrank"])
     p.add_argument("--svi_steps", type=int, default=1000)
     p.add_argument("--num_samples", type=int, default=500)
-    p = sub.add_parser("wellspec", parents=[common])
+    p = sub.add_parser("wellspec", parents=[common], conflict_handler="resolve")
+    p.add_argument("--method", default="map", choices=["map", "svi", "nuts", "collapsed"])
     p.add_argument("--num_problems", type=int, default=20)
     p.add_argument("--noise_sd", type=float, default=NOISE_SD)
     p = sub.add_parser("coverage", parents=[common, slack])
