@@ -137,6 +137,8 @@ CASES = [
     # the collapsed deep prior
     ("sampler", ValueError, lambda: _collapsed(sampler="hmc")),
     ("num_samples", ValueError, lambda: _collapsed(num_samples=1)),
+    ("num_screen", ValueError, lambda: _collapsed(num_screen=2)),
+    ("num_draws", ValueError, lambda: _collapsed(num_draws=0)),
     ("num_chains", ValueError, lambda: _collapsed(sampler="nuts", num_chains=0)),
     ("target_accept_prob", ValueError, lambda: _collapsed(sampler="nuts", target_accept_prob=1)),
     ("bounds", ValueError, lambda: _collapsed(bounds=np.zeros((2, 2)))),

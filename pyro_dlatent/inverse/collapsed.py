@@ -228,6 +228,14 @@ class CollapsedPosterior:
         max_rounds: int = 3,
         seed: int = 0,
     ) -> None:
+        for name, value, minimum in (
+            ("num_starts", num_starts, 1),
+            ("num_screen", num_screen, max(num_starts, 1) if isinstance(num_starts, int) else 1),
+            ("num_draws", num_draws, 100),
+            ("max_rounds", max_rounds, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"expected {name} >= {minimum} (an int), got {value!r}")
         self.model, self.scaler, self.box = model, model.scaler, model.box
         self.seed = int(seed)
         start = time.perf_counter()
