@@ -525,16 +525,13 @@ def infer_collapsed(
         effective sample size, Pareto :math:`\\hat k` and modes, NUTS's divergences, R-hat and
         ESS, and the data misfit.
     """
-    import warnings
-
     from pyro_dlatent.export import field_summary_from_moments, to_arviz
     from pyro_dlatent.inverse.infer import (
-        MAX_MISFIT_RMS,
         InferenceResult,
-        InferenceWarning,
         _check_int,
         _problem_metadata,
         data_misfit,
+        report_health,
         run_health,
     )
 
@@ -610,36 +607,22 @@ def infer_collapsed(
     )
     health.update(data_misfit(model, replicated))
     messages = []
+    advice = None
     if sampler == "nuts":
         health.update({k: v for k, v in run_health(idata, ["u"]).items() if k != "divergences"})
-        if health["divergences"] > 0:
-            messages.append(f"{health['divergences']} divergent transitions")
-        if not health["max_rhat"] <= 1.01:
-            modes = health["num_modes"]
-            messages.append(
-                f"max R-hat {health['max_rhat']:.3f} > 1.01: "
-                + (
-                    f"the posterior has {modes} modes and the chains did not mix between them; "
-                    "use sampler='importance', whose mixture covers every mode it found"
-                    if modes > 1
-                    else "run more warm-up steps (num_warmup)"
-                )
-            )
+        modes = health["num_modes"]
+        advice = (
+            f"the posterior has {modes} modes and the chains did not mix between them; use "
+            "sampler='importance', whose mixture covers every mode it found"
+            if modes > 1
+            else "run more warm-up steps (num_warmup)"
+        )
     elif not post.khat < MAX_PARETO_K:
         messages.append(
             f"the importance weights are unreliable (Pareto k {post.khat:.2f} >= "
             f"{MAX_PARETO_K}): raise num_screen and num_starts, or check with sampler='nuts'"
         )
-    if not health["misfit_rms"] <= MAX_MISFIT_RMS:
-        messages.append(
-            f"the posterior's predicted data miss the observations by {health['misfit_rms']:.3g} "
-            f"noise sds (RMS over sensors, > {MAX_MISFIT_RMS:g}): the prior cannot explain these "
-            "data; check the observations' units and noise_sd"
-        )
-    if messages:
-        health["warnings"] = messages
-        if warn:
-            warnings.warn("collapsed: " + "; ".join(messages), InferenceWarning, stacklevel=2)
+    report_health(health, messages, "collapsed", warn=warn, rhat_advice=advice)
     return InferenceResult(
         idata=idata,
         method="collapsed",

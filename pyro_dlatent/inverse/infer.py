@@ -64,6 +64,7 @@ __all__ = [
     "data_misfit",
     "infer",
     "loss_settled",
+    "report_health",
     "run_health",
 ]
 
@@ -1019,6 +1020,37 @@ def data_misfit(model: Any, predictive: Any) -> dict[str, float]:
     return {"misfit_rms": rms if math.isfinite(rms) else math.inf}
 
 
+def report_health(
+    health: dict[str, Any],
+    messages: list[str],
+    label: str,
+    *,
+    warn: bool = True,
+    rhat_advice: str | None = None,
+) -> None:
+    """Add the shared run-health messages to ``messages``; store them and warn once.
+
+    NUTS's divergences and R-hat (when ``health`` has them, with ``rhat_advice`` appended) and
+    the data misfit beyond :data:`MAX_MISFIT_RMS` join the method's own ``messages``; all of
+    them go to ``health["warnings"]`` and, with ``warn``, one :class:`InferenceWarning`.
+    """
+    if health.get("divergences", 0) > 0:
+        messages.append(f"{health['divergences']} divergent transitions")
+    if "max_rhat" in health and not health["max_rhat"] <= 1.01:
+        advice = f": {rhat_advice}" if rhat_advice else ""
+        messages.append(f"max R-hat {health['max_rhat']:.3f} > 1.01{advice}")
+    if not health["misfit_rms"] <= MAX_MISFIT_RMS:
+        messages.append(
+            f"the posterior's predicted data miss the observations by {health['misfit_rms']:.3g} "
+            f"noise sds (RMS over sensors, > {MAX_MISFIT_RMS:g}): the prior cannot explain these "
+            "data; check the observations' units and noise_sd"
+        )
+    if messages:
+        health["warnings"] = messages
+        if warn:
+            warnings.warn(f"{label}: " + "; ".join(messages), InferenceWarning, stacklevel=3)
+
+
 def run_health(idata: Any, var_names: list[str] | None = None) -> dict[str, Any]:
     """Divergences, worst R-hat and smallest bulk/tail ESS of a sampled posterior (via ArviZ).
 
@@ -1286,10 +1318,6 @@ def infer(
     messages = []
     if method == "nuts":
         health.update(run_health(idata, var_names=list(latent)))
-        if health["divergences"] > 0:
-            messages.append(f"{health['divergences']} divergent transitions")
-        if not health["max_rhat"] <= 1.01:
-            messages.append(f"max R-hat {health['max_rhat']:.3f} > 1.01")
     elif method == "svi":
         health.update(loss_settled(losses))
         if not health["settled"]:
@@ -1298,16 +1326,7 @@ def infer(
                 f"last 10% of the steps; noise {health['noise']:.3g}); increase steps"
             )
     health.update(data_misfit(model, outputs["posterior_predictive"]))
-    if not health["misfit_rms"] <= MAX_MISFIT_RMS:
-        messages.append(
-            f"the posterior's predicted data miss the observations by {health['misfit_rms']:.3g} "
-            f"noise sds (RMS over sensors, > {MAX_MISFIT_RMS:g}): the prior cannot explain these "
-            "data; check the observations' units and noise_sd"
-        )
-    if messages:
-        health["warnings"] = messages
-        if warn:
-            warnings.warn(f"{method}: " + "; ".join(messages), InferenceWarning, stacklevel=2)
+    report_health(health, messages, method, warn=warn)
     return InferenceResult(
         idata=idata,
         method=method,
