@@ -185,12 +185,34 @@ def residual_field(
         rows = np.sort(np.random.default_rng(seed).choice(len(images), MAX_FIELDS, replace=False))
         images, s = images[rows], s[rows]
     dtype = next(generator.parameters()).dtype
-    means = [
-        standardized_mean(generator, torch.as_tensor(s[i : i + batch_size], dtype=dtype))
-        .double()
-        .numpy()
+    field = ResidualField(int(generator.image_size), int(generator.aux_dim), rank)
+    return fit_residuals(
+        field,
+        lambda chunk: standardized_mean(generator, chunk.to(dtype)),
+        images,
+        s,
+        batch_size=batch_size,
+    )
+
+
+@torch.no_grad()
+def fit_residuals(
+    field: ResidualField,
+    mean: Any,
+    images: Any,
+    standardized: Any,
+    *,
+    batch_size: int = 1024,
+) -> ResidualField:
+    """Fit ``field`` to ``images - mean(standardized)``, ``batch_size`` rows of the mean at a time.
+
+    ``mean`` maps a tensor of standardized auxiliaries ``(k, aux_dim)`` to fields ``(k, H, W)``;
+    every row is used (filter missing auxiliaries and subsample first).
+    """
+    images = torch.as_tensor(np.asarray(images), dtype=torch.float64)
+    s = torch.as_tensor(np.asarray(standardized), dtype=torch.float64)
+    residuals = [
+        images[i : i + batch_size] - mean(s[i : i + batch_size]).cpu().double()
         for i in range(0, len(s), batch_size)
     ]
-    residuals = images - np.concatenate(means) if means else images
-    field = ResidualField(int(generator.image_size), int(generator.aux_dim), rank)
-    return field.fit(residuals, s)
+    return field.fit(torch.cat(residuals).numpy() if residuals else images.numpy(), s.numpy())

@@ -74,7 +74,7 @@ from pyro_dlatent.penalties import (
     alignment_penalty,
     decorrelation_penalty,
 )
-from pyro_dlatent.residual import ResidualField
+from pyro_dlatent.residual import ResidualField, fit_residuals
 
 __all__ = [
     "ALIGN_SITE",
@@ -1595,18 +1595,18 @@ class GuidedLatentModel(PyroModule):
         rows = self._complete_rows(data)
         if rows is None:
             return self.residual_field
-        aux = data.aux[rows]
-        residuals = []
         was_training = self.training
         self.eval()
         try:
-            for i in range(0, len(rows), batch_size):
-                z_aux = aux[i : i + batch_size].to(self.image_loc.device)
-                mean = self._conditional_mean(z_aux).cpu().double()
-                residuals.append(data.images[rows[i : i + batch_size]].double() - mean)
+            return fit_residuals(
+                self.residual_field,
+                self._conditional_mean,
+                data.images[rows],
+                data.aux[rows],
+                batch_size=batch_size,
+            )
         finally:
             self.train(was_training)
-        return self.residual_field.fit(torch.cat(residuals).numpy(), aux.double().numpy())
 
     def calibrate_uncertainty(
         self,
