@@ -125,6 +125,7 @@ class CollapsedModel(PyroModule):
         white_operator = np.linalg.solve(chol, operator)
         offset = white_operator @ residual.mean.double().numpy().ravel()
         self._scale_tril = torch.as_tensor(chol)
+        self._operator_t = torch.as_tensor(operator.T)  # A^T, made once for every model call
         self._residual_mean = residual.mean.double().reshape(-1)
         self._white_operator = torch.as_tensor(white_operator)
         self._white_data = torch.as_tensor(np.linalg.solve(chol, data) - offset)
@@ -164,7 +165,7 @@ class CollapsedModel(PyroModule):
         pyro.deterministic("u", self.scaler.inverse_transform_tensor(s), event_dim=1)
         batch = s.shape[:-1]
         mean = self.mean_fields(s.reshape(-1, s.shape[-1])) + self._residual_mean
-        predicted = mean @ torch.as_tensor(self.operator).T
+        predicted = mean @ self._operator_t
         pyro.sample(
             "obs",
             dist.MultivariateNormal(predicted.reshape(*batch, -1), scale_tril=self._scale_tril),

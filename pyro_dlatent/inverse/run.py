@@ -233,15 +233,14 @@ def invert_run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bump_prior = observations.bump_prior()
+    problem = observations.problem()  # assembled and factorized once, used by every step below
     if method == "collapsed":
         if bump_prior is not None and "bounds" not in infer_kwargs:
             infer_kwargs["bounds"] = bump_prior.bounds[[NAMES.index(n) for n in names]]
-        result = infer_collapsed(
-            observations.problem(), generator, observations.values, **infer_kwargs
-        )
+        result = infer_collapsed(problem, generator, observations.values, **infer_kwargs)
     else:
         result = infer(
-            observations.problem(),
+            problem,
             DeepPrior(generator),
             observations.values,
             method=method,
@@ -268,7 +267,7 @@ def invert_run(
         summary["truth_aux"] = observations.truth_aux
     reference = None
     if bump_prior is not None:
-        exact = ExactBumpPosterior(observations.problem(), observations.values, bump_prior)
+        exact = ExactBumpPosterior(problem, observations.values, bump_prior)
         order = [NAMES.index(n) for n in names]
         reference = exact.sample(4000, rng=0)[:, order]
         interval = exact.interval(0.9)[order]
