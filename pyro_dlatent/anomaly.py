@@ -23,23 +23,18 @@ scores the image. On ``halos`` it raised the AUROC for the disturbed flag of fou
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-if not os.environ.get("MPLBACKEND"):
-    matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import xarray as xr
 from scipy import linalg, stats
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from pyro_dlatent.models.base import Encoding, GuidedLatentModel
 
 __all__ = [
@@ -618,7 +613,7 @@ def anomaly_gallery(
     annotate: Sequence[str] = (),
     cmap: str = "viridis",
     panel_size: float = 1.6,
-) -> plt.Figure:
+) -> Figure:
     """Gallery of the ``top_k`` most anomalous images with their scores and p-values.
 
     Parameters
@@ -658,7 +653,9 @@ def anomaly_gallery(
         raise ValueError("table['sample'] does not index images (out of range)")
     ncols = min(int(ncols), k)
     nrows = math.ceil(k / ncols)
-    fig, axes = plt.subplots(
+    from pyro_dlatent.plots import subplots
+
+    fig, axes = subplots(
         nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.2), squeeze=False
     )
     for panel, ax in enumerate(axes.ravel()):

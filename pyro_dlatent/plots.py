@@ -8,15 +8,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-if not os.environ.get("MPLBACKEND"):
-    matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.figure import Figure
 
 from pyro_dlatent.utils import atomic_write
 
@@ -33,18 +29,22 @@ __all__ = [
 ]
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
-    """Save ``fig`` to ``path`` atomically (format from its suffix), close it, return the path."""
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Save ``fig`` to ``path`` atomically (format from its suffix), return the path."""
     path = Path(path)
     fmt = path.suffix[1:] or None
-    try:
-        atomic_write(
-            path,
-            lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=fmt),
-        )
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=fmt))
     return path
+
+
+def subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """A new ``Figure`` and its axes (``Figure.subplots`` arguments), without pyplot.
+
+    Figures are made directly, not through ``pyplot``, so importing or drawing never picks or
+    changes the user's matplotlib backend and no figure is left open in pyplot's registry.
+    """
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def image_grid(
@@ -58,7 +58,7 @@ def image_grid(
     cmap: str = "viridis",
     shared_scale: bool = True,
     panel_size: float = 1.3,
-) -> plt.Figure:
+) -> Figure:
     """A grid of images ``(nrows * ncols, H, W)`` in row-major order.
 
     Parameters
@@ -73,7 +73,7 @@ def image_grid(
         raise ValueError(
             f"images must hold nrows*ncols={nrows * ncols} images, got {images.shape[0]}"
         )
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows), squeeze=False
     )
     vmin, vmax = (
@@ -103,9 +103,7 @@ def _format_aux(ds: xr.Dataset, index: int) -> str:
     return "\n".join(parts)
 
 
-def preview(
-    ds: xr.Dataset, *, num: int = 16, ncols: int = 4, title: str | None = None
-) -> plt.Figure:
+def preview(ds: xr.Dataset, *, num: int = 16, ncols: int = 4, title: str | None = None) -> Figure:
     """First ``num`` images of a dataset with their auxiliary values (physical units) as titles."""
     num = min(num, ds.sizes["sample"])
     ncols = min(ncols, num)
@@ -134,7 +132,7 @@ def latent_traversal(
     aux_labels: Sequence[str] | None = None,
     aux_values: np.ndarray | None = None,
     max_residual_rows: int = 6,
-) -> plt.Figure:
+) -> Figure:
     """Latent traversal: one row per latent coordinate, the others held at a base code.
 
     Parameters
@@ -186,7 +184,7 @@ def aux_scatter(
     max_points: int = 2000,
     predicted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     max_error_bars: int = 150,
-) -> plt.Figure:
+) -> Figure:
     """Scatter of each auxiliary (rows) against each guided and a few residual latents (columns).
 
     Parameters
@@ -204,7 +202,7 @@ def aux_scatter(
     extra = 0 if predicted is None else 1
     ncols = aux_dim + min(latents.shape[1] - aux_dim, max_residual)
     n = min(latents.shape[0], max_points)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         aux_dim, ncols + extra, figsize=(1.9 * (ncols + extra), 1.8 * aux_dim), squeeze=False
     )
     for i in range(aux_dim):
@@ -247,7 +245,7 @@ def aux_scatter(
 
 def calibration_curve(
     levels: Sequence[float], coverage: dict[str, Sequence[float]], *, n: int | None = None
-) -> plt.Figure:
+) -> Figure:
     """Empirical against nominal coverage of central intervals, one line per auxiliary.
 
     Parameters
@@ -256,7 +254,7 @@ def calibration_curve(
     coverage : auxiliary label -> empirical coverage at each level (NaN = not measured)
     n : number of held-out truths, for the title
     """
-    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    fig, ax = subplots(figsize=(3.4, 3.2))
     ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="calibrated")
     for label, values in coverage.items():
         ax.plot(levels, values, marker="o", ms=3, lw=1, label=label)
@@ -279,11 +277,11 @@ def posterior_fields(
     extent: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0),
     sensors: np.ndarray | None = None,
     title: str | None = None,
-) -> plt.Figure:
+) -> Figure:
     """Truth (if known), posterior mean and (if known) posterior sd of a field ``(H, W)``."""
     panels = [("truth", truth), ("posterior mean", mean), ("posterior sd", sd)]
     panels = [(name, field) for name, field in panels if field is not None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
     value_fields = [np.asarray(f) for n, f in panels if n != "posterior sd"]
     vmin = min(float(f.min()) for f in value_fields)
     vmax = max(float(f.max()) for f in value_fields)
@@ -302,11 +300,11 @@ def posterior_fields(
 
 def observed_vs_predicted(
     observed: np.ndarray, predicted_mean: np.ndarray, predicted_sd: np.ndarray | None = None
-) -> plt.Figure:
+) -> Figure:
     """Observed data against posterior-predictive mean (with ±2 sd bars), one point per sensor."""
     observed = np.asarray(observed).ravel()
     predicted_mean = np.asarray(predicted_mean).ravel()
-    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    fig, ax = subplots(figsize=(3.4, 3.2))
     yerr = None if predicted_sd is None else 2 * np.asarray(predicted_sd).ravel()
     ax.errorbar(observed, predicted_mean, yerr=yerr, fmt="o", ms=3, lw=0.8)
     lo, hi = min(observed.min(), predicted_mean.min()), max(observed.max(), predicted_mean.max())
@@ -324,7 +322,7 @@ def marginal_posteriors(
     truth: np.ndarray | None = None,
     prior_draws: np.ndarray | None = None,
     reference: np.ndarray | None = None,
-) -> plt.Figure:
+) -> Figure:
     """Histogram of each named parameter's draws ``(num_draws, k)``, the truth marked.
 
     ``reference`` (draws ``(n, k)`` of the exact posterior, where one is known) is drawn as a black
@@ -332,7 +330,7 @@ def marginal_posteriors(
     """
     draws = np.asarray(draws)
     k = draws.shape[1]
-    fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.3), squeeze=False)
+    fig, axes = subplots(1, k, figsize=(2.6 * k, 2.3), squeeze=False)
     for j, ax in enumerate(axes[0]):
         if prior_draws is not None:
             ax.hist(prior_draws[:, j], bins=40, density=True, color="C7", alpha=0.4, label="prior")
@@ -362,7 +360,7 @@ def marginal_posteriors(
     return fig
 
 
-def training_history(history: Sequence[dict]) -> plt.Figure:
+def training_history(history: Sequence[dict]) -> Figure:
     """Per-epoch curves of a training history: ELBO (train/validation) and each penalty."""
     epochs = [h["epoch"] for h in history]
     panels = [
@@ -372,7 +370,7 @@ def training_history(history: Sequence[dict]) -> plt.Figure:
     ]
     panels = [(t, [k for k in keys if k in history[0]]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
             values = [np.nan if h.get(key) is None else h[key] for h in history]
