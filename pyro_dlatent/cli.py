@@ -219,15 +219,25 @@ def invert(
             "map, svi or nuts (the full deep prior)."
         ),
     ] = "collapsed",
-    num_samples: Annotated[int, typer.Option(help="Posterior draws (per chain for NUTS).")] = 500,
+    num_samples: Annotated[
+        int | None, typer.Option(help="Posterior draws (per chain for NUTS) [method's default].")
+    ] = None,
     sampler: Annotated[
         str, typer.Option(help="Of --method collapsed: importance (default) or nuts.")
     ] = "importance",
-    num_chains: Annotated[int, typer.Option(help="NUTS chains.")] = 4,
-    num_warmup: Annotated[int, typer.Option(help="NUTS warm-up steps per chain.")] = 500,
-    target_accept: Annotated[float, typer.Option(help="NUTS target acceptance probability.")] = 0.8,
-    max_tree_depth: Annotated[int, typer.Option(help="NUTS maximum tree depth.")] = 8,
-    steps: Annotated[int, typer.Option(help="Optimization steps (MAP, SVI).")] = 2000,
+    num_chains: Annotated[int | None, typer.Option(help="NUTS chains [default].")] = None,
+    num_warmup: Annotated[
+        int | None, typer.Option(help="NUTS warm-up steps per chain [default].")
+    ] = None,
+    target_accept: Annotated[
+        float | None, typer.Option(help="NUTS target acceptance probability [default].")
+    ] = None,
+    max_tree_depth: Annotated[
+        int | None, typer.Option(help="NUTS maximum tree depth [default].")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimization steps (MAP, SVI) [default].")
+    ] = None,
     problem_seed: Annotated[int, typer.Option(help="Seed of the synthetic problem.")] = 12345,
     seed: Annotated[int, typer.Option(help="Seed of the inference.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -272,6 +282,7 @@ def invert(
         kwargs.update(nuts)
     else:
         kwargs["steps"] = steps
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # left out: the API's default
     with owned_folder(out):
         save_observations(obs, out / "observations.nc")  # this posterior's data, not an older's
         invert_run(generator, obs, out, method=method, **kwargs)

@@ -24,6 +24,26 @@ def test_train_options_default_to_the_models_own_defaults():
         assert options[name].default is None, name
 
 
+@pytest.mark.parametrize("command", ["train", "invert", "sample", "encode"])
+def test_cli_options_that_the_api_has_leave_its_default(command):
+    # an option the API also takes defaults to None ("the API's default") or to the API's value
+    from pyro_dlatent.inverse.collapsed import infer_collapsed
+    from pyro_dlatent.inverse.infer import infer
+
+    api = {
+        **inspect.signature(infer).parameters,
+        **inspect.signature(infer_collapsed).parameters,
+        **inspect.signature(GuidedLatentModel.fit).parameters,
+        **inspect.signature(AuxVAE.__init__).parameters,
+    }
+    aliases = {"target_accept": "target_accept_prob"}
+    for name, option in inspect.signature(getattr(cli, command)).parameters.items():
+        theirs = api.get(aliases.get(name, name))
+        if theirs is None or name in ("seed", "progress", "device", "method", "resume"):
+            continue  # the CLI's own: a fixed seed, bars on a terminal, a flag for resume=None
+        assert option.default is None or option.default == theirs.default, (command, name)
+
+
 def test_train_builds_the_api_model_and_reports_on_the_validation_part(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "sources", "--out", str(run), *SMALL]) == 0

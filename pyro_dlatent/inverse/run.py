@@ -214,7 +214,11 @@ def invert_run(
         A frozen generator ``G(z_aux, z_rec) -> (batch, H, W)`` (``AuxVAE.generator()``).
     observations : Observations
     out : folder, created if absent
-    method : {"map", "svi", "nuts"}
+    method : {"collapsed", "map", "svi", "nuts"}
+        ``"collapsed"``: :func:`infer_collapsed` (the residual field integrated out); the others
+        :func:`infer` on the full deep prior.
+    **infer_kwargs
+        Passed on; what is left out takes the called function's own default.
     """
     import arviz as az
 
