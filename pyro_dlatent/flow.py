@@ -23,6 +23,8 @@ import torch
 import torchdiffeq
 from torch import nn
 
+from pyro_dlatent.validation import check_int
+
 __all__ = [
     "BASE_NOISES",
     "FIXED_STEP_METHODS",
@@ -88,12 +90,6 @@ def base_noise(
     if kind == "zero-mean":
         x0 = x0 - x0.mean(dim=(-2, -1), keepdim=True)
     return x0
-
-
-def _check_positive_int(value: int, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"expected {name} >= {minimum} (an integer), got {value!r}")
-    return int(value)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_frequency: float = 100.0) -> torch.Tensor:
@@ -254,20 +250,20 @@ class ConditionalVectorField(nn.Module):
         super().__init__()
         if not isinstance(mean_head, bool):
             raise ValueError(f"expected mean_head True or False, got {mean_head!r}")
-        image_size = _check_positive_int(image_size, "image_size", 4)
-        spatial_channels = _check_positive_int(spatial_channels, "spatial_channels", 0)
-        spatial_size = _check_positive_int(
+        image_size = check_int(image_size, "image_size", 4)
+        spatial_channels = check_int(spatial_channels, "spatial_channels", 0)
+        spatial_size = check_int(
             image_size // 4 if spatial_size is None else spatial_size, "spatial_size"
         )
         if image_size % spatial_size != 0:
             raise ValueError(
                 f"expected spatial_size dividing image_size={image_size}, got {spatial_size}"
             )
-        latent_dim = _check_positive_int(latent_dim, "latent_dim")
-        channels = _check_positive_int(channels, "channels")
+        latent_dim = check_int(latent_dim, "latent_dim")
+        channels = check_int(channels, "channels")
         if num_levels is None:
             num_levels = 2 if image_size <= 32 else 3
-        num_levels = _check_positive_int(num_levels, "num_levels")
+        num_levels = check_int(num_levels, "num_levels")
         if image_size % 2 ** (num_levels - 1) != 0:
             raise ValueError(
                 f"expected image_size divisible by 2**(num_levels-1)={2 ** (num_levels - 1)}, "
@@ -620,7 +616,7 @@ def sample_ode(
     """
     if method not in ODE_METHODS:
         raise ValueError(f"expected method in {ODE_METHODS}, got {method!r}")
-    steps = _check_positive_int(steps, "steps")
+    steps = check_int(steps, "steps")
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"expected {name} > 0, got {value}")

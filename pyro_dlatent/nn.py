@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from pyro_dlatent.validation import check_int
+
 __all__ = [
     "ACTIVATIONS",
     "NORMS",
@@ -45,12 +47,6 @@ def check_image_size(image_size: int, *, name: str = "image_size") -> int:
     ):
         raise ValueError(f"expected {name} a power of two >= 16 (an int), got {image_size!r}")
     return image_size
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected {name} >= 1 (an int), got {value!r}")
-    return value
 
 
 def make_activation(name: str) -> nn.Module:
@@ -114,10 +110,10 @@ class ConvEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.image_size = check_image_size(image_size)
-        self.out_features = _check_positive_int(out_features, "out_features")
-        _check_positive_int(width, "width")
-        _check_positive_int(hidden, "hidden")
-        _check_positive_int(depth, "depth")
+        self.out_features = check_int(out_features, "out_features")
+        check_int(width, "width")
+        check_int(hidden, "hidden")
+        check_int(depth, "depth")
         channels = level_channels(width, _levels(image_size))
         layers: list[nn.Module] = []
         c_in = 1
@@ -191,11 +187,11 @@ class ConvDecoder(nn.Module):
         harmonic_inputs: int | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_positive_int(in_features, "in_features")
+        self.in_features = check_int(in_features, "in_features")
         self.image_size = check_image_size(image_size)
-        _check_positive_int(width, "width")
-        _check_positive_int(hidden, "hidden")
-        _check_positive_int(depth, "depth")
+        check_int(width, "width")
+        check_int(hidden, "hidden")
+        check_int(depth, "depth")
         if isinstance(harmonics, bool) or not isinstance(harmonics, int) or harmonics < 0:
             raise ValueError(f"expected harmonics >= 0 (an int), got {harmonics!r}")
         if harmonic_inputs is None:

@@ -38,6 +38,7 @@ from pyro_dlatent.calibration import (
 )
 from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.utils import atomic_write
+from pyro_dlatent.validation import check_int
 
 __all__ = ["alignment_report", "save_report"]
 
@@ -49,12 +50,6 @@ def _float(value: Any) -> float | None:
     """A Python float, or ``None`` for NaN/inf (JSON has no NaN)."""
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"expected {name} >= 1 (an int), got {value!r}")
-    return int(value)
 
 
 def _standardized_aux(model: Any, ds: xr.Dataset) -> np.ndarray:
@@ -234,11 +229,11 @@ def alignment_report(
         JSON-friendly (see :func:`save_report`).
     """
     ds = check_dataset(dataset, name="dataset")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     if degree is None:
         degree = int(getattr(model, "degree", 2))
-    degree = _check_positive_int(degree, "degree")
-    num_bins = _check_positive_int(num_bins, "num_bins")
+    degree = check_int(degree, "degree")
+    num_bins = check_int(num_bins, "num_bins")
     if num_bins < 2:
         raise ValueError(f"expected num_bins >= 2, got {num_bins}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:

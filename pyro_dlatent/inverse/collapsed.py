@@ -47,6 +47,7 @@ import torch
 from pyro.nn import PyroModule
 
 from pyro_dlatent.residual import ResidualField, standardized_mean
+from pyro_dlatent.validation import check_int
 
 __all__ = ["MAX_PARETO_K", "SAMPLERS", "CollapsedModel", "CollapsedPosterior", "infer_collapsed"]
 
@@ -529,7 +530,6 @@ def infer_collapsed(
     from pyro_dlatent.export import field_summary_from_moments, to_arviz
     from pyro_dlatent.inverse.infer import (
         InferenceResult,
-        _check_int,
         _problem_metadata,
         data_misfit,
         report_health,
@@ -538,7 +538,7 @@ def infer_collapsed(
 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    num_samples = _check_int(num_samples, "num_samples", 2)
+    num_samples = check_int(num_samples, "num_samples", 2)
     residual = getattr(generator, "residual_field", None) if residual is None else residual
     if residual is None:
         raise ValueError(
@@ -546,9 +546,9 @@ def infer_collapsed(
             "AuxVAE): refit, or pass residual=residual_field(generator, images, aux)"
         )
     if sampler == "nuts":
-        num_chains = _check_int(num_chains, "num_chains", 1)
-        num_warmup = _check_int(num_warmup, "num_warmup", 0)
-        max_tree_depth = _check_int(max_tree_depth, "max_tree_depth", 1)
+        num_chains = check_int(num_chains, "num_chains", 1)
+        num_warmup = check_int(num_warmup, "num_warmup", 0)
+        max_tree_depth = check_int(max_tree_depth, "max_tree_depth", 1)
         if not 0.0 < float(target_accept_prob) < 1.0:
             raise ValueError(f"expected 0 < target_accept_prob < 1, got {target_accept_prob!r}")
     model = CollapsedModel(problem, generator, residual, observations, bounds=bounds)

@@ -26,7 +26,6 @@ coordinates; every matrix is stored permuted into image order so that no call re
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,8 @@ from scipy.sparse.linalg import splu
 from skfem import Basis, BilinearForm, ElementTriP1, MeshTri, asm, condense
 from skfem.helpers import dot, grad
 from torch.autograd.function import once_differentiable
+
+from pyro_dlatent.validation import check_positive
 
 __all__ = [
     "MIN_NOISE_SD",
@@ -148,28 +149,15 @@ MIN_NOISE_SD = 1e-18
 """Smallest noise sd accepted: ``1 / noise_sd**2`` must stay finite in float32."""
 
 
-def _check_positive(name: str, value: float, *, minimum: float = 0.0) -> float:
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"expected {name} a positive number, got {value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected {name} a positive number, got {value!r}") from None
-    if not np.isfinite(value) or value <= 0.0:
-        raise ValueError(f"expected {name} > 0, got {value}")
-    if value < minimum:
-        raise ValueError(
-            f"expected {name} >= {minimum:g} (smaller values overflow 1 / {name}**2 in float32), "
-            f"got {value:g}"
-        )
-    return value
-
-
 def check_noise_sd(value: Any) -> float:
     """``noise_sd`` as a float, or a ``ValueError`` naming it (a positive number >= 1e-18)."""
-    return _check_positive("noise_sd", value, minimum=MIN_NOISE_SD)
+    value = check_positive(value, "noise_sd")
+    if value < MIN_NOISE_SD:
+        raise ValueError(
+            f"expected noise_sd >= {MIN_NOISE_SD:g} (smaller values overflow 1 / noise_sd**2 in "
+            f"float32), got {value:g}"
+        )
+    return value
 
 
 class _EllipticProblem:

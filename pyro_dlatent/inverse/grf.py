@@ -49,6 +49,7 @@ from pyro_dlatent.inverse.fem import (
     mass,
     unit_square_basis,
 )
+from pyro_dlatent.validation import check_positive
 
 __all__ = ["ROBIN_DIVISOR", "GRFPrior", "boundary_mass"]
 
@@ -60,13 +61,6 @@ ROBIN_DIVISOR = 1.42
 def boundary_mass(u, v, w):
     """Boundary mass form :math:`\\int_{\\partial\\Omega} u v` (assembled on a facet basis)."""
     return u * v
-
-
-def _check_positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"expected {name} > 0, got {value}")
-    return value
 
 
 def _as_numpy(array: Any) -> np.ndarray:
@@ -107,8 +101,8 @@ class GRFPrior:
         mean: float | np.ndarray = 0.0,
         robin: bool = True,
     ) -> None:
-        self.gamma = _check_positive("gamma", gamma)
-        self.delta = _check_positive("delta", delta)
+        self.gamma = check_positive(gamma, "gamma")
+        self.delta = check_positive(delta, "delta")
         self.robin = bool(robin)
         self._basis, mesh_of_image = unit_square_basis(size)
         self.size = int(size)
@@ -141,8 +135,8 @@ class GRFPrior:
         :math:`\\gamma = \\rho / (\\sqrt{32 \\pi}\\, \\sigma)`,
         :math:`\\delta = 8\\gamma / \\rho^2`.
         """
-        correlation_length = _check_positive("correlation_length", correlation_length)
-        variance = _check_positive("variance", variance)
+        correlation_length = check_positive(correlation_length, "correlation_length")
+        variance = check_positive(variance, "variance")
         gamma = correlation_length / (math.sqrt(32.0 * math.pi * variance))
         delta = 8.0 * gamma / correlation_length**2
         return cls(size, gamma, delta, mean=mean, robin=robin)
@@ -399,7 +393,7 @@ class GRFPrior:
         """
         self._check_problem(problem)
         data = self._check_data(problem, data).reshape(-1, problem.num_sensors)
-        low, high = (_check_positive("bounds", bound) for bound in bounds)
+        low, high = (check_positive(bound, "bounds") for bound in bounds)
         if not low < high:
             raise ValueError(f"expected bounds low < high, got {bounds}")
         scale = data.shape[0]

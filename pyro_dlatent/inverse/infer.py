@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from pyro_dlatent.export import field_summary_from_moments, to_arviz
 from pyro_dlatent.inverse.prior import FIELD_SITE, OBS_SITE, InverseProblemModel
+from pyro_dlatent.validation import check_int
 
 __all__ = [
     "GUIDES",
@@ -581,10 +582,6 @@ class _RecordingNUTS(NUTS):
 
 
 # --------------------------------------------------------------------------- runners
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"expected {name} >= {minimum} (an int), got {value!r}")
-    return int(value)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -1209,17 +1206,17 @@ def infer(
         raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
     if svi_init not in ("map", "median"):
         raise ValueError(f"svi_init must be 'map' or 'median', got {svi_init!r}")
-    num_samples = _check_int(num_samples, "num_samples", 1)
-    num_chains = _check_int(num_chains, "num_chains", 1)
-    num_warmup = num_samples if num_warmup is None else _check_int(num_warmup, "num_warmup", 0)
-    num_starts = _check_int(num_starts, "num_starts", 1)
-    steps = _check_int(steps, "steps", 0 if method == "map" else 1)
-    lbfgs_steps = _check_int(lbfgs_steps, "lbfgs_steps", 0)
-    num_particles = _check_int(num_particles, "num_particles", 1)
-    max_tree_depth = _check_int(max_tree_depth, "max_tree_depth", 1)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    num_samples = check_int(num_samples, "num_samples", 1)
+    num_chains = check_int(num_chains, "num_chains", 1)
+    num_warmup = num_samples if num_warmup is None else check_int(num_warmup, "num_warmup", 0)
+    num_starts = check_int(num_starts, "num_starts", 1)
+    steps = check_int(steps, "steps", 0 if method == "map" else 1)
+    lbfgs_steps = check_int(lbfgs_steps, "lbfgs_steps", 0)
+    num_particles = check_int(num_particles, "num_particles", 1)
+    max_tree_depth = check_int(max_tree_depth, "max_tree_depth", 1)
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
     if rank is not None:
-        rank = _check_int(rank, "rank", 1)
+        rank = check_int(rank, "rank", 1)
     if lr is None:
         lr = 0.005 if method == "svi" and svi_init == "map" else 0.02
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
@@ -1231,7 +1228,7 @@ def infer(
     if not (isinstance(target_accept_prob, float) and 0 < target_accept_prob < 1):
         raise ValueError(f"expected 0 < target_accept_prob < 1, got {target_accept_prob!r}")
     if seed is not None:
-        seed = _check_int(seed, "seed", 0)
+        seed = check_int(seed, "seed", 0)
     if method == "map" and steps == 0 and lbfgs_steps == 0:
         raise ValueError("expected steps > 0 or lbfgs_steps > 0 for method='map'")
     if observations is None:

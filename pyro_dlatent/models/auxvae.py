@@ -40,11 +40,11 @@ from pyro_dlatent.latent import AuxScaler
 from pyro_dlatent.models.base import (
     OBS_SITE,
     GuidedLatentModel,
-    _check_int,
     _initialization_rng,
 )
 from pyro_dlatent.nn import ConvDecoder
 from pyro_dlatent.residual import ResidualField
+from pyro_dlatent.validation import check_int
 
 __all__ = ["LIKELIHOODS", "MEAN_EPOCHS", "OBS_SCALES", "AuxVAE", "DecoderGenerator"]
 
@@ -390,8 +390,8 @@ class AuxVAE(GuidedLatentModel):
         leaves. :meth:`fit` calls this on its training part.
         """
         data = data if hasattr(data, "mask") else self.prepare(data, name="data")
-        epochs = _check_int(epochs, "epochs", 1)
-        batch_size = _check_int(batch_size, "batch_size", 1)
+        epochs = check_int(epochs, "epochs", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         rows = self._complete_rows(data)
         if rows is None:
             return self.residual_field
@@ -500,7 +500,7 @@ class AuxVAE(GuidedLatentModel):
         Tensor, shape ``(n * num, H, W)``
             Row ``i * num + j`` is draw ``j`` at auxiliary row ``i``; dataset units.
         """
-        z_aux, z_rec = self.sample_latent(aux, _check_int(num, "num", 1), seed=seed)
+        z_aux, z_rec = self.sample_latent(aux, check_int(num, "num", 1), seed=seed)
         return self.decode(z_aux, z_rec)
 
     def generator(self) -> DecoderGenerator:

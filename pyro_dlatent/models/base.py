@@ -75,6 +75,7 @@ from pyro_dlatent.penalties import (
     decorrelation_penalty,
 )
 from pyro_dlatent.residual import ResidualField, fit_residuals
+from pyro_dlatent.validation import check_float, check_int
 
 __all__ = [
     "ALIGN_SITE",
@@ -547,21 +548,6 @@ def _placeholder_knots(k: int) -> torch.Tensor:
     return torch.linspace(-2.0, 2.0, len(SPLINE_KNOT_QUANTILES)).repeat(k, 1)
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"expected {name} >= {minimum} (an int), got {value!r}")
-    return int(value)
-
-
-def _check_float(value: Any, name: str, *, minimum: float, strict: bool) -> float:
-    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(f"expected {name} {relation} {minimum} (a finite number), got {value!r}")
-    return float(value)
-
-
 def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -664,21 +650,21 @@ class GuidedLatentModel(PyroModule):
         if not scaler.fitted:
             raise ValueError("scaler must be fitted (call scaler.fit or use make_scaler)")
         check_image_size(image_size)
-        residual_dim = _check_int(residual_dim, "residual_dim", 0)
-        tau = _check_float(tau, "tau", minimum=0.0, strict=True)
-        align_weight = _check_float(align_weight, "align_weight", minimum=0.0, strict=False)
-        decor_weight = _check_float(decor_weight, "decor_weight", minimum=0.0, strict=False)
+        residual_dim = check_int(residual_dim, "residual_dim", 0)
+        tau = check_float(tau, "tau", minimum=0.0, strict=True)
+        align_weight = check_float(align_weight, "align_weight", minimum=0.0, strict=False)
+        decor_weight = check_float(decor_weight, "decor_weight", minimum=0.0, strict=False)
         if decor_form not in DECORRELATION_FORMS:
             raise ValueError(f"expected decor_form in {DECORRELATION_FORMS}, got {decor_form!r}")
-        degree = _check_int(degree, "degree", 1)
-        image_loc = _check_float(image_loc, "image_loc", minimum=-math.inf, strict=True)
-        image_scale = _check_float(image_scale, "image_scale", minimum=0.0, strict=True)
+        degree = check_int(degree, "degree", 1)
+        image_loc = check_float(image_loc, "image_loc", minimum=-math.inf, strict=True)
+        image_scale = check_float(image_scale, "image_scale", minimum=0.0, strict=True)
         if activation not in ACTIVATIONS:
             raise ValueError(f"expected activation in {sorted(ACTIVATIONS)}, got {activation!r}")
         if norm not in NORMS:
             raise ValueError(f"expected norm in {NORMS}, got {norm!r}")
         if seed is not None:
-            seed = _check_int(seed, "seed", 0)
+            seed = check_int(seed, "seed", 0)
         self.scaler = scaler
         self.image_size = image_size
         self.align_weight = align_weight
@@ -1115,23 +1101,23 @@ class GuidedLatentModel(PyroModule):
             When a step's loss or gradient is not finite; nothing is updated by that step and
             the last epoch checkpoint (if any) is kept.
         """
-        epochs = _check_int(epochs, "epochs", 1)
-        batch_size = _check_int(batch_size, "batch_size", 2)
-        lr = _check_float(
+        epochs = check_int(epochs, "epochs", 1)
+        batch_size = check_int(batch_size, "batch_size", 2)
+        lr = check_float(
             self.fit_defaults["lr"] if lr is None else lr, "lr", minimum=0.0, strict=True
         )
         if lr_decay is None:
             lr_decay = self.fit_defaults["lr_decay"]
-        lr_decay = _check_float(lr_decay, "lr_decay", minimum=0.0, strict=True)
+        lr_decay = check_float(lr_decay, "lr_decay", minimum=0.0, strict=True)
         if lr_decay > 1.0:
             raise ValueError(f"expected 0 < lr_decay <= 1, got {lr_decay!r}")
         if not (isinstance(val_fraction, int | float) and 0.0 <= val_fraction < 1.0):
             raise ValueError(f"expected 0 <= val_fraction < 1, got {val_fraction!r}")
-        seed = _check_int(seed, "seed", 0)
-        eval_batch_size = _check_int(eval_batch_size, "eval_batch_size", 1)
+        seed = check_int(seed, "seed", 0)
+        eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
         if clip_norm is not None:
-            clip_norm = _check_float(clip_norm, "clip_norm", minimum=0.0, strict=True)
-        ema_decay = _check_float(ema_decay, "ema_decay", minimum=0.0, strict=False)
+            clip_norm = check_float(clip_norm, "clip_norm", minimum=0.0, strict=True)
+        ema_decay = check_float(ema_decay, "ema_decay", minimum=0.0, strict=False)
         if ema_decay >= 1.0:
             raise ValueError(f"expected 0 <= ema_decay < 1, got {ema_decay!r}")
         ds = check_dataset(dataset, name="dataset")
@@ -1474,7 +1460,7 @@ class GuidedLatentModel(PyroModule):
             ``elbo``, ``alignment``, ``decorrelation``, ``objective`` and the subclass's metrics.
         """
         tensors = data if isinstance(data, ModelTensors) else self.prepare(data)
-        batch_size = _check_int(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         was_training = self.training
         self.eval()
         blocked = poutine.block(self.model, hide=[ALIGN_SITE, DECOR_SITE])
@@ -1521,7 +1507,7 @@ class GuidedLatentModel(PyroModule):
             Tensors on the model's device.
         """
         tensor = self._as_images(images)
-        batch_size = _check_int(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         was_training = self.training
         self.eval()
         with torch.no_grad():
@@ -1641,7 +1627,7 @@ class GuidedLatentModel(PyroModule):
             if isinstance(held_out, ModelTensors)
             else self.prepare(held_out, name="held_out")
         )
-        batch_size = _check_int(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         n = train.images.shape[0]
         rows = torch.arange(n)
         if n > MAX_MEAN_ROWS:
@@ -1933,7 +1919,7 @@ class GuidedLatentModel(PyroModule):
             ``loc`` ``(k,)``, ``matrix`` ``(k, k)``, ``knots`` ``(k, K)``, ``spline``
             ``(k, k (K - 2))`` (zero where unused), ``covariance`` ``(k, k)``, as numpy arrays.
         """
-        neighbours = _check_int(neighbours, "neighbours", 0)
+        neighbours = check_int(neighbours, "neighbours", 0)
         tensors = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
         k = self.aux_dim
         complete = (
@@ -2035,14 +2021,14 @@ class GuidedLatentModel(PyroModule):
         z_rec : Tensor, shape ``(n * num, residual_dim)``
             Row ``i * num + j`` is draw ``j`` at auxiliary row ``i``.
         """
-        num = _check_int(num, "num", 1)
+        num = check_int(num, "num", 1)
         standardized, observed = self._aux_rows(aux)
         standardized = standardized.repeat_interleave(num, dim=0)
         observed = observed.repeat_interleave(num, dim=0)
         prior = self.split.aux_dist(standardized, observed).base_dist
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(_check_int(seed, "seed", 0))
+            generator = torch.Generator(device=self.device).manual_seed(check_int(seed, "seed", 0))
         k = self.aux_dim
         if self.generation_calibrated:
             noise = torch.randn(

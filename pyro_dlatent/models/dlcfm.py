@@ -61,10 +61,9 @@ from pyro_dlatent.latent import AuxScaler
 from pyro_dlatent.models.base import (
     OBS_SITE,
     GuidedLatentModel,
-    _check_float,
-    _check_int,
     _initialization_rng,
 )
+from pyro_dlatent.validation import check_float, check_int
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "DLCFM", "INTENSITIES", "FlowGenerator"]
 
@@ -93,7 +92,7 @@ DEFAULT_STEPS = 4
 def _check_method(method: str, steps: int) -> tuple[str, int]:
     if method not in ODE_METHODS:
         raise ValueError(f"expected method in {ODE_METHODS}, got {method!r}")
-    return method, _check_int(steps, "steps", 1)
+    return method, check_int(steps, "steps", 1)
 
 
 def _derived_seed(seed: int, stream: int) -> int:
@@ -329,14 +328,14 @@ class DLCFM(GuidedLatentModel):
         image_scale: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        flow_weight = _check_float(flow_weight, "flow_weight", minimum=0.0, strict=True)
+        flow_weight = check_float(flow_weight, "flow_weight", minimum=0.0, strict=True)
         if intensity not in INTENSITIES:
             raise ValueError(f"expected intensity in {INTENSITIES}, got {intensity!r}")
         if noise not in BASE_NOISES:
             raise ValueError(f"expected noise in {BASE_NOISES}, got {noise!r}")
         if not isinstance(field_mean_head, bool):
             raise ValueError(f"expected field_mean_head True or False, got {field_mean_head!r}")
-        intensity_scale = _check_float(intensity_scale, "intensity_scale", minimum=0.0, strict=True)
+        intensity_scale = check_float(intensity_scale, "intensity_scale", minimum=0.0, strict=True)
         method, steps = _check_method(method, steps)
         super().__init__(
             scaler,
@@ -532,7 +531,7 @@ class DLCFM(GuidedLatentModel):
         Tensor, shape ``(n, H, W)``, on the model's device
         """
         method, steps = self._resolve_solver(method, steps)
-        batch_size = _check_int(batch_size, "batch_size", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         z_aux = torch.as_tensor(z_aux, dtype=torch.float32, device=self.device)
         z_rec = torch.as_tensor(z_rec, dtype=torch.float32, device=self.device)
         if z_aux.dim() != 2 or z_aux.shape[1] != self.aux_dim:
@@ -547,7 +546,7 @@ class DLCFM(GuidedLatentModel):
             generator = None
             if seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(
-                    _check_int(seed, "seed", 0)
+                    check_int(seed, "seed", 0)
                 )
             x0 = base_noise(shape, self.noise, generator=generator, device=self.device)
         else:
@@ -601,7 +600,7 @@ class DLCFM(GuidedLatentModel):
         Tensor, shape ``(n * num, H, W)``
             Row ``i * num + j`` is draw ``j`` at auxiliary row ``i``; dataset units.
         """
-        z_aux, z_rec = self.sample_latent(aux, _check_int(num, "num", 1), seed=seed)
+        z_aux, z_rec = self.sample_latent(aux, check_int(num, "num", 1), seed=seed)
         noise_seed = None if seed is None else _derived_seed(seed, 1)
         return self.decode(
             z_aux, z_rec, method=method, steps=steps, seed=noise_seed, batch_size=batch_size
@@ -653,10 +652,10 @@ class DLCFM(GuidedLatentModel):
         """
         if self.residual_dim == 0:
             raise ValueError("expected a model with residual_dim >= 1 for residual tails, got 0")
-        num = _check_int(num, "num", 1)
+        num = check_int(num, "num", 1)
         if aux is None or not isinstance(aux, Mapping) or set(aux) != set(self.scaler.names):
             raise ValueError(f"aux must give every auxiliary {self.scaler.names} for tails")
-        rng = np.random.default_rng(None if seed is None else _check_int(seed, "seed", 0))
+        rng = np.random.default_rng(None if seed is None else check_int(seed, "seed", 0))
         latent_seed = None if seed is None else _derived_seed(seed, 3)
         z_aux = self.sample_latent(aux, seed=latent_seed)[0].repeat_interleave(num, dim=0)
         z_rec = tail_latents(z_aux.shape[0], self.residual_dim, quantile, rng).to(self.device)
@@ -691,7 +690,7 @@ class DLCFM(GuidedLatentModel):
                 f"{method!r} (adaptive steps would make G depend on the batch)"
             )
         method, steps = self._resolve_solver(method, steps)
-        noise_seed = _check_int(noise_seed, "noise_seed", 0)
+        noise_seed = check_int(noise_seed, "noise_seed", 0)
         gen = torch.Generator().manual_seed(noise_seed)
         x0 = base_noise((self.image_size, self.image_size), self.noise, generator=gen)
         x0 = x0.to(self.device)
