@@ -30,7 +30,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_dlatent.data import simulate
 from pyro_dlatent.models.auxvae import AuxVAE
-from pyro_dlatent.models.base import _ForeachClippedAdam, _GuardedSVI
+from pyro_dlatent.training import _ForeachClippedAdam, _GuardedSVI
 
 __all__ = ["main", "pyro_step_factory", "torch_step_factory"]
 

@@ -56,9 +56,10 @@ from pyro_dlatent.data import aux_array, simulate, split
 from pyro_dlatent.data.halos import median_concentration
 from pyro_dlatent.flow import BASE_NOISES
 from pyro_dlatent.models.auxvae import AuxVAE
-from pyro_dlatent.models.base import CHECKPOINT_NAME, GuidedLatentModel
+from pyro_dlatent.models.base import GuidedLatentModel
 from pyro_dlatent.models.dlcfm import DLCFM
 from pyro_dlatent.plots import image_grid, save_figure
+from pyro_dlatent.training import CHECKPOINT_NAME
 
 __all__ = [
     "aperture_y",

@@ -18,6 +18,7 @@ import xarray as xr
 from pyro_dlatent import data, plots
 from pyro_dlatent.calibration import COVERAGE_LEVELS as LEVELS
 from pyro_dlatent.models.base import GuidedLatentModel
+from pyro_dlatent.training import CHECKPOINT_NAME
 from pyro_dlatent.utils import write_json
 
 __all__ = [
@@ -41,7 +42,6 @@ MODELS = {
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_NAME = "last.pt"
 LOCK_FILE = ".lock"
 
 

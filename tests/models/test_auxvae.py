@@ -13,10 +13,10 @@ from pyro.infer import Trace_ELBO
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam as ClippedAdamRule
 
+from pyro_dlatent import training
 from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 from pyro_dlatent.data import aux_array, from_arrays
 from pyro_dlatent.latent import AuxScaler
-from pyro_dlatent.models import base
 from pyro_dlatent.models.auxvae import AuxVAE, DecoderGenerator
 from pyro_dlatent.models.base import (
     ALIGN_SITE,
@@ -24,9 +24,9 @@ from pyro_dlatent.models.base import (
     OBS_SITE,
     GuidedLatentModel,
     NonFiniteLossError,
-    _ForeachClippedAdam,
 )
 from pyro_dlatent.penalties import decorrelation_penalty
+from pyro_dlatent.training import _ForeachClippedAdam
 from tests.conftest import assert_close
 
 SIZE = 16
@@ -521,7 +521,7 @@ def test_fit_trains_exactly_as_with_pyro_clipped_adam(monkeypatch):
     new.fit(ds, progress=False, **settings)
     unclipped = small_model(ds, learn_tau=True)
     unclipped.fit(ds, progress=False, **{**settings, "clip_norm": None})
-    monkeypatch.setattr(base, "_ForeachClippedAdam", _PerParameterClippedAdam)
+    monkeypatch.setattr(training, "_ForeachClippedAdam", _PerParameterClippedAdam)
     old = small_model(ds, learn_tau=True)
     old.fit(ds, progress=False, **settings)
     assert_close(dict(new.state_dict()), dict(old.state_dict()), atol=0, rtol=0)
@@ -604,7 +604,7 @@ def test_resume_from_a_checkpoint_of_the_per_parameter_optimizer(monkeypatch, tm
     reference = small_model(ds, learn_tau=True)
     reference.fit(ds, epochs=2, **settings)
     with monkeypatch.context() as patch:
-        patch.setattr(base, "_ForeachClippedAdam", _PerParameterClippedAdam)
+        patch.setattr(training, "_ForeachClippedAdam", _PerParameterClippedAdam)
         small_model(ds, learn_tau=True).fit(ds, epochs=1, checkpoint_dir=tmp_path, **settings)
     resumed = small_model(ds, learn_tau=True)
     resumed.fit(ds, epochs=2, checkpoint_dir=tmp_path, resume=True, **settings)

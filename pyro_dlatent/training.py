@@ -1,0 +1,689 @@
+"""Training of the guided-latent models: a frozen fit configuration and the trainer that runs it.
+
+:class:`FitConfig` holds what a fit is (optimizer, schedule, split, weight averaging), validated
+once and recorded in every epoch checkpoint so that a resumed run can be checked against it.
+:class:`Trainer` runs stochastic variational inference on a :class:`GuidedLatentModel`'s Pyro
+model and guide: ``Trace_ELBO`` with a clipped Adam (one fused update over all parameters),
+steps that refuse a non-finite loss or gradient, an optional exponential moving average of the
+weights, an RNG stream per epoch (so a resumed run ends where the uninterrupted one would) and,
+once training ends, the model's post-fit calibrations. ``GuidedLatentModel.fit`` is the usual
+entry point; it builds the config from its arguments and the class's ``fit_defaults``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import PyroOptim
+from pyro.optim.clipped_adam import ClippedAdam
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from pyro_dlatent.checkpoint import load_checkpoint
+from pyro_dlatent.data.io import check_dataset, split
+from pyro_dlatent.validation import check_float, check_int
+
+if TYPE_CHECKING:
+    from pyro_dlatent.models.base import GuidedLatentModel, ModelTensors
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FitConfig",
+    "NonFiniteLossError",
+    "Trainer",
+    "WeightAverage",
+    "dataset_fingerprint",
+    "forked_rng",
+]
+
+CHECKPOINT_NAME = "last.pt"
+"""File name of the epoch checkpoint in a fit's ``checkpoint_dir``."""
+_SETTINGS_BEFORE = {"ema_decay": 0.0}  # fit settings added since, as checkpoints without them ran
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the parameters were not updated.
+
+    Attributes
+    ----------
+    epoch, step : int
+        Where it happened (0-based).
+    checkpoint : Path or None
+        The last good checkpoint, if one was written.
+    """
+
+    def __init__(self, message: str, *, epoch: int, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class _NonFiniteStep(FloatingPointError):
+    pass
+
+
+class _GuardedSVI(SVI):
+    """``SVI`` whose step refuses to apply a non-finite loss or gradient (it raises instead)."""
+
+    def step(self, *args: Any, **kwargs: Any) -> float:
+        with poutine.trace(param_only=True) as capture:
+            loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = math.isfinite(loss)
+        if finite and grads:
+            finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not finite:
+            torch._foreach_zero_(grads)
+            raise _NonFiniteStep(f"loss {loss}")
+        self.optim(params)
+        torch._foreach_zero_(grads)
+        return loss
+
+
+class _AdamSlot:
+    """ClippedAdam state of one parameter: its own learning rate, step count and moments.
+
+    ``hyper`` is ``(beta1, beta2, eps, clip_norm, lrd)``; parameters sharing it update together.
+    """
+
+    __slots__ = ("exp_avg", "exp_avg_sq", "hyper", "lr", "step")
+
+    def __init__(self, hyper: tuple[float, float, float, float, float], lr: float) -> None:
+        self.hyper = hyper
+        self.lr = lr
+        self.step = 0
+        self.exp_avg: torch.Tensor | None = None
+        self.exp_avg_sq: torch.Tensor | None = None
+
+
+class _ForeachClippedAdam(PyroOptim):
+    """Pyro's ``ClippedAdam`` rule applied to all parameters at once with ``torch._foreach_*``.
+
+    :class:`pyro.optim.ClippedAdam` keeps one torch optimizer per parameter tensor, so a step
+    costs one ``Optimizer.step`` (and its Python overhead) per tensor. This applies the same
+    update, operation for operation, to every parameter of a step together. For a parameter
+    :math:`\\theta` with gradient :math:`g`, learning rate :math:`\\eta` and step count
+    :math:`t` (counting the steps where it had a gradient):
+
+    .. math::
+
+        \\eta &\\leftarrow \\eta \\cdot \\mathrm{lrd} \\quad \\text{(every step it is seen)}, \\\\
+        g &\\leftarrow \\mathrm{clamp}(g, -c, c), \\\\
+        m &\\leftarrow \\beta_1 m + (1 - \\beta_1) g, \\qquad
+        v \\leftarrow \\beta_2 v + (1 - \\beta_2) g^2, \\\\
+        \\theta &\\leftarrow \\theta - \\eta \\frac{\\sqrt{1 - \\beta_2^t}}{1 - \\beta_1^t}
+            \\frac{m}{\\sqrt v + \\epsilon},
+
+    with ``c = clip_norm`` (the gradient is clamped in place, as ClippedAdam does). On the CPU
+    ``torch._foreach_*`` runs the very kernels of the per-tensor code, so the parameters are
+    bit-identical to ``ClippedAdam``'s; fused CUDA kernels may round differently in the last
+    bit. State is kept per parameter and saved (:meth:`get_state`) in the format of
+    ``ClippedAdam``'s per-parameter torch optimizers, so either optimizer resumes the other's
+    checkpoints.
+
+    Parameters
+    ----------
+    lr : float
+        Initial learning rate.
+    lrd : float
+        Factor applied to a parameter's learning rate at every step.
+    clip_norm : float
+        Bound of the elementwise gradient clamp (``math.inf``: off).
+    betas : (float, float)
+    eps : float
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float,
+        lrd: float = 1.0,
+        clip_norm: float = 10.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        args = {"lr": lr, "lrd": lrd, "clip_norm": clip_norm, "betas": betas, "eps": eps}
+        super().__init__(ClippedAdam, args)
+        self._hyper = (float(betas[0]), float(betas[1]), float(eps), float(clip_norm), float(lrd))
+        self._lr = float(lr)
+        self.slots: dict[torch.Tensor, _AdamSlot] = {}
+
+    def __call__(self, params: Iterable[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+        """One ClippedAdam step of every parameter in ``params`` that has a gradient.
+
+        As in ``ClippedAdam``, every parameter passed has its learning rate decayed, while only
+        those with a gradient count a step and move.
+        """
+        groups: dict[tuple[float, ...], list[tuple[torch.Tensor, _AdamSlot]]] = {}
+        for p in params:
+            slot = self.slots.get(p)
+            if slot is None:
+                slot = self.slots[p] = self._new_slot(p)
+            slot.lr *= slot.hyper[4]
+            if p.grad is None:
+                continue
+            if slot.exp_avg is None:
+                slot.exp_avg = torch.zeros_like(p.grad)
+                slot.exp_avg_sq = torch.zeros_like(p.grad)
+            slot.step += 1
+            groups.setdefault(slot.hyper, []).append((p, slot))
+        with torch.no_grad():
+            for (beta1, beta2, eps, clip, _), members in groups.items():
+                params_ = [p for p, _ in members]
+                grads = [p.grad for p, _ in members]
+                exp_avg = [slot.exp_avg for _, slot in members]
+                exp_avg_sq = [slot.exp_avg_sq for _, slot in members]
+                torch._foreach_clamp_min_(grads, -clip)
+                torch._foreach_clamp_max_(grads, clip)
+                torch._foreach_mul_(exp_avg, beta1)
+                torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+                torch._foreach_mul_(exp_avg_sq, beta2)
+                torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+                denom = torch._foreach_sqrt(exp_avg_sq)
+                torch._foreach_add_(denom, eps)
+                steps = [
+                    -(slot.lr * math.sqrt(1 - beta2**slot.step) / (1 - beta1**slot.step))
+                    for _, slot in members
+                ]
+                torch._foreach_addcdiv_(params_, exp_avg, denom, steps)
+
+    def _new_slot(self, p: torch.Tensor) -> _AdamSlot:
+        name = pyro.get_param_store().param_name(p)
+        saved = self._state_waiting_to_be_consumed.pop(name, None)
+        if saved is None:
+            return _AdamSlot(self._hyper, self._lr)
+        slot = _AdamSlot(saved.hyper, saved.lr)
+        slot.step = saved.step
+        if saved.exp_avg is not None:
+            slot.exp_avg = saved.exp_avg.to(device=p.device, dtype=p.dtype)
+            slot.exp_avg_sq = saved.exp_avg_sq.to(device=p.device, dtype=p.dtype)
+        return slot
+
+    @staticmethod
+    def _state_dict(slot: _AdamSlot) -> dict[str, Any]:
+        beta1, beta2, eps, clip, lrd = slot.hyper
+        group = {
+            "lr": slot.lr,
+            "betas": (beta1, beta2),
+            "eps": eps,
+            "weight_decay": 0,
+            "clip_norm": clip,
+            "lrd": lrd,
+            "centered_variance": False,
+            "params": [0],
+        }
+        state = {}
+        if slot.exp_avg is not None:
+            state[0] = {"step": slot.step, "exp_avg": slot.exp_avg, "exp_avg_sq": slot.exp_avg_sq}
+        return {"state": state, "param_groups": [group]}
+
+    @staticmethod
+    def _from_state_dict(name: str, saved: Any) -> _AdamSlot:
+        try:
+            (group,) = saved["param_groups"]
+            hyper = (
+                float(group["betas"][0]),
+                float(group["betas"][1]),
+                float(group["eps"]),
+                float(group["clip_norm"]),
+                float(group["lrd"]),
+            )
+            if group.get("weight_decay", 0) != 0 or group.get("centered_variance", False):
+                raise ValueError("weight_decay and centered_variance are not supported")
+            slot = _AdamSlot(hyper, float(group["lr"]))
+            entry = saved["state"].get(group["params"][0], {})
+            if entry:
+                slot.step = int(entry["step"])
+                slot.exp_avg = torch.as_tensor(entry["exp_avg"])
+                slot.exp_avg_sq = torch.as_tensor(entry["exp_avg_sq"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"invalid ClippedAdam state for parameter {name!r}: {err}") from err
+        return slot
+
+    def param_states(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Per-parameter ``ClippedAdam`` state dicts keyed by the (unconstrained) tensor."""
+        return {p: self._state_dict(slot) for p, slot in self.slots.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        """Per-parameter ``ClippedAdam`` state dicts keyed by param-store name."""
+        store = pyro.get_param_store()
+        return {store.param_name(p): self._state_dict(slot) for p, slot in self.slots.items()}
+
+    def set_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Queue saved states (as from :meth:`get_state`) for the parameters first seen later."""
+        self._state_waiting_to_be_consumed.update(
+            {name: self._from_state_dict(name, saved) for name, saved in state_dict.items()}
+        )
+
+
+class WeightAverage:
+    """Exponential moving average of a model's network weights over optimizer steps.
+
+    A :class:`torch.optim.swa_utils.AveragedModel` of the networks named in
+    :attr:`GuidedLatentModel._networks` (parameters only; buffers follow the live ones). The
+    two weight sets trade places with :meth:`swap`: :attr:`applied` says whether the networks
+    currently hold the average (and the averager the live weights).
+    """
+
+    def __init__(self, model: GuidedLatentModel, decay: float) -> None:
+        self.networks = torch.nn.ModuleDict(
+            {name: getattr(model, name) for name in model._networks}
+        )
+        self.average = AveragedModel(self.networks, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+        self.applied = False
+        self.generation: dict[str, torch.Tensor] | None = None  # the live weights' map, at the end
+        self.uncertainty: dict[str, torch.Tensor] | None = None  # and their aux calibration
+
+    def update(self) -> None:
+        """Fold the live weights into the average (the first call copies them)."""
+        if self.applied:
+            raise RuntimeError("the averaged weights are applied; swap them out before updating")
+        self.average.update_parameters(self.networks)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the networks' weights with the averager's."""
+        pairs = list(zip(self.networks.parameters(), self.average.module.parameters(), strict=True))
+        for mine, theirs in pairs:
+            held = mine.detach().clone()
+            mine.copy_(theirs)
+            theirs.copy_(held)
+        self.applied = not self.applied
+
+    def state(self) -> dict[str, Any]:
+        """The weights the networks do not hold, the step count and the decay.
+
+        Once the fit has ended (the average applied) it also holds ``generation``, the live
+        weights' own generation map, when the fit calibrated one, and ``uncertainty``, their own
+        :class:`~pyro_dlatent.calibration.AuxCalibration` buffers.
+        """
+        state = {
+            "decay": self.decay,
+            "updates": self.average.n_averaged.detach().clone(),
+            "applied": self.applied,
+            "weights": {k: v.detach().clone() for k, v in self.average.module.named_parameters()},
+        }
+        if self.applied and self.generation is not None:
+            state["generation"] = {k: v.detach().clone() for k, v in self.generation.items()}
+        if self.applied and self.uncertainty is not None:
+            state["uncertainty"] = {k: v.detach().clone() for k, v in self.uncertainty.items()}
+        return state
+
+    @torch.no_grad()
+    def restore(self, state: Any, what: str) -> None:
+        """Load :meth:`state` output written by a run with the same decay and networks."""
+        if not isinstance(state, dict) or not isinstance(state.get("weights"), dict):
+            raise ValueError(f"{what} holds no averaged weights")
+        if state.get("decay") != self.decay:
+            raise ValueError(
+                f"{what} averaged its weights with decay {state.get('decay')!r}, not {self.decay!r}"
+            )
+        names = dict(self.average.module.named_parameters())
+        weights = state["weights"]
+        if set(weights) != set(names):
+            raise ValueError(f"{what} holds averaged weights of other networks")
+        for name, value in weights.items():
+            if not isinstance(value, torch.Tensor) or value.shape != names[name].shape:
+                raise ValueError(f"{what} holds averaged weights of other networks")
+            names[name].copy_(value)
+        self.average.n_averaged.copy_(torch.as_tensor(state.get("updates", 0)))
+        self.applied = bool(state.get("applied", False))
+        if self.applied:  # a finished fit: the networks hold the average, the file the live weights
+            self.swap()
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device) -> Iterator[None]:
+    """Run a block with private copies of the CPU (and ``device``'s) RNG state."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            yield
+
+
+def reseed(seed: int, device: torch.device) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def dataset_fingerprint(ds: xr.Dataset) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(ds["image"].values, dtype=np.float32).tobytes())
+    for name in ds.attrs["aux_names"]:
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(ds[name].values, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """What a fit is; checked on construction, recorded in its checkpoints.
+
+    Attributes
+    ----------
+    epochs : int
+        Total number of epochs (a resumed run continues up to it).
+    batch_size : int
+        Minibatch size (>= 2, since the penalties are batch correlations); an epoch splits the
+        shuffled training set into ``ceil(n / batch_size)`` near-equal batches.
+    lr : float
+        Initial Adam learning rate.
+    lr_decay : float
+        Learning rate at the last step divided by ``lr``, in ``(0, 1]``: the rate decays
+        exponentially, by ``lr_decay ** (1 / (epochs * batches_per_epoch))`` per step
+        (``ClippedAdam``'s ``lrd``); 1 keeps it constant.
+    val_fraction : float
+        Held-out fraction in ``[0, 1)``: scored every epoch and, once the fit ends, the images
+        the model's uncertainty is calibrated on; 0 disables both.
+    seed : int
+        Seed of the split, the shuffling and the Monte Carlo noise.
+    clip_norm : float or None
+        Each gradient component is clipped to ``[-clip_norm, clip_norm]`` (``None``: off).
+    eval_batch_size : int
+        Batch size of the validation pass and the post-fit calibrations.
+    ema_decay : float
+        Decay in ``[0, 1)`` of an exponential moving average of the networks' weights, updated
+        after every step; the model keeps the average when the fit ends (the live weights stay
+        in the checkpoint). 0 turns it off.
+    """
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_decay: float = 1.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    clip_norm: float | None = 10.0
+    eval_batch_size: int = 1024
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        checked = {
+            "epochs": check_int(self.epochs, "epochs", 1),
+            "batch_size": check_int(self.batch_size, "batch_size", 2),
+            "lr": check_float(self.lr, "lr", minimum=0.0, strict=True),
+            "lr_decay": check_float(self.lr_decay, "lr_decay", minimum=0.0, strict=True),
+            "seed": check_int(self.seed, "seed", 0),
+            "eval_batch_size": check_int(self.eval_batch_size, "eval_batch_size", 1),
+            "ema_decay": check_float(self.ema_decay, "ema_decay", minimum=0.0, strict=False),
+        }
+        if checked["lr_decay"] > 1.0:
+            raise ValueError(f"expected 0 < lr_decay <= 1, got {self.lr_decay!r}")
+        fraction = self.val_fraction
+        if not (isinstance(fraction, int | float) and not isinstance(fraction, bool)):
+            raise ValueError(f"expected 0 <= val_fraction < 1, got {fraction!r}")
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"expected 0 <= val_fraction < 1, got {fraction!r}")
+        checked["val_fraction"] = float(fraction)
+        if self.clip_norm is not None:
+            checked["clip_norm"] = check_float(
+                self.clip_norm, "clip_norm", minimum=0.0, strict=True
+            )
+        if checked["ema_decay"] >= 1.0:
+            raise ValueError(f"expected 0 <= ema_decay < 1, got {self.ema_decay!r}")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues (all but ``epochs``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "epochs"}
+
+
+class Trainer:
+    """Runs a :class:`FitConfig` on a model: SVI epochs, checkpoints, resume, post-fit steps.
+
+    Parameters
+    ----------
+    model : GuidedLatentModel
+    config : FitConfig
+    """
+
+    def __init__(self, model: GuidedLatentModel, config: FitConfig) -> None:
+        if not isinstance(config, FitConfig):
+            raise ValueError(f"config must be a FitConfig, got {type(config).__name__}")
+        self.model, self.config = model, config
+
+    def fit(
+        self,
+        dataset: xr.Dataset,
+        *,
+        progress: bool = True,
+        device: str | torch.device | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: str | os.PathLike | bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train on ``dataset``; arguments and returns as :meth:`GuidedLatentModel.fit`."""
+        model, config = self.model, self.config
+        ds = check_dataset(dataset, name="dataset")
+        device = model.device if device is None else torch.device(device)
+        model.to(device)
+        if config.val_fraction > 0:
+            train_ds, val_ds = split(ds, config.val_fraction, seed=config.seed)
+        else:
+            train_ds, val_ds = ds, None
+        train = model.prepare(train_ds)
+        val = None if val_ds is None else model.prepare(val_ds)
+        settings = config.settings()
+        fingerprint = dataset_fingerprint(ds)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
+        resume_path = resume_checkpoint(resume, checkpoint)
+
+        n = train.images.shape[0]
+        num_batches = math.ceil(n / config.batch_size)
+        total = config.epochs * num_batches
+        first_share = config.ema_decay ** (total - 1) if config.ema_decay > 0 else 0.0
+        if first_share > 0.05:
+            warnings.warn(
+                f"ema_decay={config.ema_decay!r} leaves {first_share:.0%} of the first step's "
+                f"weights in the average after this fit's {total} steps; lower it so that "
+                "1 / (1 - ema_decay) steps is a small part of the run",
+                stacklevel=4,
+            )
+        model._forget_params()
+        model._optim = _ForeachClippedAdam(
+            lr=config.lr,
+            lrd=config.lr_decay ** (1.0 / total),
+            clip_norm=math.inf if config.clip_norm is None else config.clip_norm,
+        )
+        svi = _GuardedSVI(model.model, model.guide, model._optim, Trace_ELBO())
+        history: list[dict[str, Any]] = []
+        saved_average = None
+        if resume_path is not None:
+            history, saved_average = self._restore(resume_path, settings, fingerprint)
+        model.history = history
+        model._average = None
+        if config.ema_decay > 0:
+            model._average = WeightAverage(model, config.ema_decay)
+            if saved_average is not None:
+                model._average.restore(saved_average, f"resume checkpoint {str(resume_path)!r}")
+
+        extra = {"fit": settings, "dataset_sha256": fingerprint}
+        bar = tqdm(
+            total=total,
+            initial=min(len(history), config.epochs) * num_batches,
+            disable=not progress,
+            desc=f"{type(model).__name__} fit",
+            unit="step",
+        )
+        try:
+            with forked_rng(device):
+                for epoch in range(len(history), config.epochs):
+                    record = self._train_epoch(svi, train, epoch, num_batches, bar, checkpoint)
+                    if val is not None:
+                        evaluation = model.evaluate(val, batch_size=config.eval_batch_size)
+                        record.update({f"val_{k}": v for k, v in evaluation.items()})
+                    history.append(record)
+                    if checkpoint is not None:
+                        model.save(checkpoint, extra={"epoch": len(history), **extra})
+                    bar.set_postfix(
+                        {k: f"{record[k]:.4g}" for k in ("elbo", "val_elbo") if k in record}
+                    )
+        finally:
+            bar.close()
+            model.eval()
+        self._after_fit(train, val)
+        if checkpoint is not None:
+            model.save(checkpoint, extra={"epoch": len(history), **extra})
+        return history
+
+    def _after_fit(self, train: ModelTensors, val: ModelTensors | None) -> None:
+        """The model's post-fit steps: generation map, uncertainty, collapsed prior."""
+        model, batch_size = self.model, self.config.eval_batch_size
+        complete = train.images.shape[0] if train.mask is None else int(train.mask.all(1).sum())
+        calibrated = model.calibrate_after_fit and complete >= model.aux_dim + 2
+        if model._average is not None:
+            # the live weights' own maps, kept for load(..., weights="live")
+            if calibrated:
+                model.calibrate_generation(train, batch_size=batch_size)
+                model._average.generation = model._generation_state()
+            if val is not None:
+                model.calibrate_uncertainty(train, val, batch_size=batch_size)
+                model._average.uncertainty = model._uncertainty_state()
+            model._average.swap()
+        if calibrated:
+            model.calibrate_generation(train, batch_size=batch_size)
+        else:
+            model.reset_generation()
+        if val is not None:
+            model.calibrate_uncertainty(train, val, batch_size=batch_size)
+        else:
+            model.aux_calibration.reset()
+        if model.residual_after_fit:
+            model.fit_collapsed_prior(train, seed=self.config.seed)
+
+    def _train_epoch(
+        self,
+        svi: _GuardedSVI,
+        train: ModelTensors,
+        epoch: int,
+        num_batches: int,
+        bar: Any,
+        checkpoint: Path | None,
+    ) -> dict[str, Any]:
+        model = self.model
+        device = train.images.device
+        reseed(epoch_seed(self.config.seed, epoch), device)
+        n = train.images.shape[0]
+        model.train()
+        start = time.perf_counter()
+        loss_sum = 0.0
+        penalty_sum = torch.zeros(2, device=device)
+        order = torch.randperm(n, device=device)
+        for step, index in enumerate(torch.tensor_split(order, num_batches)):
+            images = train.images[index]
+            aux = train.aux[index]
+            mask = None if train.mask is None else train.mask[index]
+            encoded = model.encoder_params(images)
+            try:
+                loss = svi.step(images, aux, mask, num_data=n, subsample=index, encoded=encoded)
+            except (_NonFiniteStep, ValueError) as err:
+                # With validation on, a NaN/inf distribution parameter raises ValueError
+                # ("... found invalid values") before any loss exists: the same divergence.
+                if isinstance(err, ValueError) and "invalid values" not in str(err):
+                    raise
+                kept = checkpoint if checkpoint is not None and checkpoint.exists() else None
+                where = f"; last good checkpoint: {str(kept)!r}" if kept is not None else ""
+                cause = err if isinstance(err, _NonFiniteStep) else "distribution parameter"
+                raise NonFiniteLossError(
+                    f"non-finite {cause} at epoch {epoch}, step {step}; parameters were not "
+                    f"updated by this step{where}. Try a smaller lr or a clip_norm.",
+                    epoch=epoch,
+                    step=step,
+                    checkpoint=kept,
+                ) from err
+            if model._average is not None:
+                model._average.update()
+            with torch.no_grad():
+                penalty_sum += torch.stack(model.penalties(encoded[0], aux, mask))
+            loss_sum += loss
+            bar.update(1)
+        alignment, decorrelation = (penalty_sum / num_batches).tolist()
+        objective = -loss_sum / (num_batches * n)
+        elbo = objective + model.weighted_penalty(alignment, decorrelation)
+        return {
+            "epoch": epoch,
+            "elbo": elbo,
+            "objective": objective,
+            "alignment": alignment,
+            "decorrelation": decorrelation,
+            "tau": model.tau,
+            "time_s": time.perf_counter() - start,
+        }
+
+    def _restore(
+        self, path: Path, settings: dict[str, Any], fingerprint: str
+    ) -> tuple[list[dict[str, Any]], Any]:
+        """Load a resume checkpoint after checking it was this config on this dataset."""
+        model = self.model
+        ckpt = load_checkpoint(path, kind=type(model).__name__, map_location=model.device)
+        what = f"resume checkpoint {str(path)!r}"
+        ignore = {"seed"}
+        mine = {k: v for k, v in model.config.items() if k not in ignore}
+        theirs = {k: v for k, v in ckpt.config.items() if k not in ignore}
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{what} was written by a model with a different config {diff}")
+        if ckpt.scaler != model.scaler.state_dict():
+            raise ValueError(f"{what} was written with a different auxiliary scaler")
+        fit = ckpt.extra.get("fit", {})
+        for key, value in settings.items():
+            saved = fit.get(key, _SETTINGS_BEFORE.get(key))
+            if saved != value:
+                raise ValueError(
+                    f"{what} was trained with {key}={saved!r}; pass {key}={saved!r} "
+                    f"to resume it (got {value!r})"
+                )
+        if ckpt.extra.get("dataset_sha256") != fingerprint:
+            raise ValueError(f"{what} was trained on a different dataset")
+        model._load_state(ckpt.state, what)
+        if settings.get("ema_decay", 0.0) > 0 and "average" not in ckpt.state:
+            raise ValueError(f"{what} holds no averaged weights")
+        return [dict(h) for h in ckpt.history], ckpt.state.get("average")
+
+
+def resume_checkpoint(
+    resume: str | os.PathLike | bool | None, checkpoint: Path | None
+) -> Path | None:
+    """The checkpoint file a fit's ``resume`` argument names, or ``None`` for a fresh start."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        if checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        return checkpoint if checkpoint.exists() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"resume checkpoint {str(path)!r} does not exist")
+    return path
