@@ -12,8 +12,11 @@
 # Then we traverse the latent space, look at aux-vs-latent scatter plots and read the alignment
 # report. This file is a plain script in "percent" format: run it with `python`, or open it as a
 # notebook with jupytext. Set `PYRO_DLATENT_FAST=1` for a quick version (the test suite does).
+# The package draws matplotlib `Figure` objects without pyplot; in a notebook the
+# `%matplotlib inline` line below (a comment when run as a script) shows a bare `fig` inline.
 
 # %%
+# %matplotlib inline
 import json
 import os
 from pathlib import Path
@@ -39,7 +42,9 @@ num = 512 if FAST else 8192
 ds = data.simulate("sources", num, size=32, seed=0)
 held_out = data.simulate("sources", 256 if FAST else 2048, size=32, seed=1)
 print(ds)
-plots.save_figure(plots.preview(ds, num=8), OUT / "preview.png")
+fig = plots.preview(ds, num=8)
+plots.save_figure(fig, OUT / "preview.png")
+fig
 
 # %% [markdown]
 # ## 2. Train
@@ -52,6 +57,8 @@ vae = AuxVAE.from_dataset(ds, residual_dim=4, tau=0.1, seed=0)
 history = vae.fit(ds, epochs=3 if FAST else 40, batch_size=128, seed=0, progress=not FAST)
 last = history[-1]
 print({k: round(v, 4) for k, v in last.items() if isinstance(v, float)})
+fig = plots.training_history(history)  # explain() below saves it as history.png
+fig
 
 # %% [markdown]
 # ## 3. Encode: the guided block estimates the auxiliaries, with uncertainty
@@ -78,6 +85,7 @@ for name in vae.aux_names:
 images = vae.generate({"x0": 0.3, "y0": 0.7, "log_amplitude": 1.5, "width": 0.1}, num=4, seed=0)
 fig = plots.image_grid(images.cpu().numpy(), nrows=1, ncols=4)
 plots.save_figure(fig, OUT / "generated.png")
+fig
 
 # %% [markdown]
 # ## 5. Explain: traversal, scatter, report
@@ -87,10 +95,12 @@ plots.save_figure(fig, OUT / "generated.png")
 
 # %%
 report = explain(vae, held_out, OUT)
-plots.save_figure(traversal_figure(vae, steps=5), OUT / "traversal_small.png")
 print(
     json.dumps({k: report[k] for k in ("mcc", "leakage") if k in report}, indent=1, default=float)
 )
 vae.save(OUT / "model.pt", extra={"report": report})
 reloaded = AuxVAE.load(OUT / "model.pt")
 print("reloaded:", type(reloaded).__name__, reloaded.aux_names)
+fig = traversal_figure(vae, steps=5)
+plots.save_figure(fig, OUT / "traversal_small.png")
+fig
