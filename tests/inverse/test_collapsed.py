@@ -176,6 +176,27 @@ def test_an_auxvae_keeps_its_residual_field_through_save_and_load(tmp_path) -> N
     )
 
 
+def test_nuts_potential_is_pyros_own_potential_of_the_model(oracle) -> None:
+    # NUTS samples CollapsedModel.potential; it must be what Pyro builds from the model's trace.
+    from pyro.infer.mcmc.util import initialize_model
+    from pyro.ops.integrator import potential_grad
+
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(3, size=SIZE)
+    model = CollapsedModel(problem, generator, residual, values)
+    pyro_potential = initialize_model(model, model_args=())[1]
+    rng = np.random.default_rng(0)
+    gaps = []
+    for t in rng.normal(0.0, 2.0, size=(5, 4)):
+        t = torch.as_tensor(t)
+        their_grad, theirs = potential_grad(pyro_potential, {"s": t})
+        our_grad, ours = potential_grad(model.potential, {"t": t})
+        gaps.append(float(ours - theirs))
+        torch.testing.assert_close(our_grad["t"], their_grad["s"], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(gaps, gaps[0], atol=1e-8)  # equal up to a constant
+    np.testing.assert_allclose(model.from_logit(model.to_logit(np.zeros((1, 4)))), 0.0, atol=1e-9)
+
+
 @pytest.mark.slow
 def test_nuts_on_the_collapsed_model_agrees_with_the_exact_posterior(oracle) -> None:
     generator, residual = oracle
