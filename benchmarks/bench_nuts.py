@@ -39,8 +39,9 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 
+from pyro_dlatent.inverse._pyro_nuts import _RecordingNUTS
 from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_observations
-from pyro_dlatent.inverse.infer import LatentPotential, _RecordingNUTS
+from pyro_dlatent.inverse.potential import LatentPotential
 from pyro_dlatent.inverse.prior import DeepPrior, InverseProblemModel
 from pyro_dlatent.latent import AuxScaler
 

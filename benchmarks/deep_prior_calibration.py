@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             bounds=bounds,
             sampler=args.sampler,
             num_samples=args.num_samples,
+            **({} if args.target_accept is None else {"target_accept_prob": args.target_accept}),
             seed=index,
             warn=False,
         )
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prior", choices=("training", "simulator"), default="training")
     parser.add_argument("--sampler", choices=SAMPLERS, default="importance")
     parser.add_argument("--num-samples", type=int, default=1000, help="draws (per NUTS chain)")
+    parser.add_argument(
+        "--target-accept", type=float, default=None, help="NUTS target acceptance [API default]"
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--merge", nargs="+", default=None, help="shard outputs to combine")
     args = parser.parse_args(argv)

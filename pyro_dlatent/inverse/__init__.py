@@ -9,7 +9,9 @@ from pyro_dlatent.inverse.fem import (
     simulate_observations,
 )
 from pyro_dlatent.inverse.grf import GRFPrior
-from pyro_dlatent.inverse.infer import InferenceResult, InferenceWarning, infer, run_health
+from pyro_dlatent.inverse.health import InferenceWarning, run_health
+from pyro_dlatent.inverse.infer import InferenceResult, infer
+from pyro_dlatent.inverse.methods import MAP, NUTS, SVI
 from pyro_dlatent.inverse.prior import (
     AuxPrior,
     DeepPrior,
@@ -20,6 +22,9 @@ from pyro_dlatent.inverse.prior import (
 )
 
 __all__ = [
+    "MAP",
+    "NUTS",
+    "SVI",
     "AuxPrior",
     "BumpPrior",
     "CollapsedModel",

@@ -555,13 +555,8 @@ def infer_collapsed(
         ESS, and the data misfit.
     """
     from pyro_dlatent.export import field_summary_from_moments, to_arviz
-    from pyro_dlatent.inverse.infer import (
-        InferenceResult,
-        _problem_metadata,
-        data_misfit,
-        report_health,
-        run_health,
-    )
+    from pyro_dlatent.inverse.health import data_misfit, report_health, run_health
+    from pyro_dlatent.inverse.infer import InferenceResult, _problem_metadata
 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
