@@ -455,48 +455,65 @@ SAMPLERS = ("importance", "nuts")
 """Samplers of :func:`infer_collapsed`."""
 
 
-def _run_nuts(
+def _nuts_chain(
     model: CollapsedModel,
-    post: CollapsedPosterior,
+    start: torch.Tensor,
+    seed: int,
     *,
     num_samples: int,
     num_warmup: int,
-    num_chains: int,
     target_accept_prob: float,
     max_tree_depth: int,
-    rng: np.random.Generator,
     progress: bool,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pyro's NUTS on :meth:`CollapsedModel.potential`, chains started at importance draws."""
-    import warnings
-
+) -> tuple[np.ndarray, int]:
+    """One chain of Pyro's NUTS on :meth:`CollapsedModel.potential`: draws of ``s``, divergences."""
     from pyro.infer import MCMC, NUTS
 
-    start = model.to_logit(post.scaler.transform(post.sample(num_chains, rng)))
     kernel = NUTS(
         potential_fn=model.potential,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
     )
-    with warnings.catch_warnings():
-        # more chains than CPUs: Pyro runs them one after another, as it says; nothing to act on
-        warnings.filterwarnings("ignore", message=".*drawn sequentially.*")
-        mcmc = MCMC(
-            kernel,
-            num_samples=num_samples,
-            warmup_steps=num_warmup,
-            num_chains=num_chains,
-            initial_params={"t": start if num_chains > 1 else start[0]},
-            disable_progbar=not progress,
-        )
-        pyro.set_rng_seed(int(rng.integers(2**31)))
-        mcmc.run()
-    t = mcmc.get_samples(group_by_chain=True)["t"]
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=num_warmup,
+        initial_params={"t": start},
+        disable_progbar=not progress,
+    )
+    pyro.set_rng_seed(seed)
+    mcmc.run()
     with torch.no_grad():
-        s = model.from_logit(t).numpy()
-    diagnostics = mcmc.diagnostics()
-    divergences = sum(len(v) for v in diagnostics.get("divergences", {}).values())
-    return s, {"divergences": int(divergences)}
+        s = model.from_logit(mcmc.get_samples()["t"]).numpy()
+    divergences = sum(len(v) for v in mcmc.diagnostics().get("divergences", {}).values())
+    return s, int(divergences)
+
+
+def _run_nuts(
+    model: CollapsedModel,
+    post: CollapsedPosterior,
+    *,
+    num_chains: int,
+    num_processes: int | None,
+    rng: np.random.Generator,
+    **settings: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """NUTS chains started at importance draws, on up to ``num_processes`` processes.
+
+    Chain ``c`` is seeded from ``rng`` before any chain runs, so its draws are the same however
+    the chains are spread over processes (:func:`~pyro_dlatent.inverse.chains.run_chains`).
+    """
+    from pyro_dlatent.inverse.chains import run_chains
+
+    starts = model.to_logit(post.scaler.transform(post.sample(num_chains, rng)))
+    seeds = rng.integers(2**31, size=num_chains)
+    chains = run_chains(
+        lambda c: _nuts_chain(model, starts[c], int(seeds[c]), **settings),
+        num_chains,
+        num_processes=num_processes,
+    )
+    s = np.stack([draws for draws, _ in chains])
+    return s, {"divergences": sum(count for _, count in chains)}
 
 
 def infer_collapsed(
@@ -512,6 +529,7 @@ def infer_collapsed(
     num_chains: int = 4,
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 8,
+    num_processes: int | None = None,
     seed: int = 0,
     progress: bool = False,
     warn: bool = True,
@@ -537,6 +555,9 @@ def infer_collapsed(
         Posterior draws exported (per chain for NUTS).
     num_warmup, num_chains, target_accept_prob, max_tree_depth
         NUTS settings (ignored by the importance sampler).
+    num_processes : int, optional
+        Processes the NUTS chains run on (default ``min(num_chains, cores)``; the draws are
+        the same for any value).
     seed : int
     progress : bool
         NUTS progress bar.
@@ -586,6 +607,7 @@ def infer_collapsed(
             num_samples=num_samples,
             num_warmup=num_warmup,
             num_chains=num_chains,
+            num_processes=num_processes,
             target_accept_prob=float(target_accept_prob),
             max_tree_depth=max_tree_depth,
             rng=rng,

@@ -223,6 +223,20 @@ def test_nuts_on_the_collapsed_model_agrees_with_the_exact_posterior(oracle) -> 
     assert result.idata.posterior.attrs["sampler"] == "nuts"
 
 
+def test_nuts_chains_on_two_processes_draw_what_one_process_draws(oracle) -> None:
+    generator, residual = oracle
+    _, problem, values, _ = sample_problem(1, size=SIZE)
+    settings = {"sampler": "nuts", "num_samples": 20, "num_warmup": 20, "num_chains": 2}
+    draws = [
+        infer_collapsed(
+            problem, generator, values, residual=residual, num_processes=n, warn=False, **settings
+        ).idata.posterior["u"].values
+        for n in (1, 2)
+    ]
+    assert draws[0].shape == (2, 20, 4)
+    np.testing.assert_array_equal(draws[0], draws[1])
+
+
 def test_infer_collapsed_refuses_an_unknown_sampler(oracle) -> None:
     generator, residual = oracle
     _, problem, values, _ = sample_problem(1, size=SIZE)
