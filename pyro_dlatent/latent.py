@@ -374,6 +374,17 @@ class LatentSplit(PyroModule):
         :math:`z_{aux} \\mid u \\sim \\mathcal{N}(\\tilde u, \\mathrm{diag}(\\tau_j^2))`.
     learn_tau : bool
         If true, ``tau`` is a positive Pyro parameter initialised at ``tau``.
+    name : str
+        Prefix of this split's Pyro names: its parameter is ``"{name}.tau"`` and its sites
+        ``"{name}.z_aux"``, ``"{name}.z_rec"`` (default ``""``: ``"tau"``, ``"z_aux"``,
+        ``"z_rec"``; inside a named :class:`~pyro.nn.PyroModule` the parameter also takes the
+        parent's prefix). Two splits in one model need different names, or they would share
+        one ``tau`` and one pair of sites.
+
+    Attributes
+    ----------
+    aux_site, rec_site : str
+        The names of this split's two sample sites.
     """
 
     def __init__(
@@ -382,8 +393,13 @@ class LatentSplit(PyroModule):
         residual_dim: int,
         tau: float | Sequence[float] | np.ndarray | torch.Tensor = 0.1,
         learn_tau: bool = False,
+        name: str = "",
     ) -> None:
-        super().__init__()
+        if not isinstance(name, str):
+            raise ValueError(f"name must be a string, got {name!r}")
+        super().__init__(name)
+        self.aux_site = f"{name}.{AUX_SITE}" if name else AUX_SITE
+        self.rec_site = f"{name}.{REC_SITE}" if name else REC_SITE
         if int(aux_dim) != aux_dim or aux_dim < 1:
             raise ValueError(f"expected aux_dim >= 1, got {aux_dim}")
         if int(residual_dim) != residual_dim or residual_dim < 0:
@@ -482,6 +498,6 @@ class LatentSplit(PyroModule):
         z_rec : Tensor, shape ``(batch, residual_dim)``
         """
         aux_d = self.aux_dist(aux, mask)
-        z_aux = pyro.sample(AUX_SITE, aux_d)
-        z_rec = pyro.sample(REC_SITE, self.rec_dist(aux_d.batch_shape))
+        z_aux = pyro.sample(self.aux_site, aux_d)
+        z_rec = pyro.sample(self.rec_site, self.rec_dist(aux_d.batch_shape))
         return z_aux, z_rec

@@ -249,3 +249,31 @@ def test_log_prob_in_model_gradients_flow_to_tau():
     # unconstrained parameter (tau = exp(theta)) multiplies by tau.
     assert isinstance(d.base_dist, dist.Normal)
     assert_close(unconstrained.grad, 6.0 * 0.5, atol=1e-5)
+
+
+def test_two_named_splits_in_one_model_keep_their_own_tau_and_sites():
+    # Unnamed, both splits would emit "tau", "z_aux" and "z_rec": one value for two parameters.
+    first = LatentSplit(aux_dim=2, residual_dim=1, tau=0.1, learn_tau=True, name="first")
+    second = LatentSplit(aux_dim=2, residual_dim=1, tau=0.3, learn_tau=True, name="second")
+
+    def model(aux):
+        with pyro.plate("data", aux.shape[0]):
+            first(aux)
+            second(aux)
+
+    pyro.clear_param_store()
+    trace = poutine.trace(model).get_trace(torch.zeros(4, 2))
+    params = {n: s["value"] for n, s in trace.nodes.items() if s["type"] == "param"}
+    assert set(params) == {"first.tau", "second.tau"}
+    assert_close(params["first.tau"], 0.1, atol=1e-6)
+    assert_close(params["second.tau"], 0.3, atol=1e-6)
+    samples = {n for n, s in trace.nodes.items() if s["type"] == "sample"} - {"data"}
+    assert samples == {"first.z_aux", "first.z_rec", "second.z_aux", "second.z_rec"}
+    # Pyro's own inference sees two parameters: one SVI step moves each by its own gradient.
+    guide = pyro.infer.autoguide.AutoDelta(model)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO())
+    svi.step(torch.zeros(4, 2))
+    store = pyro.get_param_store()
+    assert {"first.tau", "second.tau"} <= set(store.keys())
+    assert float(store["first.tau"]) != float(store["second.tau"])
+    pyro.clear_param_store()
