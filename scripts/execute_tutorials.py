@@ -18,13 +18,14 @@ import os
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import jupytext
 import nbformat
-from jupyter_client import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "tutorials"
@@ -49,22 +50,37 @@ def execute(source: Path, *, fast: bool, timeout: int) -> nbformat.NotebookNode:
     with tempfile.TemporaryDirectory(prefix=f"{source.stem}_") as work:
         os.environ["PYRO_DLATENT_FAST"] = "1" if fast else "0"
         os.environ["PYRO_DLATENT_OUT"] = str(Path(work) / "out")
-        # the kernel talks over local sockets in the temporary folder, not TCP on localhost
-        sockets = str(Path(work) / "kernel")
-        kernel = KernelManager(kernel_name="python3", transport="ipc", ip=sockets)
+        # the kernel talks over local sockets in the temporary folder, not TCP on localhost;
+        # the client starts it and shuts it down when the notebook is done or has failed
+        sockets = {"KernelManager": {"transport": "ipc", "ip": str(Path(work) / "kernel")}}
         client = NotebookClient(
-            notebook, km=kernel, timeout=timeout, resources={"metadata": {"path": work}}
+            notebook,
+            kernel_name="python3",
+            config=Config(sockets),
+            timeout=timeout,
+            resources={"metadata": {"path": work}},
         )
         client.execute()
     # outputs only: drop the kernel's timing metadata so a rebuild differs only where outputs do
     for cell in notebook.cells:
-        cell.metadata.pop("execution", None)
+        seconds = cell_seconds(cell.metadata.pop("execution", {}))
+        if seconds >= 10:  # where the build's time goes
+            print(f"  {seconds:5.0f} s  {cell.source.strip().splitlines()[0][:70]}")
     notebook.metadata["kernelspec"] = {
         "display_name": "Python 3",
         "language": "python",
         "name": "python3",
     }
     return notebook
+
+
+def cell_seconds(timing: dict) -> float:
+    """A cell's run time from the timestamps nbclient records, 0 without them."""
+    try:
+        start = datetime.fromisoformat(timing["iopub.execute_input"])
+        return (datetime.fromisoformat(timing["shell.execute_reply"]) - start).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return 0.0
 
 
 def stderr_outputs(notebook: nbformat.NotebookNode) -> list[str]:
