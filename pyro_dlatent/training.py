@@ -507,7 +507,7 @@ class Trainer:
                 f"ema_decay={config.ema_decay!r} leaves {first_share:.0%} of the first step's "
                 f"weights in the average after this fit's {total} steps; lower it so that "
                 "1 / (1 - ema_decay) steps is a small part of the run",
-                stacklevel=4,
+                stacklevel=3,  # Trainer.fit <- GuidedLatentModel.fit <- the caller
             )
         model._forget_params()
         model._optim = _ForeachClippedAdam(

@@ -38,6 +38,7 @@ from torch import nn
 from pyro_dlatent.data.io import check_dataset, make_scaler
 from pyro_dlatent.latent import AuxScaler
 from pyro_dlatent.models.base import (
+    IMAGE_SITE,
     OBS_SITE,
     GuidedLatentModel,
     _initialization_rng,
@@ -361,7 +362,10 @@ class AuxVAE(GuidedLatentModel):
 
     # ------------------------------------------------------------------ likelihood
     def _decode_std(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
-        return self.decoder.net(torch.cat([z_aux, z_rec], dim=-1))
+        z = torch.cat([z_aux, z_rec], dim=-1)
+        lead = z.shape[:-1]  # (batch,), or (*draws, batch) under Predictive / ELBO particles
+        images = self.decoder.net(z.reshape(-1, z.shape[-1]))
+        return images.reshape(*lead, *images.shape[-2:])
 
     def _mean_inputs(self, z_aux: torch.Tensor) -> torch.Tensor:
         return torch.cat([z_aux, z_aux.new_zeros(z_aux.shape[0], self.residual_dim)], dim=-1)
@@ -421,12 +425,22 @@ class AuxVAE(GuidedLatentModel):
         return self.fit_residual_field(data)
 
     def likelihood(
-        self, images_std: torch.Tensor, z_aux: torch.Tensor, z_rec: torch.Tensor
+        self, images_std: torch.Tensor | None, z_aux: torch.Tensor, z_rec: torch.Tensor
     ) -> None:
-        """Gaussian (learned scale) or log-MSE likelihood of the standardized images."""
+        """Gaussian (learned scale) or log-MSE likelihood of the standardized images.
+
+        Generating (``images_std=None``): the Gaussian likelihood draws the image; the log-MSE
+        one, which has no noise model, gives the decoder mean.
+        """
         self._register("decoder", self.decoder)
         mean = self._decode_std(z_aux, z_rec)
-        if self.likelihood_kind == "gaussian":
+        if images_std is None:
+            if self.likelihood_kind == "gaussian":
+                x = pyro.sample(OBS_SITE, dist.Normal(mean, self.decoder.scale()).to_event(2))
+            else:
+                x = pyro.deterministic(OBS_SITE, mean, event_dim=2)
+            pyro.deterministic(IMAGE_SITE, x * self.image_scale + self.image_loc, event_dim=2)
+        elif self.likelihood_kind == "gaussian":
             pyro.sample(
                 OBS_SITE, dist.Normal(mean, self.decoder.scale()).to_event(2), obs=images_std
             )

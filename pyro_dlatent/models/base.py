@@ -82,6 +82,8 @@ from pyro_dlatent.validation import check_float, check_int
 __all__ = [
     "ALIGN_SITE",
     "DECOR_SITE",
+    "IMAGE_SITE",
+    "MAX_STANDARDIZED",
     "OBS_SITE",
     "Encoding",
     "GuidedLatentModel",
@@ -91,6 +93,10 @@ __all__ = [
 
 OBS_SITE = "x"
 """Name of the observation site (or likelihood factor) of the images."""
+IMAGE_SITE = "image"
+"""Deterministic site of a generated image in the dataset's units (``model(None, aux)``)."""
+MAX_STANDARDIZED = 10.0
+"""Largest standardized auxiliary :meth:`GuidedLatentModel.model` accepts, in training sds."""
 ALIGN_SITE = "alignment"
 """Name of the alignment-penalty factor site."""
 DECOR_SITE = "decorrelation"
@@ -224,6 +230,22 @@ def _initialization_rng(seed: int | None) -> Iterator[None]:
     with forked_rng(torch.device("cpu")):
         torch.default_generator.manual_seed(seed)
         yield
+
+
+def _check_standardized(aux: Any, mask: Any) -> None:
+    """Refuse auxiliaries far outside the training range: physical units passed by mistake."""
+    if not isinstance(aux, torch.Tensor) or not aux.is_floating_point():
+        return  # LatentSplit.check_aux names the problem
+    values = aux.detach()
+    if isinstance(mask, torch.Tensor) and mask.shape == values.shape:
+        values = values[mask]
+    values = values[torch.isfinite(values)]
+    if values.numel() and float(values.abs().max()) > MAX_STANDARDIZED:
+        raise ValueError(
+            f"aux holds a value {float(values.abs().max()):.4g} standard deviations from the "
+            f"training mean (> {MAX_STANDARDIZED:g}); the model takes standardized auxiliaries: "
+            "pass model.scaler.transform(physical values)"
+        )
 
 
 def _placeholder_knots(k: int) -> torch.Tensor:
@@ -530,19 +552,22 @@ class GuidedLatentModel(PyroModule):
         return pyro.plate("data", num_data, subsample=subsample)
 
     def likelihood(
-        self, images_std: torch.Tensor, z_aux: torch.Tensor, z_rec: torch.Tensor
+        self, images_std: torch.Tensor | None, z_aux: torch.Tensor, z_rec: torch.Tensor
     ) -> None:
         """Observe the standardized images given the latent code (implemented by subclasses).
 
         Called inside the ``"data"`` plate of :meth:`model`; it must register its networks
         with :meth:`_register` and emit the site :data:`OBS_SITE` (a ``pyro.sample`` with
-        ``obs=`` or a ``pyro.factor`` surrogate) with batch shape ``(batch,)``.
+        ``obs=`` or a ``pyro.factor`` surrogate) with batch shape ``(*lead, batch)``; with
+        ``images_std=None`` it generates the image instead and also records it in the
+        dataset's units as :data:`IMAGE_SITE`. ``z_aux`` and ``z_rec`` may carry leading
+        dimensions ``lead`` (parallel predictive draws, vectorized particles).
 
         Parameters
         ----------
-        images_std : Tensor, shape ``(batch, H, W)``
-        z_aux : Tensor, shape ``(batch, aux_dim)``
-        z_rec : Tensor, shape ``(batch, residual_dim)``
+        images_std : Tensor, shape ``(batch, H, W)``, or None
+        z_aux : Tensor, shape ``(*lead, batch, aux_dim)``
+        z_rec : Tensor, shape ``(*lead, batch, residual_dim)``
         """
         raise NotImplementedError(f"{type(self).__name__} must implement likelihood()")
 
@@ -564,7 +589,7 @@ class GuidedLatentModel(PyroModule):
     # ------------------------------------------------------------------ model and guide
     def model(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         aux: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         *,
@@ -574,13 +599,21 @@ class GuidedLatentModel(PyroModule):
     ) -> None:
         """Generative model with the penalty factors.
 
+        ``model(None, aux)`` is the generative model alone: it draws the latent code given the
+        auxiliaries and then the image, site :data:`OBS_SITE` in standardized units and
+        :data:`IMAGE_SITE` in the dataset's units, so ``Predictive(vae.model, num_samples=k)
+        (None, aux)`` returns ``k`` images per row of ``aux``. Extra leading batch dimensions
+        (``Predictive(..., parallel=True)``, vectorized ELBO particles) pass through.
+
         Parameters
         ----------
-        images : Tensor, shape ``(batch, H, W)``
-            Images in the dataset's units.
+        images : Tensor, shape ``(batch, H, W)``, or None
+            Images in the dataset's units; ``None`` generates them (``aux`` then sets the
+            batch).
         aux : Tensor, shape ``(batch, aux_dim)``, optional
-            Standardized auxiliaries; ``None`` uses the marginal prior of ``z_aux`` and drops
-            the penalties.
+            Standardized auxiliaries (``scaler.transform`` of physical values; a value beyond
+            :data:`MAX_STANDARDIZED` sds is refused as physical units passed by mistake);
+            ``None`` uses the marginal prior of ``z_aux`` and drops the penalties.
         mask : Tensor of bool, shape ``(batch, aux_dim)``, optional
             True where ``aux`` is observed.
         num_data : int, optional
@@ -592,11 +625,19 @@ class GuidedLatentModel(PyroModule):
             Encoder output for ``images``, computed once per step by :meth:`fit` and shared with
             the guide; computed here when absent.
         """
-        batch = images.shape[0]
-        with self._plate(batch, num_data, subsample, images.device):
+        if aux is not None:
+            _check_standardized(aux, mask)
+        if images is None:
+            if aux is None:
+                raise ValueError("model(None, aux) generates images: aux sets the batch, got None")
+            batch, device, images_std = aux.shape[0], self.device, None
+        else:
+            batch, device, images_std = images.shape[0], images.device, None
+            images_std = self.standardize_images(images)
+        with self._plate(batch, num_data, subsample, device):
             z_aux, z_rec = self.split(aux, mask)
-            self.likelihood(self.standardize_images(images), z_aux, z_rec)
-        if aux is None or not self._penalized:
+            self.likelihood(images_std, z_aux, z_rec)
+        if images is None or aux is None or not self._penalized:
             return
         if encoded is None:
             self._register("encoder", self.encoder)

@@ -59,6 +59,7 @@ from pyro_dlatent.flow import (
 )
 from pyro_dlatent.latent import AuxScaler
 from pyro_dlatent.models.base import (
+    IMAGE_SITE,
     OBS_SITE,
     GuidedLatentModel,
     _initialization_rng,
@@ -464,7 +465,7 @@ class DLCFM(GuidedLatentModel):
 
     # ------------------------------------------------------------------ likelihood
     def likelihood(
-        self, images_std: torch.Tensor, z_aux: torch.Tensor, z_rec: torch.Tensor
+        self, images_std: torch.Tensor | None, z_aux: torch.Tensor, z_rec: torch.Tensor
     ) -> None:
         """Flow-matching surrogate likelihood, factor ``"x"`` of batch shape ``(batch,)``.
 
@@ -476,7 +477,17 @@ class DLCFM(GuidedLatentModel):
         """
         self._register("field", self.field)
         z = torch.cat([z_aux, z_rec], dim=-1)
-        loss = flow_matching_loss(self.field, images_std, z, noise=self.noise)
+        lead = z.shape[:-1]  # (batch,), or (*draws, batch) under Predictive / ELBO particles
+        z = z.reshape(-1, z.shape[-1])
+        if images_std is None:  # generating: the flow from base noise, at the model's solver
+            k, side = self.aux_dim, self.image_size
+            image = self.decode(z[:, :k], z[:, k:]).reshape(*lead, side, side)
+            pyro.deterministic(OBS_SITE, self.standardize_images(image), event_dim=2)
+            pyro.deterministic(IMAGE_SITE, image, event_dim=2)
+            return
+        pixels = images_std.shape[-2:]
+        images = images_std.expand(*lead, *pixels).reshape(-1, *pixels)
+        loss = flow_matching_loss(self.field, images, z, noise=self.noise).reshape(lead)
         pyro.factor(OBS_SITE, -self.flow_weight * self.num_pixels * loss)
 
     def _evaluation_terms(
