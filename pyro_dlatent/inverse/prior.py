@@ -42,6 +42,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule
 from torch.distributions import constraints
 
+from pyro_dlatent.inverse.protocols import FieldPrior, ForwardProblem, Generator, require
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
 
 __all__ = [
@@ -313,9 +314,7 @@ class DeepPrior(PyroModule):
         super().__init__()
         if not isinstance(generator, torch.nn.Module):
             raise TypeError(f"generator must be a torch.nn.Module, got {type(generator).__name__}")
-        for attr in ("aux_dim", "residual_dim", "image_size", "scaler"):
-            if not hasattr(generator, attr):
-                raise ValueError(f"generator lacks the attribute {attr!r}")
+        require(generator, Generator, "generator")
         scaler = generator.scaler
         if not isinstance(scaler, AuxScaler) or not scaler.fitted:
             raise ValueError("generator.scaler must be a fitted AuxScaler")
@@ -595,9 +594,7 @@ def calibrate_tau(
     -------
     TauCalibration
     """
-    for attr in ("aux_dim", "residual_dim", "scaler"):
-        if not hasattr(generator, attr):
-            raise ValueError(f"generator lacks the attribute {attr!r}")
+    require(generator, Generator, "generator")
     if not (isinstance(noise_sd, int | float) and math.isfinite(noise_sd) and noise_sd > 0):
         raise ValueError(f"expected noise_sd > 0, got {noise_sd!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
@@ -793,10 +790,8 @@ class InverseProblemModel(torch.nn.Module):
 
     def __init__(self, problem: Any, prior: PyroModule, observations: Any = None) -> None:
         super().__init__()
-        if not callable(getattr(problem, "forward", None)):
-            raise TypeError("problem must have a forward(field) method")
-        if not callable(prior) or not hasattr(prior, "field_shape"):
-            raise TypeError("prior must be a field prior module with a field_shape")
+        require(problem, ForwardProblem, "problem")
+        require(prior, FieldPrior, "prior")
         size = getattr(problem, "size", None)
         if size is not None and _field_shape(size, "problem.size") != tuple(prior.field_shape):
             raise ValueError(

@@ -225,6 +225,31 @@ def test_deep_prior_rejects_incomplete_generators():
         DeepPrior(lambda z_aux, z_rec: z_aux, tau=0.1)
 
 
+def test_protocols_accept_the_packages_classes_and_name_what_a_stranger_lacks():
+    from pyro_dlatent.inverse.fem import SourceProblem, default_sensors
+    from pyro_dlatent.inverse.protocols import (
+        ForwardProblem,
+        Generator,
+        LinearProblem,
+        ProtocolError,
+        require,
+    )
+
+    problem = SourceProblem(9, default_sensors(3), 0.1)
+    assert isinstance(problem, LinearProblem) and isinstance(problem, ForwardProblem)
+    assert require(LinearGenerator(), Generator, "generator") is not None
+
+    class HalfProblem:  # forward and noise, but no num_sensors
+        noise_sd = 0.1
+
+        def forward(self, field):
+            return field.sum((-2, -1))[..., None]
+
+    with pytest.raises(ProtocolError, match=r"problem is not a ForwardProblem.*'num_sensors'"):
+        require(HalfProblem(), ForwardProblem, "problem")
+    assert issubclass(ProtocolError, TypeError) and issubclass(ProtocolError, ValueError)
+
+
 def test_deep_prior_per_coordinate_tau_log_density_is_analytic():
     tau = [0.05, 0.3]
     prior = DeepPrior(LinearGenerator(transforms=["log", "identity"]), tau=tau)
