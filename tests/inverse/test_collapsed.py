@@ -230,7 +230,9 @@ def test_nuts_chains_on_two_processes_draw_what_one_process_draws(oracle) -> Non
     draws = [
         infer_collapsed(
             problem, generator, values, residual=residual, num_processes=n, warn=False, **settings
-        ).idata.posterior["u"].values
+        )
+        .idata.posterior["u"]
+        .values
         for n in (1, 2)
     ]
     assert draws[0].shape == (2, 20, 4)
