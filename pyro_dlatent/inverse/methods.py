@@ -72,6 +72,11 @@ def _check_decay(value: Any) -> float:
     return value
 
 
+def _settings(method: Any) -> dict[str, Any]:
+    """A method's settings by name (its runner takes the same keywords)."""
+    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+
+
 def _settle(obj: Any, **values: Any) -> None:
     """Store checked values on a frozen dataclass."""
     for name, value in values.items():
@@ -116,15 +121,7 @@ class MAP:
             raise ValueError("expected steps > 0 or lbfgs_steps > 0 for MAP")
 
     def run(self, model: InverseProblemModel, *, progress: bool, chunk_size: int) -> MethodRun:
-        latent, guide, losses, start_losses = _run_map(
-            model,
-            num_starts=self.num_starts,
-            steps=self.steps,
-            lr=self.lr,
-            lr_decay=self.lr_decay,
-            lbfgs_steps=self.lbfgs_steps,
-            progress=progress,
-        )
+        latent, guide, losses, start_losses = _run_map(model, progress=progress, **_settings(self))
         return MethodRun(latent, guide, losses, health={"start_losses": start_losses})
 
     def check(self, idata: Any, run: MethodRun) -> tuple[dict[str, Any], list[str]]:
@@ -199,18 +196,7 @@ class SVI:
 
     def run(self, model: InverseProblemModel, *, progress: bool, chunk_size: int) -> MethodRun:
         latent, guide, losses = _run_svi(
-            model,
-            guide=self.guide,
-            rank=self.rank,
-            init_scale=self.init_scale,
-            init=self.init,
-            steps=self.steps,
-            lr=self.lr,
-            lr_decay=self.lr_decay,
-            num_particles=self.num_particles,
-            num_samples=self.num_samples,
-            chunk_size=chunk_size,
-            progress=progress,
+            model, chunk_size=chunk_size, progress=progress, **_settings(self)
         )
         return MethodRun(latent, guide, losses)
 
@@ -280,18 +266,7 @@ class NUTS:
         )
 
     def run(self, model: InverseProblemModel, *, progress: bool, chunk_size: int) -> MethodRun:
-        latent, stats = _run_nuts(
-            model,
-            num_samples=self.num_samples,
-            num_warmup=self.num_warmup,
-            num_chains=self.num_chains,
-            target_accept_prob=self.target_accept_prob,
-            max_tree_depth=self.max_tree_depth,
-            dense_mass=self.dense_mass,
-            jit_compile=self.jit_compile,
-            progress=progress,
-            mp_context=self.mp_context,
-        )
+        latent, stats = _run_nuts(model, progress=progress, **_settings(self))
         return MethodRun(latent, stats=stats)
 
     def check(self, idata: Any, run: MethodRun) -> tuple[dict[str, Any], list[str]]:
