@@ -347,14 +347,13 @@ def sample(
 ) -> None:
     """Generate images at auxiliaries given in physical units (others from their marginal)."""
     _out_path(out, overwrite)
+    from pyro_dlatent.models import DLCFM
     from pyro_dlatent.runs import load_model
 
     net = load_model(model, weights=weights)
     requested = _parse_aux(aux)
-    if hasattr(net, "sample"):
-        images = net.sample(requested or None, num, method=method, steps=steps, seed=seed)
-    else:
-        images = net.generate(requested or None, num, seed=seed)
+    solver = {"method": method, "steps": steps} if isinstance(net, DLCFM) else {}
+    images = net.generate(requested or None, num, seed=seed, **solver)
     _save_images(images, out, requested)
     typer.echo(f"wrote {len(images)} images to {out}")
 

@@ -62,7 +62,7 @@ for name in model.aux_names:
 
 # %%
 masses = [13.8, 14.2, 14.6, 15.0]
-images = model.sample(
+images = model.generate(
     {"log10_M500": masses, "concentration": 3.0}, num=2, seed=0, steps=4 if FAST else None
 )
 fig = plots.image_grid(

@@ -37,6 +37,7 @@ Sampling integrates the ODE with :func:`pyro_dlatent.flow.sample_ode` (torchdiff
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -576,7 +577,7 @@ class DLCFM(GuidedLatentModel):
         self.train(was_training)
         return images
 
-    def sample(
+    def generate(
         self,
         aux: Mapping[str, Any] | None = None,
         num: int = 1,
@@ -617,11 +618,14 @@ class DLCFM(GuidedLatentModel):
             z_aux, z_rec, method=method, steps=steps, seed=noise_seed, batch_size=batch_size
         )
 
-    def generate(
-        self, aux: Mapping[str, Any] | None = None, num: int = 1, *, seed: int | None = None
-    ) -> torch.Tensor:
-        """:meth:`sample` with the default solver (the verb shared with ``AuxVAE``)."""
-        return self.sample(aux, num, seed=seed)
+    def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Deprecated name of :meth:`generate` (the verb shared with ``AuxVAE``)."""
+        warnings.warn(
+            "DLCFM.sample is renamed DLCFM.generate (same arguments); sample will be removed",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.generate(*args, **kwargs)
 
     def sample_tails(
         self,

@@ -158,8 +158,8 @@ def test_short_fit_tracks_auxiliaries_and_lowers_the_flow_loss(trained, data):
 
 def test_samples_carry_the_requested_physics(trained):
     # integrated flux 2 pi w^2 (log10 M - 12): 47 at log10 M = 13.2 and 110 at 14.8 (w = 2.5)
-    low = trained.sample({"mass": 10**13.2, "width": 2.5}, num=64, seed=0)
-    high = trained.sample({"mass": 10**14.8, "width": 2.5}, num=64, seed=0)
+    low = trained.generate({"mass": 10**13.2, "width": 2.5}, num=64, seed=0)
+    high = trained.generate({"mass": 10**14.8, "width": 2.5}, num=64, seed=0)
     assert low.shape == (64, SIZE, SIZE)
     ratio = float(high.sum(dim=(1, 2)).mean() / low.sum(dim=(1, 2)).mean())
     # without conditioning the ratio would be 1 up to MC error (flux sd/mean / sqrt(64) < 5%)
@@ -168,15 +168,17 @@ def test_samples_carry_the_requested_physics(trained):
 
 def test_sample_is_seeded_and_accepts_rows_of_aux(trained):
     aux = {"mass": [1e13, 1e14, 1e15], "width": 2.0}
-    a = trained.sample(aux, num=2, seed=5)
+    a = trained.generate(aux, num=2, seed=5)
     assert a.shape == (6, SIZE, SIZE)
-    assert torch.equal(a, trained.sample(aux, num=2, seed=5))
-    assert not torch.equal(a, trained.sample(aux, num=2, seed=6))
-    rk4 = trained.sample(aux, num=2, seed=5, method="rk4", steps=10)
-    dopri5 = trained.sample(aux, num=2, seed=5, method="dopri5")
+    assert torch.equal(a, trained.generate(aux, num=2, seed=5))
+    assert not torch.equal(a, trained.generate(aux, num=2, seed=6))
+    rk4 = trained.generate(aux, num=2, seed=5, method="rk4", steps=10)
+    dopri5 = trained.generate(aux, num=2, seed=5, method="dopri5")
     assert (rk4 - dopri5).abs().max() < 0.05 * dopri5.abs().max()
     with pytest.raises(ValueError, match="method"):
-        trained.sample(aux, method="heun")
+        trained.generate(aux, method="heun")
+    with pytest.warns(FutureWarning, match="renamed DLCFM.generate"):  # the old verb, one release
+        assert torch.equal(trained.sample(aux, num=2, seed=5), a)
 
 
 def test_sample_tails_fix_the_guided_block_and_use_the_tail(trained):
@@ -244,7 +246,7 @@ def test_save_load_round_trip_gives_identical_samples(trained, data, tmp_path):
     assert loaded.config == trained.config
     assert loaded.history == trained.history
     aux = {"mass": 3e14, "width": 2.5}
-    assert_close(loaded.sample(aux, num=4, seed=1), trained.sample(aux, num=4, seed=1), atol=0)
+    assert_close(loaded.generate(aux, num=4, seed=1), trained.generate(aux, num=4, seed=1), atol=0)
     assert_close(loaded.encode(data)._asdict(), trained.encode(data)._asdict(), atol=0, rtol=0)
 
 
@@ -254,7 +256,7 @@ def test_asinh_model_round_trip(tmp_path):
     loaded = DLCFM.load(model.save(tmp_path / "m.pt"))
     assert loaded.config["intensity"] == "asinh"
     assert (loaded.method, loaded.steps) == ("rk4", 3)
-    assert_close(loaded.sample(num=2, seed=0), model.sample(num=2, seed=0), atol=0)
+    assert_close(loaded.generate(num=2, seed=0), model.generate(num=2, seed=0), atol=0)
 
 
 def _without_time(history):
@@ -629,12 +631,12 @@ def test_checkpoint_from_before_the_latent_map_loads_with_film_only_and_white_no
     assert loaded.config["field_spatial_channels"] == 0
     assert loaded.noise == "white"
     aux = {"mass": [1e13, 1e15], "width": [2.0, 3.0]}
-    assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
+    assert torch.equal(loaded.generate(aux, seed=1), model.generate(aux, seed=1))
     # zero-mean noise starts every flow from images of spatial mean zero
     new = small_model(data, noise="zero-mean")
     assert new.generator(noise_seed=0).x0.mean().abs() < 1e-6
     assert not torch.equal(
-        new.sample(aux, seed=1), small_model(data, noise="white").sample(aux, seed=1)
+        new.generate(aux, seed=1), small_model(data, noise="white").generate(aux, seed=1)
     )
 
 
@@ -645,7 +647,7 @@ def test_latent_map_model_trains_saves_and_loads(data, tmp_path):
     loaded = GuidedLatentModel.load(model.save(tmp_path / "map.pt"))
     assert loaded.field.spatial_channels == 2
     aux = {"mass": [1e14], "width": [2.5]}
-    assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
+    assert torch.equal(loaded.generate(aux, seed=1), model.generate(aux, seed=1))
 
 
 def test_mean_head_model_trains_saves_and_loads(data, tmp_path):
@@ -655,7 +657,7 @@ def test_mean_head_model_trains_saves_and_loads(data, tmp_path):
     loaded = GuidedLatentModel.load(model.save(tmp_path / "head.pt"))
     assert loaded.config["field_mean_head"] and loaded.field.mean_head
     aux = {"mass": [1e14], "width": [2.5]}
-    assert torch.equal(loaded.sample(aux, seed=1), model.sample(aux, seed=1))
+    assert torch.equal(loaded.generate(aux, seed=1), model.generate(aux, seed=1))
 
 
 def test_configs_from_before_the_options_get_their_old_values_and_keep_their_own():
