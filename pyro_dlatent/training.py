@@ -363,6 +363,7 @@ def forked_rng(device: torch.device) -> Iterator[None]:
 
 
 def reseed(seed: int, device: torch.device) -> None:
+    """Seed torch's global CPU generator (and ``device``'s) with ``seed``."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -370,10 +371,12 @@ def reseed(seed: int, device: torch.device) -> None:
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
+    """The RNG seed of ``epoch`` of a fit seeded by ``seed`` (independent streams per epoch)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def dataset_fingerprint(ds: xr.Dataset) -> str:
+    """SHA-256 of a dataset's images and auxiliaries: a resumed fit must see the same data."""
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(ds["image"].values, dtype=np.float32).tobytes())
     for name in ds.attrs["aux_names"]:
