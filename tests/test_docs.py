@@ -25,7 +25,10 @@ PUBLIC_MODULES = [
     "pyro_dlatent.residual",
     *(
         f"pyro_dlatent.inverse.{m}"
-        for m in ("fem", "prior", "infer", "methods", "health", "collapsed", "exact", "grf", "run")
+        for m in (
+            *("fem", "prior", "infer", "methods", "health", "protocols"),
+            *("collapsed", "exact", "grf", "run"),
+        )
     ),
     "pyro_dlatent.training",
     "pyro_dlatent.export",
