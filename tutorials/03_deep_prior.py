@@ -34,6 +34,9 @@ import torch
 from pyro_dlatent import AuxVAE, data, plots
 from pyro_dlatent.export import load_netcdf, save_netcdf
 from pyro_dlatent.inverse import (
+    MAP,
+    NUTS,
+    SVI,
     DeepPrior,
     ExactBumpPosterior,
     GRFPrior,
@@ -92,37 +95,26 @@ print("health:", collapsed.health)
 
 # %% [markdown]
 # ## 4. The full deep prior: MAP, SVI and NUTS through one entry point
+# `infer` takes a method object holding that method's own settings (`MAP`, `SVI`, `NUTS`);
+# the method's name with keyword settings (`infer(..., "map", steps=...)`) works too.
 
 # %%
 prior = DeepPrior(generator)
 steps = 100 if FAST else 2000
 # in fast mode the generator and the step counts are too small for a good fit, so the misfit
 # and convergence warnings are off there (warn=not FAST); the full tutorial keeps them
-map_result = infer(
-    problem, prior, observations, method="map", steps=steps, progress=False, warn=not FAST
-)
-svi_result = infer(
-    problem,
-    prior,
-    observations,
-    method="svi",
-    guide="fullrank",
-    steps=steps,
-    progress=False,
-    warn=not FAST,
-)
-nuts_result = infer(
-    problem,
-    prior,
-    observations,
-    method="nuts",
+quiet = {"progress": False, "warn": not FAST}
+map_result = infer(problem, prior, observations, MAP(steps=steps), **quiet)
+svi = SVI(guide="fullrank", steps=steps, init=MAP(steps=min(steps, 500)))  # a MAP start
+svi_result = infer(problem, prior, observations, svi, **quiet)
+nuts = NUTS(
     num_samples=50 if FAST else 1000,
     num_warmup=50 if FAST else 1000,
     num_chains=2,
+    max_tree_depth=6 if FAST else 10,  # fast mode: short trajectories, a rough posterior
     jit_compile=True,
-    progress=not FAST,
-    warn=not FAST,
 )
+nuts_result = infer(problem, prior, observations, nuts, progress=not FAST, warn=not FAST)
 for result in (map_result, svi_result, nuts_result):
     mean = result.idata.field_summary["field_mean"].values
     error = np.linalg.norm(mean - truth.numpy()) / np.linalg.norm(truth.numpy())
