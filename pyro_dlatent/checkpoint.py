@@ -38,8 +38,14 @@ __all__ = ["FORMAT_VERSION", "MAGIC", "Checkpoint", "load_checkpoint", "save_che
 MAGIC = "pyro_dlatent/checkpoint"
 """Value of the ``magic`` field that marks a pyro_dlatent checkpoint."""
 
-FORMAT_VERSION = 1
-"""Current checkpoint format version; files of a newer version are refused."""
+FORMAT_VERSION = 2
+"""Current checkpoint format version; files of a newer version are refused.
+
+Version 2 files hold every buffer of the model that wrote them; a model loads them strictly.
+Version 1 files come from the package's first months, whose models gained buffers and options
+one by one; loading one runs its migration (``GuidedLatentModel._migrate_v1``), which resets
+what the file predates. A change that adds to the format bumps the version and adds a migration.
+"""
 
 _JSON_FIELDS = ("config", "scaler", "history", "extra")
 
@@ -116,6 +122,7 @@ def save_checkpoint(
     state: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]] = (),
     extra: Mapping[str, Any] | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> Path:
     """Write a checkpoint atomically.
 
@@ -132,12 +139,17 @@ def save_checkpoint(
         Nested dicts / lists / tuples of tensors, numbers, strings and ``None`` (for example
         ``{"model": module.state_dict(), "optimizer": optim.get_state()}``). Tensors are stored
         on the CPU.
+    format_version : int
+        The format the contents follow (default the current one; an older one only to write a
+        file as an older package did, e.g. to test its migration).
 
     Returns
     -------
     Path
     """
     path = Path(path)
+    if isinstance(format_version, bool) or format_version not in range(1, FORMAT_VERSION + 1):
+        raise ValueError(f"expected format_version in 1..{FORMAT_VERSION}, got {format_version!r}")
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"expected kind a non-empty str, got {kind!r}")
     if not path.parent.is_dir():
@@ -155,7 +167,7 @@ def save_checkpoint(
     data = buffer.getvalue()
     envelope = {
         "magic": MAGIC,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "kind": kind,
         "sha256": hashlib.sha256(data).hexdigest(),
         "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),

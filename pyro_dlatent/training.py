@@ -668,7 +668,7 @@ class Trainer:
                 )
         if ckpt.extra.get("dataset_sha256") != fingerprint:
             raise ValueError(f"{what} was trained on a different dataset")
-        model._load_state(ckpt.state, what)
+        model._load_state(ckpt.state, what, ckpt.format_version)
         if settings.get("ema_decay", 0.0) > 0 and "average" not in ckpt.state:
             raise ValueError(f"{what} holds no averaged weights")
         return [dict(h) for h in ckpt.history], ckpt.state.get("average")

@@ -59,7 +59,7 @@ from pyro_dlatent.calibration import (
     encoding_features,
     quantile_label,
 )
-from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
+from pyro_dlatent.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
 from pyro_dlatent.nn import ACTIVATIONS, NORMS, ConvEncoder, check_image_size
@@ -840,14 +840,18 @@ class GuidedLatentModel(PyroModule):
             resume=resume,
         )
 
-    def _load_state(self, state: dict[str, Any], what: str) -> None:
+    def _load_state(self, state: dict[str, Any], what: str, version: int = FORMAT_VERSION) -> None:
+        """Load a checkpoint's weights and optimizer state; a format-1 file is migrated."""
         weights = state.get("model")
         if not isinstance(weights, dict):
             raise ValueError(f"{what} holds no model weights")
-        optional = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS + _TABLE_BUFFERS)
-        optional |= {f"{_CALIBRATION}.{name}" for name, _ in self.aux_calibration.named_buffers()}
-        optional |= {f"{_RESIDUAL}.{name}" for name, _ in self.residual_field.named_buffers()}
-        optional |= {k for k in self.state_dict() if k.split(".", 1)[0] in self._collapsed_parts}
+        optional = set()
+        if version < 2:  # written before some buffers existed: _migrate_v1 resets those
+            optional = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS + _TABLE_BUFFERS)
+            optional |= {f"{_CALIBRATION}.{n}" for n, _ in self.aux_calibration.named_buffers()}
+            optional |= {f"{_RESIDUAL}.{n}" for n, _ in self.residual_field.named_buffers()}
+            parts = self._collapsed_parts
+            optional |= {k for k in self.state_dict() if k.split(".", 1)[0] in parts}
         self._shape_tables(weights, what)
         try:
             result = self.load_state_dict(weights, strict=False)
@@ -859,21 +863,9 @@ class GuidedLatentModel(PyroModule):
                 f"{what} does not match {type(self).__name__}: missing keys {missing}, "
                 f"unexpected keys {sorted(result.unexpected_keys)}"
             )
-        if set(result.missing_keys) & set(_GUIDED_BUFFERS):  # before generation maps existed
-            self.reset_generation()
-        elif set(result.missing_keys) & set(_SPLINE_BUFFERS):  # a linear map, before splines
-            self._reset_spline()
-            self._reset_tables()
-        elif set(result.missing_keys) & set(_TABLE_BUFFERS):  # a Gaussian map, before neighbours
-            self._reset_tables()
+        if version < 2:
+            self._migrate_v1(set(result.missing_keys))
         self._check_tables(what)
-        if any(key.startswith(f"{_CALIBRATION}.") for key in result.missing_keys):
-            self.aux_calibration.reset()  # written before calibrated uncertainty
-        if any(
-            key.split(".", 1)[0] in (_RESIDUAL, *self._collapsed_parts)
-            for key in result.missing_keys
-        ):
-            self.residual_field.reset()  # written before the collapsed deep prior
         optimizer = state.get("optimizer") or {}
         if self._optim is not None and optimizer:
             store_names = self._store_names()
@@ -881,6 +873,20 @@ class GuidedLatentModel(PyroModule):
             if unknown:
                 raise ValueError(f"{what} has optimizer state for unknown parameters {unknown}")
             self._optim.set_state({store_names[n]: value for n, value in optimizer.items()})
+
+    def _migrate_v1(self, missing: set[str]) -> None:
+        """Format 1 to 2: reset what a file from before each buffer group existed lacks."""
+        if missing & set(_GUIDED_BUFFERS):  # before generation maps existed
+            self.reset_generation()
+        elif missing & set(_SPLINE_BUFFERS):  # a linear map, before splines
+            self._reset_spline()
+            self._reset_tables()
+        elif missing & set(_TABLE_BUFFERS):  # a Gaussian map, before neighbours
+            self._reset_tables()
+        if any(key.startswith(f"{_CALIBRATION}.") for key in missing):
+            self.aux_calibration.reset()  # written before calibrated uncertainty
+        if any(key.split(".", 1)[0] in (_RESIDUAL, *self._collapsed_parts) for key in missing):
+            self.residual_field.reset()  # written before the collapsed deep prior
 
     def _load_weight_set(self, average: Any, weights: str, what: str) -> None:
         """Put one weight set of a weight-averaged checkpoint in the networks (see :meth:`load`)."""
@@ -1604,7 +1610,7 @@ class GuidedLatentModel(PyroModule):
 
     @classmethod
     def _upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """A checkpoint's constructor arguments, completed for options added since."""
+        """A format-1 checkpoint's constructor arguments, completed for options added since."""
         return config
 
     @classmethod
@@ -1651,7 +1657,9 @@ class GuidedLatentModel(PyroModule):
             scaler = AuxScaler.from_state_dict(ckpt.scaler or {})
         except ValueError as err:
             raise ValueError(f"{what} has an invalid scaler: {err}") from err
-        config = klass._upgrade_config(dict(ckpt.config))
+        config = dict(ckpt.config)
+        if ckpt.format_version < 2:
+            config = klass._upgrade_config(config)
         config.pop("class", None)
         try:
             with torch.device("meta"):  # shapes first, so a forged config allocates nothing
@@ -1660,7 +1668,7 @@ class GuidedLatentModel(PyroModule):
             raise ValueError(f"{what} has an invalid config: {err}") from err
         _check_weights(skeleton, ckpt.state, what)
         model = klass(scaler, **config)
-        model._load_state(ckpt.state, what)
+        model._load_state(ckpt.state, what, ckpt.format_version)
         if weights is not None:
             model._load_weight_set(ckpt.state.get("average"), weights, what)
         model.history = [dict(h) for h in ckpt.history]

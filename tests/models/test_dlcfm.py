@@ -309,7 +309,9 @@ def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
     assert generation["guided_table_aux"].shape == (64, 2)
     for name in _TABLE_BUFFERS:
         del generation[name]
-    gauss = save_checkpoint(tmp_path / "gauss.pt", **{k: getattr(ckpt, k) for k in fields})
+    gauss = save_checkpoint(
+        tmp_path / "gauss.pt", **{k: getattr(ckpt, k) for k in fields}, format_version=1
+    )
     live = GuidedLatentModel.load(gauss, weights="live")
     assert live.generation_calibrated
     assert int(live.guided_neighbours) == 0
@@ -317,7 +319,9 @@ def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
     assert torch.equal(live.guided_scale_tril, plain.guided_scale_tril)
     # a checkpoint written before fits kept the live map: the map is reset, with a warning
     del ckpt.state["average"]["generation"]
-    old = save_checkpoint(tmp_path / "old.pt", **{k: getattr(ckpt, k) for k in fields})
+    old = save_checkpoint(
+        tmp_path / "old.pt", **{k: getattr(ckpt, k) for k in fields}, format_version=1
+    )
     with pytest.warns(UserWarning, match="no generation map for its live weights") as caught:
         uncalibrated = GuidedLatentModel.load(old, weights="live")
     assert caught[0].filename == __file__  # the warning points at the caller's line
@@ -546,6 +550,7 @@ def _rewritten_checkpoint(ckpt, path, *, keep_weight=None, keep_option=None):
         state={**ckpt.state, "model": weights},
         history=ckpt.history,
         extra=ckpt.extra,
+        format_version=1,  # as the package wrote files before the format recorded every buffer
     )
 
 

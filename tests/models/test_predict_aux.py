@@ -89,7 +89,12 @@ def test_a_checkpoint_from_before_calibration_loads_uncalibrated(trained, tmp_pa
     for key in [k for k in ckpt.state["model"] if k.startswith("aux_calibration.")]:
         del ckpt.state["model"][key]
     fields = ("kind", "config", "scaler", "state", "history", "extra")
+    # a current-format file lacking a buffer is damaged, not old: refused, naming the keys
     save_checkpoint(path, **{k: getattr(ckpt, k) for k in fields})
+    with pytest.raises(ValueError, match=r"missing keys \['aux_calibration\."):
+        GuidedLatentModel.load(path)
+    # format 1, as the package wrote it before the calibration existed: migrated
+    save_checkpoint(path, **{k: getattr(ckpt, k) for k in fields}, format_version=1)
     old = GuidedLatentModel.load(path)
     assert not old.uncertainty_calibrated
     with pytest.warns(UserWarning, match="not calibrated"):
