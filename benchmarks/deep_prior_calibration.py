@@ -15,11 +15,17 @@ Run (train once, then shard; ``--merge`` combines shard outputs)::
 
     python benchmarks/deep_prior_calibration.py --train-only --model vae.pt
     python benchmarks/deep_prior_calibration.py --model vae.pt --count 200 --out study.json
+
+or as dask tasks, one record file per problem (a rerun skips the recorded ones; ``--scheduler
+tcp://host:8786`` sends them to a running cluster)::
+
+    python benchmarks/deep_prior_calibration.py --model vae.pt --count 200 --records study/
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -36,8 +42,9 @@ from pyro_dlatent.inverse.fem import SourceProblem, default_sensors, simulate_ob
 from pyro_dlatent.inverse.grf import GRFPrior
 from pyro_dlatent.models import AuxVAE
 from pyro_dlatent.residual import residual_field
+from pyro_dlatent.studies import run_study
 
-__all__ = ["draw_record", "main", "parameter_table", "summarize"]
+__all__ = ["draw_record", "main", "parameter_table", "problem_record", "summarize"]
 
 SIZE = 32
 NUM_RANK_DRAWS = 99
@@ -63,62 +70,104 @@ def _relative(estimate: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(estimate - truth) / np.linalg.norm(truth))
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One record per problem of the shard ``--start``, ``--count``."""
-    model = AuxVAE.load(args.model)
+@functools.lru_cache(maxsize=2)
+def _context(model_path: str, train_num: int, train_seed: int, prior: str, seed: int) -> tuple:
+    """What every problem of a study shares: generator, residual field, prior box, GRF.
+
+    Cached, so a process (or a dask worker) builds it once for all the problems it runs.
+    """
+    model = AuxVAE.load(model_path)
     generator = model.generator()
     if list(generator.scaler.names) != list(NAMES):
         raise ValueError(f"the model's auxiliaries {generator.scaler.names} are not {NAMES}")
-    train = data.simulate("sources", args.train_num, size=SIZE, seed=args.train_seed)
+    train = data.simulate("sources", train_num, size=SIZE, seed=train_seed)
     residual = generator.residual_field  # fitted by AuxVAE.fit on its training part
     if residual is None:
         residual = residual_field(generator, train["image"].values, train[list(NAMES)])
-    bounds = BumpPrior().bounds if args.prior == "simulator" else None
-    covariance = BumpPrior().covariance(SIZE)
-    _, first, _, _ = sample_problem(0, seed=args.seed, size=SIZE)
-    grf = _grf(train, first.noise_sd)
-    records = []
+    bounds = BumpPrior().bounds if prior == "simulator" else None
+    _, first, _, _ = sample_problem(0, seed=seed, size=SIZE)
+    return generator, residual, bounds, BumpPrior().covariance(SIZE), _grf(train, first.noise_sd)
+
+
+def problem_record(
+    index: int,
+    *,
+    model: str,
+    train_num: int = 8192,
+    train_seed: int = 0,
+    prior: str = "training",
+    seed: int = 0,
+    sampler: str = "importance",
+    num_samples: int = 1000,
+    target_accept: float | None = None,
+) -> dict[str, Any]:
+    """Problem ``index`` of the study: exact, collapsed and GRF posteriors, as one record."""
+    generator, residual, bounds, covariance, grf = _context(
+        model, train_num, train_seed, prior, seed
+    )
+    u, problem, values, field = sample_problem(index, seed=seed, size=SIZE)
+    rng = np.random.default_rng((seed, index, 7))
+    exact = ExactBumpPosterior(problem, values, covariance=covariance)
+    exact_field, _ = exact.field_moments(1000, rng)
+    start = time.perf_counter()
+    result = infer_collapsed(
+        problem,
+        generator,
+        values,
+        residual=residual,
+        bounds=bounds,
+        sampler=sampler,
+        num_samples=num_samples,
+        seed=index,
+        warn=False,
+        **({} if target_accept is None else {"target_accept_prob": target_accept}),
+    )
+    seconds = time.perf_counter() - start
+    draws = np.asarray(result.idata.posterior["u"]).reshape(-1, len(NAMES))
+    fields = result.idata.field_summary
+    low, high = np.asarray(fields["field_q05"]), np.asarray(fields["field_q95"])
+    grf_mean, _ = grf.posterior(problem, torch.as_tensor(values))
+    health = {k: v for k, v in result.health.items() if k != "warnings"}
+    return {
+        **draw_record(index, u, exact, draws, rng),
+        "field_error": _relative(np.asarray(fields["field_mean"]), field),
+        "exact_field_error": _relative(exact_field, field),
+        "grf_field_error": _relative(np.asarray(grf_mean).reshape(field.shape), field),
+        "pixel_coverage": float(((low <= field) & (field <= high)).mean()),
+        "seconds": seconds,
+        **health,
+    }
+
+
+def _task(args: argparse.Namespace) -> Any:
+    return functools.partial(
+        problem_record,
+        model=str(args.model),
+        train_num=args.train_num,
+        train_seed=args.train_seed,
+        prior=args.prior,
+        seed=args.seed,
+        sampler=args.sampler,
+        num_samples=args.num_samples,
+        target_accept=args.target_accept,
+    )
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One record per problem of the shard ``--start``, ``--count``, in this process."""
+    task, records = _task(args), []
     for index in range(args.start, args.start + args.count):
-        u, problem, values, field = sample_problem(index, seed=args.seed, size=SIZE)
-        rng = np.random.default_rng((args.seed, index, 7))
-        exact = ExactBumpPosterior(problem, values, covariance=covariance)
-        exact_field, _ = exact.field_moments(1000, rng)
-        start = time.perf_counter()
-        result = infer_collapsed(
-            problem,
-            generator,
-            values,
-            residual=residual,
-            bounds=bounds,
-            sampler=args.sampler,
-            num_samples=args.num_samples,
-            **({} if args.target_accept is None else {"target_accept_prob": args.target_accept}),
-            seed=index,
-            warn=False,
-        )
-        seconds = time.perf_counter() - start
-        draws = np.asarray(result.idata.posterior["u"]).reshape(-1, len(NAMES))
-        fields = result.idata.field_summary
-        low, high = np.asarray(fields["field_q05"]), np.asarray(fields["field_q95"])
-        grf_mean, _ = grf.posterior(problem, torch.as_tensor(values))
-        health = {k: v for k, v in result.health.items() if k != "warnings"}
-        records.append(
-            {
-                **draw_record(index, u, exact, draws, rng),
-                "field_error": _relative(np.asarray(fields["field_mean"]), field),
-                "exact_field_error": _relative(exact_field, field),
-                "grf_field_error": _relative(np.asarray(grf_mean).reshape(field.shape), field),
-                "pixel_coverage": float(((low <= field) & (field <= high)).mean()),
-                "seconds": seconds,
-                **health,
-            }
-        )
+        records.append(task(index))
+        health = {k: v for k, v in records[-1].items() if k in _HEALTH}
         print(
-            f"problem {index}: {seconds:.1f} s, "
-            + ", ".join(f"{k} {v:.3g}" for k, v in health.items() if isinstance(v, float | int)),
+            f"problem {index}: {records[-1]['seconds']:.1f} s, "
+            + ", ".join(f"{k} {v:.3g}" for k, v in health.items()),
             flush=True,
         )
     return records
+
+
+_HEALTH = ("num_modes", "ess", "pareto_k", "divergences", "misfit_rms", "max_rhat", "min_ess_bulk")
 
 
 def draw_record(
@@ -236,6 +285,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", default=None)
     parser.add_argument("--merge", nargs="+", default=None, help="shard outputs to combine")
+    parser.add_argument(
+        "--records",
+        default=None,
+        help="run the problems as dask tasks, one record file each under this folder (a rerun "
+        "skips the recorded ones)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="with --records: a dask scheduler address, or 'serial' (default: a local cluster)",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="local cluster's workers")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.train_only:
@@ -243,6 +304,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if args.merge:
         records = [r for path in args.merge for r in json.loads(Path(path).read_text())["records"]]
+    elif args.records:
+        indices = range(args.start, args.start + args.count)
+        records = run_study(
+            _task(args), indices, args.records, scheduler=args.scheduler, workers=args.workers
+        )
     else:
         records = run(args)
     result = summarize(records)

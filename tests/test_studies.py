@@ -1,0 +1,61 @@
+"""Studies as dask tasks: one atomic record per problem, reruns skip, any layout same records."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pyro_dlatent.studies import RECORDS, load_records, run_study
+
+
+def _problem(index: int, *, marks: str | None = None) -> dict:
+    """A stand-in study problem: seeded by its index alone, as the package's studies are."""
+    if marks is not None:
+        open(os.path.join(marks, f"{index}-{os.getpid()}"), "w").close()
+    if index == 13:
+        raise RuntimeError("problem 13 fails")
+    rng = np.random.default_rng((7, index))
+    draws = rng.normal(size=(500, 3))
+    return {"mean": draws.mean(0).tolist(), "q90": np.quantile(draws, 0.9, axis=0).tolist()}
+
+
+def test_a_study_on_two_workers_writes_what_a_serial_one_writes(tmp_path):
+    indices = range(8)
+    serial = run_study(_problem, indices, tmp_path / "serial", scheduler="serial")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    task = functools.partial(_problem, marks=str(marks))
+    parallel = run_study(task, indices, tmp_path / "dask", workers=2)
+    assert parallel == serial and [r["index"] for r in serial] == list(indices)
+    assert len({name.split("-")[1] for name in os.listdir(marks)}) == 2  # both workers worked
+    for index in indices:  # the files themselves are identical
+        name = f"{index:06d}.json"
+        assert (tmp_path / "serial" / RECORDS / name).read_bytes() == (
+            tmp_path / "dask" / RECORDS / name
+        ).read_bytes()
+
+
+def test_a_rerun_computes_only_the_missing_records(tmp_path):
+    run_study(_problem, range(6), tmp_path, scheduler="serial")
+    (tmp_path / RECORDS / "000003.json").unlink()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    again = run_study(
+        functools.partial(_problem, marks=str(marks)), range(6), tmp_path, scheduler="serial"
+    )
+    assert [name.split("-")[0] for name in os.listdir(marks)] == ["3"]
+    assert [r["index"] for r in again] == list(range(6))
+
+
+def test_a_failing_problem_keeps_the_others_records_and_raises(tmp_path):
+    with pytest.raises(RuntimeError, match="problem 13"):
+        run_study(_problem, [11, 12, 13, 14], tmp_path, workers=2)
+    kept = sorted(r["index"] for r in load_records(tmp_path))
+    assert kept == [11, 12, 14]
+    with pytest.raises(FileNotFoundError, match="000013"):
+        load_records(tmp_path, [11, 13])
+    assert json.loads((tmp_path / RECORDS / "000011.json").read_text())["index"] == 11
