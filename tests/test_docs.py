@@ -31,6 +31,7 @@ PUBLIC_MODULES = [
         )
     ),
     "pyro_dlatent.training",
+    "pyro_dlatent.studies",
     "pyro_dlatent.export",
     "pyro_dlatent.metrics",
     "pyro_dlatent.flow",
