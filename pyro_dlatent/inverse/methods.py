@@ -40,6 +40,7 @@ from pyro.nn import PyroParam
 from tqdm.auto import tqdm
 
 from pyro_dlatent.inverse._pyro_nuts import SAMPLE_STATS, _RecordingNUTS
+from pyro_dlatent.inverse.chains import run_chains
 from pyro_dlatent.inverse.health import InferenceWarning, loss_settled, run_health
 from pyro_dlatent.inverse.potential import LatentPotential
 from pyro_dlatent.inverse.prior import InverseProblemModel
@@ -223,8 +224,7 @@ class NUTS:
     num_warmup : int, optional
         Warm-up (adaptation) steps per chain; default ``num_samples``.
     num_chains : int
-        Chains, each started from its own prior draw. Pyro runs them in parallel processes
-        when there are more than ``num_chains`` CPUs, one after another otherwise.
+        Chains, each started from its own prior draw and seeded from the run's seed.
     target_accept_prob, max_tree_depth : float, int
         Step-size adaptation target and the trajectory's doubling limit.
     dense_mass : bool
@@ -237,7 +237,11 @@ class NUTS:
         forked ones and silently stays eager when tracing fails or disagrees; ``False`` never
         traces.
     mp_context : str, optional
-        Multiprocessing start method for parallel chains (e.g. ``"spawn"`` with CUDA).
+        Run the chains in one ``pyro.infer.MCMC`` with this multiprocessing start method (e.g.
+        ``"spawn"`` with CUDA) instead of as independent seeded runs.
+    num_processes : int, optional
+        Processes for the independent chains (default ``min(num_chains, cores)``; see
+        :func:`~pyro_dlatent.inverse.chains.run_chains`): the draws are the same for any value.
     """
 
     num_samples: int = 1000
@@ -248,6 +252,7 @@ class NUTS:
     dense_mass: bool = False
     jit_compile: bool | None = None
     mp_context: str | None = None
+    num_processes: int | None = None
     name: ClassVar[str] = "nuts"
 
     def __post_init__(self) -> None:
@@ -512,6 +517,41 @@ def _run_svi(
     return latent, autoguide, losses
 
 
+def _nuts_chain(
+    potential: LatentPotential,
+    start: torch.Tensor,
+    seed: int,
+    *,
+    num_samples: int,
+    num_warmup: int,
+    target_accept_prob: float,
+    max_tree_depth: int,
+    dense_mass: bool,
+    progress: bool,
+) -> tuple[torch.Tensor, dict[str, list]]:
+    """One chain of the recording NUTS kernel: its draws ``(num_samples, dim)`` and statistics."""
+    kernel = _RecordingNUTS(
+        potential_fn=potential,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        adapt_mass_matrix=True,
+        full_mass=dense_mass,
+    )
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=num_warmup,
+        initial_params={potential.site: start},
+        transforms={},
+        disable_progbar=not progress,
+    )
+    pyro.set_rng_seed(seed)
+    mcmc.run()
+    diagnostics = mcmc.diagnostics()
+    stats = {name: list(diagnostics[name]["chain 0"]) for name in SAMPLE_STATS}
+    return mcmc.get_samples()[potential.site], stats
+
+
 def _run_nuts(
     model: InverseProblemModel,
     *,
@@ -524,6 +564,7 @@ def _run_nuts(
     jit_compile: bool | None,
     progress: bool,
     mp_context: str | None,
+    num_processes: int | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     potential, initial = LatentPotential.from_model(
         model, num_chains=num_chains, jit_compile=bool(jit_compile)
@@ -534,12 +575,47 @@ def _run_nuts(
             potential.compile(initial[0])
         except Exception:  # any failure to trace or a disagreeing trace: stay eager
             potential._compiled = None
+    settings = {
+        "num_samples": num_samples,
+        "num_warmup": num_warmup,
+        "target_accept_prob": target_accept_prob,
+        "max_tree_depth": max_tree_depth,
+        "dense_mass": dense_mass,
+    }
+    if mp_context is not None:  # Pyro's own multi-chain runner, as before chains.run_chains
+        return _run_nuts_pyro(model, potential, initial, num_chains, mp_context, progress, settings)
+    seeds = torch.randint(2**31, (num_chains,)).tolist()  # from the run's seed: same draws
+    if model.observations.device.type != "cpu":  # chains run one after another on a GPU
+        num_processes = 1
+    chains = run_chains(
+        lambda c: _nuts_chain(potential, initial[c], seeds[c], progress=progress, **settings),
+        num_chains,
+        num_processes=num_processes,
+    )
+    theta = torch.stack([draws for draws, _ in chains])
+    with torch.no_grad():
+        constrained = potential.constrain(theta)
+    latent = {k: constrained[k] for k in model.prior.latent_sites}
+    stats = {name: np.asarray([chain[name] for _, chain in chains]) for name in SAMPLE_STATS}
+    return latent, stats
+
+
+def _run_nuts_pyro(
+    model: InverseProblemModel,
+    potential: LatentPotential,
+    initial: torch.Tensor,
+    num_chains: int,
+    mp_context: str,
+    progress: bool,
+    settings: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """All chains in one ``pyro.infer.MCMC`` with a multiprocessing context (e.g. CUDA)."""
     kernel = _RecordingNUTS(
         potential_fn=potential,
-        target_accept_prob=target_accept_prob,
-        max_tree_depth=max_tree_depth,
+        target_accept_prob=settings["target_accept_prob"],
+        max_tree_depth=settings["max_tree_depth"],
         adapt_mass_matrix=True,
-        full_mass=dense_mass,
+        full_mass=settings["dense_mass"],
     )
     init = {potential.site: initial if num_chains > 1 else initial[0]}
     with warnings.catch_warnings():
@@ -547,8 +623,8 @@ def _run_nuts(
         warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
         mcmc = MCMC(
             kernel,
-            num_samples=num_samples,
-            warmup_steps=num_warmup,
+            num_samples=settings["num_samples"],
+            warmup_steps=settings["num_warmup"],
             num_chains=num_chains,
             initial_params=init,
             transforms={},

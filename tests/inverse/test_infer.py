@@ -604,3 +604,18 @@ def test_the_pyro_internals_the_nuts_kernel_overrides_are_as_it_expects():
     from pyro_dlatent.inverse._pyro_nuts import check_pyro_internals
 
     check_pyro_internals()
+
+
+def test_nuts_chains_on_two_processes_draw_what_one_process_draws():
+    from pyro_dlatent.inverse import NUTS
+
+    problem, prior, _, data = _linear_setup()
+    draws = [
+        infer(problem, prior, data, NUTS(num_samples=30, num_chains=2, num_processes=n), **QUIET)
+        for n in (1, 2)
+    ]
+    for name, values in draws[0].samples.items():
+        assert values.shape[:2] == (2, 30)
+        torch.testing.assert_close(values, draws[1].samples[name], rtol=0, atol=0)
+    stats = [d.idata.sample_stats for d in draws]
+    np.testing.assert_array_equal(stats[0]["n_steps"].values, stats[1]["n_steps"].values)
