@@ -1,0 +1,116 @@
+"""Chains on several processes and a study on a dask cluster, against their one-process runs.
+
+Run ``python benchmarks/bench_parallel.py --model vae.pt [--problems 20] [--output par.json]``
+with an Aux-VAE checkpoint of ``sources`` (``deep_prior_calibration.py --train-only`` writes
+one). Two timings, each against its baseline in the same run, with the ratio printed:
+
+(a) ``infer_collapsed(..., sampler="nuts")``, 4 chains of 500 + 1,000 steps on one problem, on
+    one process and on ``min(4, cores)`` processes (the draws are identical; checked);
+(b) the calibration study's importance-sampling records of ``--problems`` problems, serially
+    in this process and as dask tasks on a local cluster of one worker per core (the records
+    are identical, timings aside; checked).
+
+The ideal speedup on a 2-core machine is 2; process start-up, the per-worker context (8,192
+simulated training images and the GRF fit, built once per worker) and the machine's other load
+take from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_dlatent.inverse.chains import available_cores
+from pyro_dlatent.inverse.collapsed import infer_collapsed
+from pyro_dlatent.inverse.exact import sample_problem
+from pyro_dlatent.models import AuxVAE
+from pyro_dlatent.studies import run_study
+
+sys.path.insert(0, str(Path(__file__).parent))
+import deep_prior_calibration as study
+
+__all__ = ["main"]
+
+
+def _chains(model_path: str, index: int) -> dict[str, float]:
+    generator = AuxVAE.load(model_path).generator()
+    _, problem, values, _ = sample_problem(index, size=generator.image_size)
+    seconds, draws = {}, {}
+    for processes in (1, min(4, available_cores())):
+        start = time.perf_counter()
+        result = infer_collapsed(
+            problem, generator, values, sampler="nuts", num_processes=processes, warn=False
+        )
+        seconds[processes] = time.perf_counter() - start
+        draws[processes] = result.idata.posterior["u"].values
+    one, many = sorted(seconds)
+    assert np.array_equal(draws[one], draws[many]), "parallel chains drew other draws"
+    return {
+        "chains_1_process_s": seconds[one],
+        f"chains_{many}_processes_s": seconds[many],
+        "chains_speedup": seconds[one] / seconds[many],
+    }
+
+
+def _study(model_path: str, problems: int) -> dict[str, float]:
+    task = study._task(
+        argparse.Namespace(
+            model=model_path,
+            train_num=8192,
+            train_seed=0,
+            prior="training",
+            seed=0,
+            sampler="importance",
+            num_samples=1000,
+            target_accept=None,
+        )
+    )
+    seconds, records = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for scheduler in ("serial", None):
+            out = Path(folder) / str(scheduler)
+            start = time.perf_counter()
+            records[scheduler] = run_study(task, range(problems), out, scheduler=scheduler)
+            seconds[scheduler] = time.perf_counter() - start
+            shutil.rmtree(out)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records["serial"]]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in records[None]]
+    return {
+        "study_serial_s": seconds["serial"],
+        "study_dask_s": seconds[None],
+        "study_workers": available_cores(),
+        "study_speedup": seconds["serial"] / seconds[None],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--problems", type=int, default=20)
+    parser.add_argument("--problem", type=int, default=3, help="the chains' problem")
+    parser.add_argument("--skip", choices=("chains", "study"), default=None)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    result: dict[str, float] = {"cores": available_cores()}
+    if args.skip != "chains":
+        result.update(_chains(args.model, args.problem))
+    if args.skip != "study":
+        result.update(_study(args.model, args.problems))
+    for key, value in result.items():
+        print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
