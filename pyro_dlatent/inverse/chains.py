@@ -19,7 +19,7 @@ import torch
 
 from pyro_dlatent.validation import check_int
 
-__all__ = ["available_cores", "run_chains"]
+__all__ = ["available_cores", "nuts_chain", "run_chains"]
 
 _JOB: dict[str, Any] = {}  # the chain function, inherited by forked workers (never pickled)
 
@@ -35,6 +35,42 @@ def available_cores() -> int:
 def _run_one(chain: int) -> Any:
     torch.set_num_threads(1)  # one core per chain process: no oversubscription
     return _JOB["chain"](chain)
+
+
+def nuts_chain(
+    kernel: Any,
+    site: str,
+    start: torch.Tensor,
+    seed: int,
+    *,
+    num_samples: int,
+    num_warmup: int,
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One chain of a Pyro NUTS ``kernel`` on a potential over ``site`` started at ``start``.
+
+    Returns the draws ``(num_samples, *start.shape)`` and the chain's ``MCMC.diagnostics()``
+    entries (``"divergences"``, and a recording kernel's per-draw statistics) for chain 0.
+    """
+    from pyro import set_rng_seed
+    from pyro.infer import MCMC
+
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=num_warmup,
+        initial_params={site: start},
+        transforms={},
+        disable_progbar=not progress,
+    )
+    set_rng_seed(seed)
+    mcmc.run()
+    diagnostics = {
+        name: value["chain 0"]
+        for name, value in mcmc.diagnostics().items()
+        if isinstance(value, dict) and "chain 0" in value
+    }
+    return mcmc.get_samples()[site], diagnostics
 
 
 def run_chains(

@@ -463,33 +463,24 @@ def _nuts_chain(
     start: torch.Tensor,
     seed: int,
     *,
-    num_samples: int,
-    num_warmup: int,
     target_accept_prob: float,
     max_tree_depth: int,
-    progress: bool,
+    **run: Any,
 ) -> tuple[np.ndarray, int]:
     """One chain of Pyro's NUTS on :meth:`CollapsedModel.potential`: draws of ``s``, divergences."""
-    from pyro.infer import MCMC, NUTS
+    from pyro.infer import NUTS
+
+    from pyro_dlatent.inverse.chains import nuts_chain
 
     kernel = NUTS(
         potential_fn=model.potential,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
     )
-    mcmc = MCMC(
-        kernel,
-        num_samples=num_samples,
-        warmup_steps=num_warmup,
-        initial_params={"t": start},
-        disable_progbar=not progress,
-    )
-    pyro.set_rng_seed(seed)
-    mcmc.run()
+    t, diagnostics = nuts_chain(kernel, "t", start, seed, **run)
     with torch.no_grad():
-        s = model.from_logit(mcmc.get_samples()["t"]).numpy()
-    divergences = sum(len(v) for v in mcmc.diagnostics().get("divergences", {}).values())
-    return s, int(divergences)
+        s = model.from_logit(t).numpy()
+    return s, len(diagnostics.get("divergences", []))
 
 
 def _run_nuts(

@@ -40,7 +40,7 @@ from pyro.nn import PyroParam
 from tqdm.auto import tqdm
 
 from pyro_dlatent.inverse._pyro_nuts import SAMPLE_STATS, _RecordingNUTS
-from pyro_dlatent.inverse.chains import run_chains
+from pyro_dlatent.inverse.chains import nuts_chain, run_chains
 from pyro_dlatent.inverse.health import InferenceWarning, loss_settled, run_health
 from pyro_dlatent.inverse.potential import LatentPotential
 from pyro_dlatent.inverse.prior import InverseProblemModel
@@ -522,12 +522,10 @@ def _nuts_chain(
     start: torch.Tensor,
     seed: int,
     *,
-    num_samples: int,
-    num_warmup: int,
     target_accept_prob: float,
     max_tree_depth: int,
     dense_mass: bool,
-    progress: bool,
+    **run: Any,
 ) -> tuple[torch.Tensor, dict[str, list]]:
     """One chain of the recording NUTS kernel: its draws ``(num_samples, dim)`` and statistics."""
     kernel = _RecordingNUTS(
@@ -537,19 +535,8 @@ def _nuts_chain(
         adapt_mass_matrix=True,
         full_mass=dense_mass,
     )
-    mcmc = MCMC(
-        kernel,
-        num_samples=num_samples,
-        warmup_steps=num_warmup,
-        initial_params={potential.site: start},
-        transforms={},
-        disable_progbar=not progress,
-    )
-    pyro.set_rng_seed(seed)
-    mcmc.run()
-    diagnostics = mcmc.diagnostics()
-    stats = {name: list(diagnostics[name]["chain 0"]) for name in SAMPLE_STATS}
-    return mcmc.get_samples()[potential.site], stats
+    draws, diagnostics = nuts_chain(kernel, potential.site, start, seed, **run)
+    return draws, {name: list(diagnostics[name]) for name in SAMPLE_STATS}
 
 
 def _run_nuts(
