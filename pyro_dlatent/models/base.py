@@ -632,7 +632,7 @@ class GuidedLatentModel(PyroModule):
                 raise ValueError("model(None, aux) generates images: aux sets the batch, got None")
             batch, device, images_std = aux.shape[0], self.device, None
         else:
-            batch, device, images_std = images.shape[0], images.device, None
+            batch, device = images.shape[0], images.device
             images_std = self.standardize_images(images)
         with self._plate(batch, num_data, subsample, device):
             z_aux, z_rec = self.split(aux, mask)
