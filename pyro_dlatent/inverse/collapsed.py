@@ -274,9 +274,6 @@ class CollapsedPosterior:
         self.evaluations = model.evaluations - before
         self.seconds = time.perf_counter() - start
 
-    def _standardized(self, theta: torch.Tensor) -> torch.Tensor:
-        return self.model.from_logit(theta)
-
     def log_target(self, theta: torch.Tensor) -> torch.Tensor:
         """Log posterior density in logit coordinates (up to a constant), ``(n,)``."""
         return self.model.log_target(theta)
@@ -390,7 +387,7 @@ class CollapsedPosterior:
                 new_means.append(mu)
                 new_covs.append(1.2**2 * c + 1e-6 * np.eye(theta.shape[1]))
             means, covs = np.array(new_means), np.array(new_covs)
-        self.standardized_draws = self._standardized(torch.as_tensor(self.theta)).numpy()
+        self.standardized_draws = self.model.from_logit(torch.as_tensor(self.theta)).numpy()
 
     # ---------------------------------------------------------------- summaries
     @property
@@ -550,7 +547,7 @@ def infer_collapsed(
     num_warmup, num_chains, target_accept_prob, max_tree_depth
         NUTS settings (ignored by the importance sampler). The acceptance target is 0.9, not
         Pyro's 0.8: the smaller steps it adapts avoid the rare divergence near the edges of
-        the prior box at little extra cost.
+        the prior box.
     num_processes : int, optional
         Processes the NUTS chains run on (default ``min(num_chains, cores)``; the draws are
         the same for any value).

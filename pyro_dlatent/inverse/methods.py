@@ -517,25 +517,38 @@ def _run_svi(
     return latent, autoguide, losses
 
 
-def _nuts_chain(
-    potential: LatentPotential,
-    start: torch.Tensor,
-    seed: int,
-    *,
-    target_accept_prob: float,
-    max_tree_depth: int,
-    dense_mass: bool,
-    **run: Any,
-) -> tuple[torch.Tensor, dict[str, list]]:
-    """One chain of the recording NUTS kernel: its draws ``(num_samples, dim)`` and statistics."""
-    kernel = _RecordingNUTS(
+def _recording_kernel(
+    potential: LatentPotential, *, target_accept_prob: float, max_tree_depth: int, dense_mass: bool
+) -> _RecordingNUTS:
+    return _RecordingNUTS(
         potential_fn=potential,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
         adapt_mass_matrix=True,
         full_mass=dense_mass,
     )
-    draws, diagnostics = nuts_chain(kernel, potential.site, start, seed, **run)
+
+
+def _nuts_chain(
+    potential: LatentPotential,
+    start: torch.Tensor,
+    seed: int,
+    *,
+    num_samples: int,
+    num_warmup: int,
+    progress: bool,
+    **kernel: Any,
+) -> tuple[torch.Tensor, dict[str, list]]:
+    """One chain of the recording NUTS kernel: its draws ``(num_samples, dim)`` and statistics."""
+    draws, diagnostics = nuts_chain(
+        _recording_kernel(potential, **kernel),
+        potential.site,
+        start,
+        seed,
+        num_samples=num_samples,
+        num_warmup=num_warmup,
+        progress=progress,
+    )
     return draws, {name: list(diagnostics[name]) for name in SAMPLE_STATS}
 
 
@@ -570,48 +583,42 @@ def _run_nuts(
         "dense_mass": dense_mass,
     }
     if mp_context is not None:  # Pyro's own multi-chain runner, as before chains.run_chains
-        return _run_nuts_pyro(model, potential, initial, num_chains, mp_context, progress, settings)
-    seeds = torch.randint(2**31, (num_chains,)).tolist()  # from the run's seed: same draws
-    if model.observations.device.type != "cpu":  # chains run one after another on a GPU
-        num_processes = 1
-    chains = run_chains(
-        lambda c: _nuts_chain(potential, initial[c], seeds[c], progress=progress, **settings),
-        num_chains,
-        num_processes=num_processes,
-    )
-    theta = torch.stack([draws for draws, _ in chains])
+        theta, stats = _run_nuts_pyro(potential, initial, mp_context, progress, settings)
+    else:
+        seeds = torch.randint(2**31, (num_chains,)).tolist()  # from the run's seed: same draws
+        if model.observations.device.type != "cpu":  # chains run one after another on a GPU
+            num_processes = 1
+        chains = run_chains(
+            lambda c: _nuts_chain(potential, initial[c], seeds[c], progress=progress, **settings),
+            num_chains,
+            num_processes=num_processes,
+        )
+        theta = torch.stack([draws for draws, _ in chains])
+        stats = {name: np.asarray([chain[name] for _, chain in chains]) for name in SAMPLE_STATS}
     with torch.no_grad():
         constrained = potential.constrain(theta)
-    latent = {k: constrained[k] for k in model.prior.latent_sites}
-    stats = {name: np.asarray([chain[name] for _, chain in chains]) for name in SAMPLE_STATS}
-    return latent, stats
+    return {k: constrained[k] for k in model.prior.latent_sites}, stats
 
 
 def _run_nuts_pyro(
-    model: InverseProblemModel,
     potential: LatentPotential,
     initial: torch.Tensor,
-    num_chains: int,
     mp_context: str,
     progress: bool,
     settings: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """All chains in one ``pyro.infer.MCMC`` with a multiprocessing context (e.g. CUDA)."""
-    kernel = _RecordingNUTS(
-        potential_fn=potential,
-        target_accept_prob=settings["target_accept_prob"],
-        max_tree_depth=settings["max_tree_depth"],
-        adapt_mass_matrix=True,
-        full_mass=settings["dense_mass"],
-    )
+    num_chains = initial.shape[0]
+    run = {k: settings[k] for k in ("num_samples", "num_warmup")}
+    kernel = _recording_kernel(potential, **{k: v for k, v in settings.items() if k not in run})
     init = {potential.site: initial if num_chains > 1 else initial[0]}
     with warnings.catch_warnings():
         # On few cores Pyro runs the chains one after another and says so; that is expected.
         warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
         mcmc = MCMC(
             kernel,
-            num_samples=settings["num_samples"],
-            warmup_steps=settings["num_warmup"],
+            num_samples=run["num_samples"],
+            warmup_steps=run["num_warmup"],
             num_chains=num_chains,
             initial_params=init,
             transforms={},
@@ -619,13 +626,9 @@ def _run_nuts_pyro(
             mp_context=mp_context,
         )
         mcmc.run()
-    theta = mcmc.get_samples(group_by_chain=True)[potential.site]
-    with torch.no_grad():
-        constrained = potential.constrain(theta)
-    latent = {k: constrained[k] for k in model.prior.latent_sites}
     diagnostics = mcmc.diagnostics()
-    stats = {}
-    for name in SAMPLE_STATS:
-        per_chain = diagnostics[name]
-        stats[name] = np.asarray([per_chain[f"chain {c}"] for c in range(num_chains)])
-    return latent, stats
+    stats = {
+        name: np.asarray([diagnostics[name][f"chain {c}"] for c in range(num_chains)])
+        for name in SAMPLE_STATS
+    }
+    return mcmc.get_samples(group_by_chain=True)[potential.site], stats
