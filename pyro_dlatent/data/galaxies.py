@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from scipy.stats import qmc
 
-from pyro_dlatent.data.io import from_arrays
+from pyro_dlatent.data._simulation import Simulation
 
 __all__ = ["PARAMETERS", "render", "simulate"]
 
 PARAMETERS = ("flux", "scale_radius", "g1", "g2", "psf_fwhm")
 """Auxiliary names, in latent order."""
+
+_CHUNK_ELEMENTS = 2**20
+"""Pixels rendered per block of stamps (4 MiB of float32)."""
 
 
 def _check_range(name: str, value: Any, *, positive: bool) -> tuple[float, float]:
@@ -127,6 +131,32 @@ def simulate(
         ``image`` ``(sample, y, x)`` in counts per pixel, coordinates ``x``, ``y`` in arcsec
         from the stamp centre, and the five auxiliaries of :data:`PARAMETERS`.
     """
+    return _simulation(
+        num,
+        size,
+        seed,
+        pixel_scale=pixel_scale,
+        flux_range=flux_range,
+        scale_radius_range=scale_radius_range,
+        shear_range=shear_range,
+        psf_fwhm_range=psf_fwhm_range,
+        noise_sd=noise_sd,
+    ).dataset()
+
+
+def _simulation(
+    num: int,
+    size: int,
+    seed: int,
+    *,
+    pixel_scale: float = 0.2,
+    flux_range: tuple[float, float] = (1e3, 1e5),
+    scale_radius_range: tuple[float, float] = (0.2, 0.5),
+    shear_range: tuple[float, float] = (-0.2, 0.2),
+    psf_fwhm_range: tuple[float, float] = (0.5, 1.0),
+    noise_sd: float = 0.0,
+) -> Simulation:
+    """:func:`simulate` before the images: the design, then the stamps block by block."""
     if not (math.isfinite(pixel_scale) and pixel_scale > 0.0):
         raise ValueError(f"expected pixel_scale > 0, got {pixel_scale!r}")
     if not (math.isfinite(noise_sd) and noise_sd >= 0.0):
@@ -148,11 +178,29 @@ def simulate(
         "g2": lo_g + unit[:, 3] * (hi_g - lo_g),
         "psf_fwhm": lo_p + unit[:, 4] * (hi_p - lo_p),
     }
-    images = render(**aux, size=size, pixel_scale=pixel_scale)
-    if noise_sd > 0.0:
-        images += noise_sd * rng.standard_normal(images.shape, dtype=np.float32)
-    ds = from_arrays(
-        images,
+
+    def blocks() -> Iterator[np.ndarray]:
+        chunk = max(1, _CHUNK_ELEMENTS // size**2)
+        for start in range(0, num, chunk):
+            part = slice(start, start + chunk)
+            images = render(
+                **{k: v[part] for k, v in aux.items()}, size=size, pixel_scale=pixel_scale
+            )
+            if noise_sd > 0.0:  # one stream in sample order: the same noise in any blocks
+                images += noise_sd * rng.standard_normal(images.shape, dtype=np.float32)
+            yield images
+
+    def decorate(ds: xr.Dataset) -> xr.Dataset:
+        ds["image"].attrs.update(long_name="surface brightness per pixel", units="counts")
+        coords = (np.arange(size) + 0.5 - 0.5 * size) * pixel_scale
+        ds = ds.assign_coords(x=("x", coords), y=("y", coords))
+        for axis in ("x", "y"):
+            ds[axis].attrs.update(units="arcsec", long_name=f"{axis} offset from the stamp centre")
+        return ds
+
+    return Simulation(
+        num,
+        blocks(),
         aux,
         units={
             "flux": "counts",
@@ -174,10 +222,5 @@ def simulate(
             "psf_fwhm_range": [lo_p, hi_p],
             "noise_sd": float(noise_sd),
         },
+        decorate=decorate,
     )
-    ds["image"].attrs.update(long_name="surface brightness per pixel", units="counts")
-    coords = (np.arange(size) + 0.5 - 0.5 * size) * pixel_scale
-    ds = ds.assign_coords(x=("x", coords), y=("y", coords))
-    for axis in ("x", "y"):
-        ds[axis].attrs.update(units="arcsec", long_name=f"{axis} offset from the stamp centre")
-    return ds

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from scipy import constants, integrate, ndimage, special
 
-from pyro_dlatent.data.io import from_arrays
+from pyro_dlatent.data._simulation import Simulation
 
 __all__ = [
     "ARNAUD2010",
@@ -563,6 +564,44 @@ def simulate(
         ``r500_arcmin``, and ``c500`` and ``p0`` (the gNFW concentration and normalization
         used: pass them to :func:`compton_y_profile` to reproduce a map's profile).
     """
+    return _simulation(
+        num,
+        size,
+        seed,
+        z=z,
+        fov_arcmin=fov_arcmin,
+        log10_mass_range=log10_mass_range,
+        concentration_model=concentration_model,
+        concentration_scatter=concentration_scatter,
+        alpha_p=alpha_p,
+        axis_ratio_range=axis_ratio_range,
+        offset_sd=offset_sd,
+        disturbed_fraction=disturbed_fraction,
+        beam_fwhm_arcmin=beam_fwhm_arcmin,
+        noise_arcmin=noise_arcmin,
+        oversample=oversample,
+    ).dataset()
+
+
+def _simulation(
+    num: int,
+    size: int,
+    seed: int,
+    *,
+    z: float = 0.1,
+    fov_arcmin: float = 60.0,
+    log10_mass_range: tuple[float, float] = (13.5, 15.0),
+    concentration_model: str = "diemer19",
+    concentration_scatter: float = 0.16,
+    alpha_p: float = 0.12,
+    axis_ratio_range: tuple[float, float] = (0.6, 1.0),
+    offset_sd: float = 0.05,
+    disturbed_fraction: float = 0.07,
+    beam_fwhm_arcmin: float = 1.5,
+    noise_arcmin: float = 0.5,
+    oversample: int = 2,
+) -> Simulation:
+    """:func:`simulate` before the images: every halo's parameters, then the maps block by block."""
     z = float(_redshift(z))
     fov_arcmin = float(_positive("fov_arcmin", fov_arcmin))
     lo_m, hi_m = _check_range("log10_mass_range", log10_mass_range, 10.0, 16.5)
@@ -615,47 +654,66 @@ def simulate(
     subpixels = (np.arange(size * oversample) + 0.5 - 0.5 * size * oversample) * (
         pixel / oversample
     )
-    images = np.empty((num, size, size), dtype=np.float32)
     chunk = max(1, _CHUNK_ELEMENTS // subpixels.size**2)
     main_amplitude = amplitude(mass, c500, p0)
-    for start in range(0, num, chunk):
-        part = slice(start, start + chunk)
-        maps = _render(
-            offsets[part],
-            axis_ratio[part],
-            orientation[part],
-            r500_arcmin[part] / c500[part],
-            main_amplitude[part],
-            subpixels,
-        )
-        images[part] = _bin(maps, oversample)
-    if host.size:
-        clump_c500 = np.full(host.size, ARNAUD2010["c500"])
-        clump_amplitude = amplitude(clump_mass, clump_c500, ARNAUD2010["p0"])
-        clump_scale = r500(clump_mass, z) / arcmin_mpc / clump_c500
-        ones, zeros = np.ones(host.size), np.zeros(host.size)
-        for start in range(0, host.size, chunk):
-            part = slice(start, start + chunk)
-            maps = _render(
-                clump_centers[part],
-                ones[part],
-                zeros[part],
-                clump_scale[part],
-                clump_amplitude[part],
-                subpixels,
-            )
-            np.add.at(images, host[part], _bin(maps, oversample).astype(np.float32))
-    if beam > 0.0:
-        sigma = beam / (2.0 * math.sqrt(2.0 * math.log(2.0))) / pixel
-        images = ndimage.gaussian_filter(images, sigma=(0.0, sigma, sigma), mode="reflect")
-    if noise_arcmin > 0.0:
-        noise_sd = noise_arcmin / pixel
+    clump_c500 = np.full(host.size, ARNAUD2010["c500"])
+    clump_amplitude = amplitude(clump_mass, clump_c500, ARNAUD2010["p0"])
+    clump_scale = r500(clump_mass, z) / arcmin_mpc / clump_c500
+
+    def blocks() -> Iterator[np.ndarray]:
         for start in range(0, num, chunk):
             part = slice(start, start + chunk)
-            images[part] += noise_sd * rng.standard_normal(images[part].shape, dtype=np.float32)
+            maps = _render(
+                offsets[part],
+                axis_ratio[part],
+                orientation[part],
+                r500_arcmin[part] / c500[part],
+                main_amplitude[part],
+                subpixels,
+            )
+            images = _bin(maps, oversample).astype(np.float32)
+            clumps = slice(*np.searchsorted(host, [start, start + len(images)]))
+            if clumps.stop > clumps.start:
+                count = clumps.stop - clumps.start
+                maps = _render(
+                    clump_centers[clumps],
+                    np.ones(count),
+                    np.zeros(count),
+                    clump_scale[clumps],
+                    clump_amplitude[clumps],
+                    subpixels,
+                )
+                np.add.at(images, host[clumps] - start, _bin(maps, oversample).astype(np.float32))
+            if beam > 0.0:
+                sigma = beam / (2.0 * math.sqrt(2.0 * math.log(2.0))) / pixel
+                images = ndimage.gaussian_filter(images, sigma=(0.0, sigma, sigma), mode="reflect")
+            if noise_arcmin > 0.0:  # one stream in sample order: the same noise in any blocks
+                noise_sd = noise_arcmin / pixel
+                images += noise_sd * rng.standard_normal(images.shape, dtype=np.float32)
+            yield images
 
-    ds = from_arrays(
-        images,
+    def decorate(ds: xr.Dataset) -> xr.Dataset:
+        ds["image"].attrs.update(long_name="Compton-y parameter times 1e6", units="1e-6")
+        ds = ds.assign_coords(x=("x", coords), y=("y", coords))
+        for axis in ("x", "y"):
+            ds[axis].attrs.update(units="arcmin", long_name=f"{axis} offset from the field centre")
+        for name, units in (
+            ("axis_ratio", ""),
+            ("orientation", "rad"),
+            ("offset_x", "arcmin"),
+            ("offset_y", "arcmin"),
+            ("r500_arcmin", "arcmin"),
+            ("c500", ""),
+            ("p0", "h70^-3/2"),
+            ("n_clumps", ""),
+        ):
+            ds[name].attrs["units"] = units
+        ds["disturbed"].attrs["long_name"] = "has substructure clumps (rare tail; not an auxiliary)"
+        return ds
+
+    return Simulation(
+        num,
+        blocks(),
         {"log10_M500": log10_m, "concentration": concentration},
         units={"log10_M500": "Msun", "concentration": ""},
         transforms={"concentration": "log"},
@@ -690,21 +748,5 @@ def simulate(
             "noise_arcmin": noise_arcmin,
             "oversample": oversample,
         },
+        decorate=decorate,
     )
-    ds["image"].attrs.update(long_name="Compton-y parameter times 1e6", units="1e-6")
-    ds = ds.assign_coords(x=("x", coords), y=("y", coords))
-    for axis in ("x", "y"):
-        ds[axis].attrs.update(units="arcmin", long_name=f"{axis} offset from the field centre")
-    for name, units in (
-        ("axis_ratio", ""),
-        ("orientation", "rad"),
-        ("offset_x", "arcmin"),
-        ("offset_y", "arcmin"),
-        ("r500_arcmin", "arcmin"),
-        ("c500", ""),
-        ("p0", "h70^-3/2"),
-        ("n_clumps", ""),
-    ):
-        ds[name].attrs["units"] = units
-    ds["disturbed"].attrs["long_name"] = "has substructure clumps (rare tail; not an auxiliary)"
-    return ds

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from scipy import fft, special
 
-from pyro_dlatent.data.io import from_arrays
+from pyro_dlatent.data._simulation import Simulation
 
 __all__ = [
     "gaussian_bump",
@@ -280,6 +281,32 @@ def simulate(
         ``image`` ``(sample, y, x)`` with coordinates ``x``, ``y`` in ``[0, 1]``; auxiliaries
         ``x0``, ``y0``, ``log_amplitude``, ``width``; the residual's parameters in ``attrs``.
     """
+    return _simulation(
+        num,
+        size,
+        seed,
+        center_range=center_range,
+        amplitude_range=amplitude_range,
+        width_range=width_range,
+        residual_sd=residual_sd,
+        length_scale=length_scale,
+        smoothness=smoothness,
+    ).dataset()
+
+
+def _simulation(
+    num: int,
+    size: int,
+    seed: int,
+    *,
+    center_range: tuple[float, float] = (0.2, 0.8),
+    amplitude_range: tuple[float, float] = (1.0, 10.0),
+    width_range: tuple[float, float] = (0.05, 0.15),
+    residual_sd: float = 0.25,
+    length_scale: float = 0.15,
+    smoothness: float = 1.0,
+) -> Simulation:
+    """:func:`simulate` before the images: the auxiliaries, then the fields block by block."""
     lo_c, hi_c = _uniform_range("center_range", center_range, unit=True)
     lo_a, hi_a = _uniform_range("amplitude_range", amplitude_range, unit=False)
     lo_w, hi_w = _uniform_range("width_range", width_range, unit=False)
@@ -292,17 +319,33 @@ def simulate(
         "width": rng.uniform(lo_w, hi_w, num),
     }
     coords = grid(size)
-    images = np.empty((num, size, size), dtype=np.float32)
-    chunk = max(1, _CHUNK_ELEMENTS // size**2)
-    for start in range(0, num, chunk):
-        part = slice(start, start + chunk)
-        count = min(chunk, num - start)
-        residual = sample_matern_field(
-            count, size, sd=residual_sd, length_scale=length_scale, smoothness=smoothness, rng=rng
-        )
-        images[part] = gaussian_bump(coords, coords, *(aux[k][part] for k in aux)) + residual
-    ds = from_arrays(
-        images,
+
+    def blocks() -> Iterator[np.ndarray]:
+        chunk = max(1, _CHUNK_ELEMENTS // size**2)
+        for start in range(0, num, chunk):
+            part = slice(start, start + chunk)
+            count = min(chunk, num - start)
+            residual = sample_matern_field(
+                count,
+                size,
+                sd=residual_sd,
+                length_scale=length_scale,
+                smoothness=smoothness,
+                rng=rng,
+            )
+            bump = gaussian_bump(coords, coords, *(aux[k][part] for k in aux))
+            yield (bump + residual).astype(np.float32)
+
+    def decorate(ds: xr.Dataset) -> xr.Dataset:
+        ds["image"].attrs.update(long_name="source field f", units="")
+        ds = ds.assign_coords(x=("x", coords), y=("y", coords))
+        ds["x"].attrs.update(units="", long_name="x coordinate on the unit square")
+        ds["y"].attrs.update(units="", long_name="y coordinate on the unit square")
+        return ds
+
+    return Simulation(
+        num,
+        blocks(),
         aux,
         units=dict.fromkeys(aux, ""),
         attrs={
@@ -317,9 +360,5 @@ def simulate(
             "amplitude_range": [lo_a, hi_a],
             "width_range": [lo_w, hi_w],
         },
+        decorate=decorate,
     )
-    ds["image"].attrs.update(long_name="source field f", units="")
-    ds = ds.assign_coords(x=("x", coords), y=("y", coords))
-    ds["x"].attrs.update(units="", long_name="x coordinate on the unit square")
-    ds["y"].attrs.update(units="", long_name="y coordinate on the unit square")
-    return ds
