@@ -38,13 +38,15 @@ __all__ = ["FORMAT_VERSION", "MAGIC", "Checkpoint", "load_checkpoint", "save_che
 MAGIC = "pyro_dlatent/checkpoint"
 """Value of the ``magic`` field that marks a pyro_dlatent checkpoint."""
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Current checkpoint format version; files of a newer version are refused.
 
-Version 2 files hold every buffer of the model that wrote them; a model loads them strictly.
-Version 1 files come from the package's first months, whose models gained buffers and options
-one by one; loading one runs its migration (``GuidedLatentModel._migrate_v1``), which resets
-what the file predates. A change that adds to the format bumps the version and adds a migration.
+Files of versions 2 and 3 hold every buffer of the model that wrote them; a model loads them
+strictly. Version 3 keeps the generation map in its own module (``generation.*`` keys, where
+version 2 had ``guided_*`` on the model). Version 1 files come from the package's first months,
+whose models gained buffers and options one by one; loading one resets what the file predates
+(``GuidedLatentModel._migrate_v1``). A change to the format bumps the version and adds a
+migration (``pyro_dlatent.models.base.upgrade_state``).
 """
 
 _JSON_FIELDS = ("config", "scaler", "history", "extra")

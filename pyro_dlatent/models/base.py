@@ -62,6 +62,14 @@ from pyro_dlatent.calibration import (
 from pyro_dlatent.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
+from pyro_dlatent.models.generation import (
+    GAUSSIAN,
+    GENERATION_NEIGHBOURS,
+    LEGACY_NAMES,
+    NEIGHBOURS,
+    SPLINE,
+    GenerationMap,
+)
 from pyro_dlatent.nn import ACTIVATIONS, NORMS, ConvEncoder, check_image_size
 from pyro_dlatent.penalties import (
     DECORRELATION_FORMS,
@@ -119,62 +127,14 @@ class Encoding(NamedTuple):
     z_rec_scale: torch.Tensor
 
 
-_GUIDED_BUFFERS = ("guided_fitted", "guided_loc", "guided_matrix", "guided_scale_tril")
-"""Buffers of the guided block's generation map (:meth:`GuidedLatentModel.calibrate_generation`)."""
-_SPLINE_BUFFERS = ("guided_knots", "guided_spline")
-"""Its spline terms; checkpoints written before them load as the linear map they held."""
-SPLINE_KNOT_QUANTILES = (0.05, 0.275, 0.5, 0.725, 0.95)
-"""Knots of the generation map's natural cubic splines: these quantiles of each auxiliary (the
-placement of five knots that Harrell recommends in *Regression Modeling Strategies*)."""
-SPLINE_MIN_IMAGES = 100
-"""Fewest complete images for which :meth:`GuidedLatentModel.calibrate_generation` fits splines."""
-_TABLE_ARRAYS = ("guided_table_aux", "guided_table_resid", "guided_table_scale")
-"""The encoded calibration images of the neighbour draws, one row each (size set by the data)."""
-_TABLE_BUFFERS = ("guided_neighbours", *_TABLE_ARRAYS)
-"""Buffers of the neighbour draws; checkpoints written before them load with their Gaussian map."""
-GENERATION_NEIGHBOURS = 16
-"""Default number of nearest calibration images a generated ``z_aux`` borrows its residual from."""
 _PREDICTIVE_POINTS = 200
 """Equally likely quantiles whose physical values give :meth:`GuidedLatentModel.predict_aux`'s
 mean and sd."""
+_GENERATION = "generation"
+"""Attribute (and state-dict prefix) of the model's generation map."""
 _CALIBRATION = "aux_calibration"
 _RESIDUAL = "residual_field"
 """Attribute (and state-dict prefix) of the :class:`~pyro_dlatent.calibration.AuxCalibration`."""
-_NEIGHBOUR_ELEMENTS = 2**21
-"""Distances between requested rows and calibration images computed at once (memory bound)."""
-
-
-def natural_spline_terms(x: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
-    r"""Non-linear terms of a natural (restricted) cubic spline in each column of ``x``.
-
-    With knots :math:`t_1 < \dots < t_K` of column ``i``, term ``j = 1 .. K - 2`` is
-
-    .. math::
-        \frac{(x - t_j)_+^3 - (x - t_{K-1})_+^3 \frac{t_K - t_j}{t_K - t_{K-1}}
-              + (x - t_K)_+^3 \frac{t_{K-1} - t_j}{t_K - t_{K-1}}}{(t_K - t_1)^2},
-
-    so that ``[1, x, terms]`` spans the cubic splines with these knots that are linear beyond
-    the outer two (no wild extrapolation past the data).
-
-    Parameters
-    ----------
-    x : Tensor, shape ``(n, k)``
-    knots : Tensor, shape ``(k, K)``, ``K >= 3``, each row strictly increasing
-
-    Returns
-    -------
-    Tensor, shape ``(n, k * (K - 2))``: the terms of column ``i`` at ``i * (K - 2) + j``.
-    """
-    t = knots.to(x.dtype)
-    first, previous, last = t[:, :1], t[:, -2:-1], t[:, -1:]
-    inner = t[:, :-2]  # (k, K - 2)
-    x = x.unsqueeze(-1)  # (n, k, 1)
-    terms = (
-        (x - inner).clamp_min(0).pow(3)
-        - (x - previous).clamp_min(0).pow(3) * (last - inner) / (last - previous)
-        + (x - last).clamp_min(0).pow(3) * (previous - inner) / (last - previous)
-    ) / (last - first).pow(2)
-    return terms.reshape(x.shape[0], -1)
 
 
 class ModelTensors(NamedTuple):
@@ -193,6 +153,39 @@ class ModelTensors(NamedTuple):
     images: torch.Tensor
     aux: torch.Tensor
     mask: torch.Tensor | None
+
+
+def _v2_to_v3(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 to 3: the generation map's buffers moved from the model into its own module."""
+
+    def renamed(buffers: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        return {
+            prefix + LEGACY_NAMES.get(k, k) if k in LEGACY_NAMES else k: v
+            for k, v in buffers.items()
+        }
+
+    state = dict(state)
+    if isinstance(state.get("model"), Mapping):
+        state["model"] = renamed(state["model"], f"{_GENERATION}.")
+    average = state.get("average")
+    if isinstance(average, Mapping) and isinstance(average.get("generation"), Mapping):
+        state["average"] = {**average, "generation": renamed(average["generation"], "")}
+    return state
+
+
+_MIGRATIONS = {2: _v2_to_v3}
+"""Migrations of a checkpoint's state, keyed by the format version they upgrade from. Format 1
+to 2 added buffers, which a format-1 file lacks; the model resets those after loading
+(``GuidedLatentModel._migrate_v1``)."""
+
+
+def upgrade_state(state: dict[str, Any], version: int) -> dict[str, Any]:
+    """A checkpoint's ``state`` of format ``version`` in the current format's layout."""
+    for step in range(version, FORMAT_VERSION):
+        migrate = _MIGRATIONS.get(step)
+        if migrate is not None:
+            state = migrate(state)
+    return state
 
 
 def _check_weights(skeleton: torch.nn.Module, state: Mapping[str, Any], what: str) -> None:
@@ -246,11 +239,6 @@ def _check_standardized(aux: Any, mask: Any) -> None:
             f"training mean (> {MAX_STANDARDIZED:g}); the model takes standardized auxiliaries: "
             "pass model.scaler.transform(physical values)"
         )
-
-
-def _placeholder_knots(k: int) -> torch.Tensor:
-    """Distinct knots for an auxiliary whose spline terms are unused (their coefficients 0)."""
-    return torch.linspace(-2.0, 2.0, len(SPLINE_KNOT_QUANTILES)).repeat(k, 1)
 
 
 def _json_float(value: float) -> float | None:
@@ -388,22 +376,12 @@ class GuidedLatentModel(PyroModule):
         self.split = LatentSplit(scaler.dim, residual_dim, tau=tau, learn_tau=bool(learn_tau))
         self.register_buffer("image_loc", torch.tensor(image_loc))
         self.register_buffer("image_scale", torch.tensor(image_scale))
-        # Generation map of the guided block (see calibrate_generation); the identity until fitted.
-        k = scaler.dim
-        self.register_buffer("guided_fitted", torch.tensor(False))
-        self.register_buffer("guided_loc", torch.zeros(k))
-        self.register_buffer("guided_matrix", torch.eye(k))
-        self.register_buffer("guided_scale_tril", torch.zeros(k, k))
-        inner = len(SPLINE_KNOT_QUANTILES) - 2
-        self.register_buffer("guided_knots", _placeholder_knots(k))
-        self.register_buffer("guided_spline", torch.zeros(k, k * inner))
-        self.register_buffer("guided_neighbours", torch.tensor(0))
-        for name in _TABLE_ARRAYS:
-            self.register_buffer(name, torch.zeros(0, k))
+        # Generation map of the guided block (see calibrate_generation); unfitted until then.
+        self.generation = GenerationMap(scaler.dim)
         # Predictive distribution of the auxiliaries given an image (see calibrate_uncertainty).
-        self.aux_calibration = AuxCalibration(k, residual_dim)
+        self.aux_calibration = AuxCalibration(scaler.dim, residual_dim)
         # What G(u~, 0) leaves in the training fields (see fit_residual_field).
-        self.residual_field = ResidualField(image_size, k)
+        self.residual_field = ResidualField(image_size, scaler.dim)
         with _initialization_rng(seed):
             self.encoder = ConvEncoder(
                 image_size,
@@ -841,18 +819,19 @@ class GuidedLatentModel(PyroModule):
         )
 
     def _load_state(self, state: dict[str, Any], what: str, version: int = FORMAT_VERSION) -> None:
-        """Load a checkpoint's weights and optimizer state; a format-1 file is migrated."""
+        """Load a checkpoint's weights and optimizer state; older formats are migrated."""
+        state = upgrade_state(state, version)
         weights = state.get("model")
         if not isinstance(weights, dict):
             raise ValueError(f"{what} holds no model weights")
         optional = set()
         if version < 2:  # written before some buffers existed: _migrate_v1 resets those
-            optional = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS + _TABLE_BUFFERS)
+            optional = {f"{_GENERATION}.{n}" for n, _ in self.generation.named_buffers()}
             optional |= {f"{_CALIBRATION}.{n}" for n, _ in self.aux_calibration.named_buffers()}
             optional |= {f"{_RESIDUAL}.{n}" for n, _ in self.residual_field.named_buffers()}
             parts = self._collapsed_parts
             optional |= {k for k in self.state_dict() if k.split(".", 1)[0] in parts}
-        self._shape_tables(weights, what)
+        self.generation.size_tables(weights, what, prefix=f"{_GENERATION}.")
         try:
             result = self.load_state_dict(weights, strict=False)
         except RuntimeError as err:
@@ -865,7 +844,7 @@ class GuidedLatentModel(PyroModule):
             )
         if version < 2:
             self._migrate_v1(set(result.missing_keys))
-        self._check_tables(what)
+        self.generation.check(what)
         optimizer = state.get("optimizer") or {}
         if self._optim is not None and optimizer:
             store_names = self._store_names()
@@ -876,13 +855,14 @@ class GuidedLatentModel(PyroModule):
 
     def _migrate_v1(self, missing: set[str]) -> None:
         """Format 1 to 2: reset what a file from before each buffer group existed lacks."""
-        if missing & set(_GUIDED_BUFFERS):  # before generation maps existed
+        generation = {key.split(".", 1)[1] for key in missing if key.startswith(f"{_GENERATION}.")}
+        if generation & set(GAUSSIAN):  # before generation maps existed
             self.reset_generation()
-        elif missing & set(_SPLINE_BUFFERS):  # a linear map, before splines
-            self._reset_spline()
-            self._reset_tables()
-        elif missing & set(_TABLE_BUFFERS):  # a Gaussian map, before neighbours
-            self._reset_tables()
+        elif generation & set(SPLINE):  # a linear map, before splines
+            self.generation.reset_spline()
+            self.generation.reset_tables()
+        elif generation & set(NEIGHBOURS):  # a Gaussian map, before neighbours
+            self.generation.reset_tables()
         if any(key.startswith(f"{_CALIBRATION}.") for key in missing):
             self.aux_calibration.reset()  # written before calibrated uncertainty
         if any(key.split(".", 1)[0] in (_RESIDUAL, *self._collapsed_parts) for key in missing):
@@ -898,29 +878,14 @@ class GuidedLatentModel(PyroModule):
         if (weights == "averaged") == bool(average.get("applied")):
             return  # the file's model already holds that set
         generation = average.get("generation")
-        buffers = dict(self.named_buffers())
-        gaussian = set(_GUIDED_BUFFERS + _SPLINE_BUFFERS)  # a live map from before neighbour draws
-        names = gaussian | set(_TABLE_BUFFERS)
-        kept = isinstance(generation, dict) and set(generation) in (names, gaussian)
-        if kept:
-            self._shape_tables(generation, what)
-            buffers = dict(self.named_buffers())
-        if kept and any(
-            not isinstance(v, torch.Tensor) or v.shape != buffers[k].shape
-            for k, v in generation.items()
-        ):
-            raise ValueError(f"{what} holds a generation map of another shape")
         # the resume path's checks: afterwards the networks hold the live weights, as in training
         holder = WeightAverage(self, average.get("decay"))
         holder.restore(average, what)
         if weights == "averaged":  # only reached for a mid-fit file
             holder.swap()
-        with torch.no_grad():
-            for name, value in generation.items() if kept else ():
-                buffers[name].copy_(value)
-        if kept and not set(_TABLE_BUFFERS) <= set(generation):
-            self._reset_tables()
-        self._check_tables(what)
+        kept = isinstance(generation, dict)
+        if kept:
+            self.generation.load_state(generation, what)
         uncertainty = average.get("uncertainty")
         own = dict(self._uncertainty_state())
         if isinstance(uncertainty, dict) and set(uncertainty) == set(own):
@@ -1301,61 +1266,16 @@ class GuidedLatentModel(PyroModule):
         )
 
     def _generation_state(self) -> dict[str, torch.Tensor]:
-        buffers = dict(self.named_buffers())
-        return {
-            name: buffers[name].detach().clone()
-            for name in _GUIDED_BUFFERS + _SPLINE_BUFFERS + _TABLE_BUFFERS
-        }
+        return self.generation.state()
 
     @property
     def generation_calibrated(self) -> bool:
         """Whether :meth:`calibrate_generation` has fitted the guided block's generation map."""
-        return bool(self.guided_fitted)
+        return self.generation.is_fitted
 
     def reset_generation(self) -> None:
         """Forget the generation map: :meth:`sample_latent` draws from the prior again."""
-        with torch.no_grad():
-            self.guided_fitted.fill_(False)
-            self.guided_loc.zero_()
-            self.guided_matrix.copy_(torch.eye(self.aux_dim, device=self.device))
-            self.guided_scale_tril.zero_()
-        self._reset_spline()
-        self._reset_tables()
-
-    def _reset_spline(self) -> None:
-        with torch.no_grad():
-            self.guided_knots.copy_(_placeholder_knots(self.aux_dim))
-            self.guided_spline.zero_()
-
-    def _reset_tables(self) -> None:
-        """No neighbour draws: :meth:`sample_latent` uses the Gaussian map."""
-        self.guided_neighbours.fill_(0)
-        for name in _TABLE_ARRAYS:
-            setattr(self, name, torch.zeros(0, self.aux_dim, device=self.device))
-
-    def _shape_tables(self, source: Mapping[str, Any], what: str) -> None:
-        """Size the neighbour tables as in the state ``source``, which is about to be loaded."""
-        shapes = {
-            name: tuple(source[name].shape)
-            for name in _TABLE_ARRAYS
-            if isinstance(source.get(name), torch.Tensor)
-        }
-        if not shapes:
-            return
-        rows = {shape[0] for shape in shapes.values()}
-        if (
-            len(shapes) != len(_TABLE_ARRAYS)
-            or len(rows) != 1
-            or any(shape[1:] != (self.aux_dim,) for shape in shapes.values())
-        ):
-            raise ValueError(f"{what} holds neighbour tables of mismatched shapes {shapes}")
-        for name, shape in shapes.items():
-            setattr(self, name, torch.zeros(shape, device=self.device))
-
-    def _check_tables(self, what: str) -> None:
-        count, rows = int(self.guided_neighbours), self.guided_table_aux.shape[0]
-        if not 0 <= count <= rows or (count == 0) != (rows == 0):
-            raise ValueError(f"{what} holds {count} neighbours for a table of {rows} images")
+        self.generation.reset()
 
     def calibrate_generation(
         self,
@@ -1367,54 +1287,16 @@ class GuidedLatentModel(PyroModule):
     ) -> dict[str, np.ndarray]:
         """Fit the distribution of the encoded guided block given the auxiliaries, for generation.
 
-        The prior ties ``z_aux`` to the standardized auxiliaries only softly, and a trained
-        encoder settles on its own smooth, monotone version of them (on ``halos``, ``z_aux`` of
-        ``log10_M500`` came out 1.07 times ``u~`` on the whole and S-shaped about that line by
-        up to 0.11, and that of ``concentration`` 1.23 times), which the generator learns to
-        read. Generating at ``z_aux = u~`` then asks for the wrong physics: the heaviest halos
-        came out 21% too faint in Y_500. This fits the encoder's aggregate posterior of the
-        guided block given the auxiliaries as
-
-        .. math:: z_{aux} \\mid \\tilde u \\sim \\mathcal{N}\\bigl(c + A \\tilde u
-                  + \\textstyle\\sum_i f_i(\\tilde u_i),\\ S\\bigr),
-
-        ``f_i`` a natural cubic spline in auxiliary ``i`` with knots at the quantiles
-        :data:`SPLINE_KNOT_QUANTILES` (:func:`natural_spline_terms`; linear beyond the outer
-        knots, so requests past the training range extrapolate along a line), ``(c, A, f)`` the
-        least-squares fit of the encoder means over the images with every auxiliary observed and
-        ``S`` the covariance of its residuals plus the mean encoder variance. The map is saved
-        with the model.
-
-        With ``neighbours = K > 0`` (the default) :meth:`sample_latent` (hence
-        ``generate``/``sample``) does not draw the residual from ``N(0, S)``: it keeps the
-        encoded calibration images and draws ``z_aux`` at ``u~`` as
-
-        .. math:: z_{aux} = m(\\tilde u) + r_j + s_j \\odot \\epsilon, \\qquad
-                  \\epsilon \\sim \\mathcal{N}(0, I),
-
-        ``j`` uniform among the ``K`` calibration images nearest to ``u~`` (Euclidean in the
-        standardized auxiliaries requested; ties at the ``K``-th distance included), ``r_j``
-        its encoder mean's residual from the map's mean ``m`` and ``s_j`` its encoder sd: the
-        encoder's aggregate posterior near ``u~`` moved to ``u~`` along ``m`` (so requests
-        beyond the calibration range follow the map's linear tails). Auxiliaries left out of a
-        request are taken from the neighbour, i.e. from their joint distribution in the
-        calibration data. The encoded guided block is not Gaussian about its mean: on ``halos``
-        (DL-CFM with the mean head, seed 0, 2,048 held-out maps) ``z_aux`` at the map's mean gave
-        generated maps 20-36% too much power at the heaviest masses (power-spectrum error
-        0.235), ``N(m, S)`` 0.200, the held-out maps' own encodings 0.059, and the neighbour
-        draw 0.049 with ``K = 16`` (0.049-0.077 for ``K`` from 4 to 64, 0.156 for 256).
-        ``neighbours=0`` keeps the Gaussian map. The table holds ``3 k`` numbers per
-        calibration image.
+        Generating at ``z_aux = u~`` asks for the wrong physics, because a trained encoder
+        settles on its own smooth, monotone version of the auxiliaries; this fits the encoder's
+        aggregate posterior of ``z_aux`` given them (:class:`~pyro_dlatent.models.generation.
+        GenerationMap`: a spline mean, a Gaussian spread and, with ``neighbours > 0``, the
+        residuals of the nearest calibration images), saved with the model and used by
+        :meth:`sample_latent`.
 
         :meth:`fit` ends with this on its training part for classes with
         :attr:`calibrate_after_fit` (``DLCFM``; not ``AuxVAE``, whose decoder means it made
-        worse on ``halos``: power-spectrum error 0.18 to 0.39).
-
-        On ``halos`` (DL-CFM, 8192 training maps, 2048 held out) the linear map alone cut the
-        power-spectrum error of generated maps from 0.41 to 0.038 but left the mean Y_500 of
-        eight mass bins between 0.90 and 1.24 times the simulated; with the splines it is
-        between 0.99 and 1.11 (power-spectrum error 0.053, pixel 1-Wasserstein 0.066 to 0.052).
-        The inverse-problem deep prior is unaffected (it keeps the model's prior).
+        worse). The inverse-problem deep prior is unaffected (it keeps the model's prior).
 
         Parameters
         ----------
@@ -1423,90 +1305,48 @@ class GuidedLatentModel(PyroModule):
         batch_size : int
             Images encoded at once.
         spline : bool
-            Fit the spline terms (with at least :data:`SPLINE_MIN_IMAGES` complete images and,
-            for each auxiliary, distinct knots); ``False`` gives the linear-Gaussian map.
+            Fit the spline terms; ``False`` gives the linear-Gaussian map.
         neighbours : int
-            ``K`` of the neighbour draws (:data:`GENERATION_NEIGHBOURS`; at most the number of
-            complete images is used); 0 draws from ``N(m(u~), S)``.
+            ``K`` of the neighbour draws (:data:`~pyro_dlatent.models.generation.
+            GENERATION_NEIGHBOURS`; at most the number of complete images is used); 0 draws
+            from ``N(m(u~), S)``.
 
         Returns
         -------
         dict
-            ``loc`` ``(k,)``, ``matrix`` ``(k, k)``, ``knots`` ``(k, K)``, ``spline``
-            ``(k, k (K - 2))`` (zero where unused), ``covariance`` ``(k, k)``, as numpy arrays.
+            As :meth:`~pyro_dlatent.models.generation.GenerationMap.fit`.
         """
         neighbours = check_int(neighbours, "neighbours", 0)
         tensors = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
-        k = self.aux_dim
         complete = (
             torch.ones(tensors.aux.shape[0], dtype=torch.bool, device=tensors.aux.device)
             if tensors.mask is None
             else tensors.mask.all(dim=1)
         )
         n = int(complete.sum())
-        if n < k + 2:
+        if n < self.aux_dim + 2:
             raise ValueError(
-                f"data needs at least {k + 2} images with every auxiliary observed to calibrate "
-                f"generation, got {n}"
+                f"data needs at least {self.aux_dim + 2} images with every auxiliary observed to "
+                f"calibrate generation, got {n}"
             )
         encoding = self.encode(tensors.images[complete], batch_size=batch_size)
-        loc = encoding.z_aux_loc.double()
-        variance = encoding.z_aux_scale.double().pow(2).mean(dim=0)
-        aux = tensors.aux[complete].double()
-        inner = len(SPLINE_KNOT_QUANTILES) - 2
-        knots = _placeholder_knots(k).double().to(aux.device)
-        used = torch.zeros(k, dtype=torch.bool, device=aux.device)
-        if spline and n >= SPLINE_MIN_IMAGES:
-            levels = torch.tensor(SPLINE_KNOT_QUANTILES, dtype=torch.float64, device=aux.device)
-            quantiles = torch.quantile(aux, levels, dim=0).T  # (k, K)
-            gaps = quantiles.diff(dim=1)
-            used = (gaps > 1e-6 * (quantiles[:, -1:] - quantiles[:, :1]).clamp_min(1e-12)).all(1)
-            knots[used] = quantiles[used]
-        columns = used.repeat_interleave(inner)
-        terms = natural_spline_terms(aux, knots)[:, columns]
-        ones = torch.ones(n, 1, dtype=torch.float64, device=loc.device)
-        design = torch.cat([ones, aux, terms], dim=1)
-        coef = torch.linalg.lstsq(design, loc).solution
-        resid = loc - design @ coef
-        covariance = resid.T @ resid / max(n - design.shape[1], 1) + torch.diag(variance)
-        scale_tril = torch.linalg.cholesky(covariance)
-        spline_coef = torch.zeros(k, k * inner, dtype=torch.float64, device=loc.device)
-        spline_coef[:, columns] = coef[1 + k :].T
-        with torch.no_grad():
-            self.guided_loc.copy_(coef[0].float())
-            self.guided_matrix.copy_(coef[1 : 1 + k].T.float())
-            self.guided_knots.copy_(knots.float())
-            self.guided_spline.copy_(spline_coef.float())
-            self.guided_scale_tril.copy_(scale_tril.float())
-            self.guided_fitted.fill_(True)
-            self.guided_neighbours.fill_(min(neighbours, n))
-            tables = (aux, resid, encoding.z_aux_scale) if neighbours else ()
-            for name, value in zip(_TABLE_ARRAYS, tables, strict=False):
-                setattr(self, name, value.float().to(self.device))
-            if not neighbours:
-                self._reset_tables()
-        return {
-            "loc": coef[0].cpu().numpy(),
-            "matrix": coef[1 : 1 + k].T.cpu().numpy(),
-            "knots": knots.cpu().numpy(),
-            "spline": spline_coef.cpu().numpy(),
-            "covariance": covariance.cpu().numpy(),
-        }
+        return self.generation.fit(
+            tensors.aux[complete],
+            encoding.z_aux_loc,
+            encoding.z_aux_scale,
+            spline=spline,
+            neighbours=neighbours,
+        )
 
     def guided_mean(self, standardized: torch.Tensor) -> torch.Tensor:
         """Mean of ``z_aux`` for generation at standardized auxiliaries ``(n, aux_dim)``.
 
-        ``c + A u~ + sum_i f_i(u~_i)`` once :meth:`calibrate_generation` has run, else the prior
+        The generation map's mean once :meth:`calibrate_generation` has run, else the prior
         mean ``u~``.
         """
         if not self.generation_calibrated:
             return standardized
-        terms = natural_spline_terms(standardized, self.guided_knots)
-        return (
-            self.guided_loc
-            + standardized @ self.guided_matrix.T
-            + terms @ self.guided_spline.T.to(terms.dtype)
-        )
+        return self.generation.mean(standardized)
 
     def sample_latent(
         self, aux: Mapping[str, Any] | None = None, num: int = 1, *, seed: int | None = None
@@ -1541,52 +1381,25 @@ class GuidedLatentModel(PyroModule):
         standardized, observed = self._aux_rows(aux)
         standardized = standardized.repeat_interleave(num, dim=0)
         observed = observed.repeat_interleave(num, dim=0)
-        prior = self.split.aux_dist(standardized, observed).base_dist
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(check_int(seed, "seed", 0))
-        k = self.aux_dim
+        k, latent = self.aux_dim, self.latent_dim
         if self.generation_calibrated:
             noise = torch.randn(
-                (standardized.shape[0], self.latent_dim + k),
-                generator=generator,
-                device=self.device,
+                (standardized.shape[0], latent + k), generator=generator, device=self.device
             )
-            if int(self.guided_neighbours) > 0:
-                pick = self._neighbours(standardized, observed, generator)
-                filled = torch.where(observed, standardized, self.guided_table_aux[pick])
-                z_aux = (
-                    self.guided_mean(filled)
-                    + self.guided_table_resid[pick]
-                    + self.guided_table_scale[pick] * noise[:, :k]
-                )
-            else:
-                filled = torch.where(observed, standardized, noise[:, self.latent_dim :])
-                z_aux = self.guided_mean(filled) + noise[:, :k] @ self.guided_scale_tril.T
-            return z_aux, noise[:, k : self.latent_dim]
+            z_aux = self.generation.sample(
+                standardized, observed, noise[:, :k], noise[:, latent:], generator
+            )
+            return z_aux, noise[:, k:latent]
+        prior = self.split.aux_dist(standardized, observed).base_dist
         noise = torch.randn(
-            (standardized.shape[0], self.latent_dim), generator=generator, device=self.device
+            (standardized.shape[0], latent), generator=generator, device=self.device
         )
         with torch.no_grad():
             z_aux = prior.loc + prior.scale * noise[:, :k]
         return z_aux, noise[:, k:]
-
-    def _neighbours(
-        self, standardized: torch.Tensor, observed: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """Index of one calibration image per row, uniform among its ``K`` nearest (ties in)."""
-        table = self.guided_table_aux
-        count = int(self.guided_neighbours)
-        chunk = max(1, _NEIGHBOUR_ELEMENTS // table.shape[0])
-        picks = []
-        for start in range(0, standardized.shape[0], chunk):
-            rows = standardized[start : start + chunk, None, :]
-            seen = observed[start : start + chunk, None, :]
-            distance = torch.where(seen, rows - table, 0.0).pow(2).sum(-1)
-            kth = distance.kthvalue(count, dim=1, keepdim=True).values
-            near = (distance <= kth).float()
-            picks.append(torch.multinomial(near, 1, generator=generator)[:, 0])
-        return torch.cat(picks)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
@@ -1666,11 +1479,12 @@ class GuidedLatentModel(PyroModule):
                 skeleton = klass(scaler, **config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{what} has an invalid config: {err}") from err
-        _check_weights(skeleton, ckpt.state, what)
+        state = upgrade_state(ckpt.state, ckpt.format_version)
+        _check_weights(skeleton, state, what)
         model = klass(scaler, **config)
-        model._load_state(ckpt.state, what, ckpt.format_version)
+        model._load_state(state, what, ckpt.format_version)
         if weights is not None:
-            model._load_weight_set(ckpt.state.get("average"), weights, what)
+            model._load_weight_set(state.get("average"), weights, what)
         model.history = [dict(h) for h in ckpt.history]
         if device is not None:
             model.to(torch.device(device))

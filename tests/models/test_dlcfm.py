@@ -13,19 +13,17 @@ from scipy import stats
 from pyro_dlatent.data import from_arrays
 from pyro_dlatent.flow import flow_matching_loss
 from pyro_dlatent.inverse.prior import DeepPrior
-from pyro_dlatent.models.base import (
-    _SPLINE_BUFFERS,
-    _TABLE_ARRAYS,
-    _TABLE_BUFFERS,
-    ALIGN_SITE,
-    DECOR_SITE,
-    OBS_SITE,
+from pyro_dlatent.models.base import ALIGN_SITE, DECOR_SITE, OBS_SITE, GuidedLatentModel
+from pyro_dlatent.models.dlcfm import DLCFM, FlowGenerator, _derived_seed
+from pyro_dlatent.models.generation import (
+    LEGACY_NAMES,
+    NEIGHBOURS,
+    SPLINE,
     SPLINE_KNOT_QUANTILES,
     SPLINE_MIN_IMAGES,
-    GuidedLatentModel,
+    TABLES,
     natural_spline_terms,
 )
-from pyro_dlatent.models.dlcfm import DLCFM, FlowGenerator, _derived_seed
 from tests.conftest import assert_close
 
 SIZE = 16
@@ -182,7 +180,7 @@ def test_sample_is_seeded_and_accepts_rows_of_aux(trained):
 
 
 def test_sample_tails_fix_the_guided_block_and_use_the_tail(trained):
-    assert int(trained.guided_neighbours) > 0
+    assert int(trained.generation.neighbours) > 0
     aux = {"mass": [1e14, 3e14], "width": 2.0}
     images, z_rec = trained.sample_tails(aux, num=8, quantile=0.99, seed=0)
     assert images.shape == (16, SIZE, SIZE)
@@ -280,7 +278,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     # the checkpoint left by the finished fit carries the generation map fit ended with
     saved = GuidedLatentModel.load(tmp_path / "b" / "last.pt")
     assert saved.generation_calibrated
-    assert torch.equal(saved.guided_scale_tril, reference.guided_scale_tril)
+    assert torch.equal(saved.generation.scale_tril, reference.generation.scale_tril)
 
 
 def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
@@ -301,22 +299,23 @@ def test_load_picks_either_weight_set_of_an_averaged_fit(tmp_path):
     for weights in (None, "averaged"):
         again = GuidedLatentModel.load(path, weights=weights)
         assert_close(dict(again.state_dict()), dict(averaged.state_dict()), atol=0, rtol=0)
-    assert not torch.equal(averaged.guided_loc, plain.guided_loc)
+    assert not torch.equal(averaged.generation.loc, plain.generation.loc)
     ckpt = load_checkpoint(path)
     fields = ("kind", "config", "scaler", "state", "history", "extra")
     # a live map written before neighbour draws: its Gaussian map
     generation = ckpt.state["average"]["generation"]
-    assert generation["guided_table_aux"].shape == (64, 2)
-    for name in _TABLE_BUFFERS:
+    assert generation["table_aux"].shape == (64, 2)
+    for name in NEIGHBOURS:
         del generation[name]
+    ckpt.state["average"]["generation"] = {f"guided_{k}": v for k, v in generation.items()}
     gauss = save_checkpoint(
         tmp_path / "gauss.pt", **{k: getattr(ckpt, k) for k in fields}, format_version=1
     )
     live = GuidedLatentModel.load(gauss, weights="live")
     assert live.generation_calibrated
-    assert int(live.guided_neighbours) == 0
-    assert live.guided_table_aux.shape == (0, 2)
-    assert torch.equal(live.guided_scale_tril, plain.guided_scale_tril)
+    assert int(live.generation.neighbours) == 0
+    assert live.generation.table_aux.shape == (0, 2)
+    assert torch.equal(live.generation.scale_tril, plain.generation.scale_tril)
     # a checkpoint written before fits kept the live map: the map is reset, with a warning
     del ckpt.state["average"]["generation"]
     old = save_checkpoint(
@@ -447,8 +446,8 @@ def test_spline_terms_are_left_out_for_few_images_or_tied_knots(trained):
 def test_calibrated_latents_follow_the_fitted_gaussian(trained, data):
     # a linear map without neighbour draws: closed-form marginals
     fitted = trained.calibrate_generation(data, spline=False, neighbours=0)
-    assert int(trained.guided_neighbours) == 0
-    assert trained.guided_table_aux.shape == (0, 2)
+    assert int(trained.generation.neighbours) == 0
+    assert trained.generation.table_aux.shape == (0, 2)
     n = 20000
     z_aux, z_rec = trained.sample_latent({"mass": 1e14, "width": 2.0}, num=n, seed=3)
     u = trained.scaler.transform(np.array([[1e14, 2.0]]))[0]
@@ -492,8 +491,8 @@ def test_neighbour_draws_follow_the_aggregate_posterior_near_the_request(trained
     # z_aux = m(u~) + r_j + s_j eps, j uniform among the K calibration images nearest to u~:
     # an equal mixture of N(m(u~) + r_j, s_j^2) over those K, computed here with numpy
     trained.calibrate_generation(data, neighbours=16)
-    assert int(trained.guided_neighbours) == 16
-    assert trained.guided_table_aux.shape == (len(data["mass"]), 2)
+    assert int(trained.generation.neighbours) == 16
+    assert trained.generation.table_aux.shape == (len(data["mass"]), 2)
     encoding = trained.encode(data)
     u = trained.scaler.transform(np.stack([data["mass"].values, data["width"].values], -1))
 
@@ -526,7 +525,7 @@ def test_neighbour_draws_follow_the_aggregate_posterior_near_the_request(trained
     # neighbours beyond the number of images use them all
     few = synthetic(8, seed=9)
     trained.calibrate_generation(few, neighbours=50)
-    assert int(trained.guided_neighbours) == 8
+    assert int(trained.generation.neighbours) == 8
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="neighbours"):
             trained.calibrate_generation(data, neighbours=bad)
@@ -534,13 +533,14 @@ def test_neighbour_draws_follow_the_aggregate_posterior_near_the_request(trained
 
 
 def _rewritten_checkpoint(ckpt, path, *, keep_weight=None, keep_option=None):
-    """``ckpt`` saved again at ``path`` without the weights and config options an older version
-    of the package did not write (those for which ``keep_weight`` / ``keep_option`` is false)."""
+    """``ckpt`` saved again at ``path`` as a format-1 file: the generation map's buffers under
+    their old names (``guided_*``), without the weights and config options an older version of
+    the package did not write (those for which ``keep_weight`` / ``keep_option`` is false)."""
     from pyro_dlatent.checkpoint import save_checkpoint
 
-    weights = {
-        k: v for k, v in ckpt.state["model"].items() if keep_weight is None or keep_weight(k)
-    }
+    old_names = {f"generation.{new}": old for old, new in LEGACY_NAMES.items()}
+    weights = {old_names.get(k, k): v for k, v in ckpt.state["model"].items()}
+    weights = {k: v for k, v in weights.items() if keep_weight is None or keep_weight(k)}
     config = {k: v for k, v in ckpt.config.items() if keep_option is None or keep_option(k)}
     return save_checkpoint(
         path,
@@ -554,6 +554,27 @@ def _rewritten_checkpoint(ckpt, path, *, keep_weight=None, keep_option=None):
     )
 
 
+def test_a_format_2_checkpoint_migrates_its_generation_map(trained, tmp_path):
+    # format 2 kept the map's buffers on the model as guided_*, and the live map of an averaged
+    # fit under the same names: loading renames them, and the model is the one that was saved
+    from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(trained.save(tmp_path / "m.pt"))
+    old_names = {f"generation.{new}": old for old, new in LEGACY_NAMES.items()}
+    weights = {old_names.get(k, k): v for k, v in ckpt.state["model"].items()}
+    assert "guided_table_aux" in weights and "generation.table_aux" not in weights
+    fields = ("kind", "config", "scaler", "history", "extra")
+    path = save_checkpoint(
+        tmp_path / "v2.pt",
+        state={**ckpt.state, "model": weights},
+        **{k: getattr(ckpt, k) for k in fields},
+        format_version=2,
+    )
+    loaded = GuidedLatentModel.load(path)
+    assert loaded.generation_calibrated
+    assert_close(dict(loaded.state_dict()), dict(trained.state_dict()), atol=0, rtol=0)
+
+
 def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, data, tmp_path):
     from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
 
@@ -562,12 +583,12 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
     path = trained.save(tmp_path / "m.pt")
     loaded = GuidedLatentModel.load(path)
     assert loaded.generation_calibrated
-    assert torch.equal(loaded.guided_matrix, trained.guided_matrix)
-    assert torch.equal(loaded.guided_spline, trained.guided_spline)
-    assert torch.equal(loaded.guided_knots, trained.guided_knots)
-    assert int(loaded.guided_neighbours) == int(trained.guided_neighbours) > 0
-    for name in _TABLE_ARRAYS:  # sized by the calibration data, not by the constructor
-        assert torch.equal(getattr(loaded, name), getattr(trained, name))
+    assert torch.equal(loaded.generation.matrix, trained.generation.matrix)
+    assert torch.equal(loaded.generation.spline, trained.generation.spline)
+    assert torch.equal(loaded.generation.knots, trained.generation.knots)
+    assert int(loaded.generation.neighbours) == int(trained.generation.neighbours) > 0
+    for name in TABLES:  # sized by the calibration data, not by the constructor
+        assert torch.equal(getattr(loaded.generation, name), getattr(trained.generation, name))
     ckpt = load_checkpoint(path)
 
     def rewritten(name, keep):
@@ -575,11 +596,11 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
 
     old = rewritten("old.pt", lambda k: not k.startswith("guided_"))
     # a checkpoint with the Gaussian map of the version before neighbour draws loads as that map
-    gaussian = GuidedLatentModel.load(rewritten("gauss.pt", lambda k: k not in _TABLE_BUFFERS))
+    gaussian = GuidedLatentModel.load(rewritten("gauss.pt", lambda k: k[7:] not in NEIGHBOURS))
     assert gaussian.generation_calibrated
-    assert int(gaussian.guided_neighbours) == 0
-    assert gaussian.guided_table_resid.shape == (0, 2)
-    assert torch.equal(gaussian.guided_scale_tril, trained.guided_scale_tril)
+    assert int(gaussian.generation.neighbours) == 0
+    assert gaussian.generation.table_resid.shape == (0, 2)
+    assert torch.equal(gaussian.generation.scale_tril, trained.generation.scale_tril)
     z_aux, _ = gaussian.sample_latent({"mass": 1e14, "width": 2.0}, num=3, seed=1)
     trained.calibrate_generation(data, neighbours=0)
     assert torch.equal(z_aux, trained.sample_latent({"mass": 1e14, "width": 2.0}, num=3, seed=1)[0])
@@ -595,25 +616,25 @@ def test_generation_map_is_saved_and_old_checkpoints_load_uncalibrated(trained, 
         )
 
     with pytest.raises(ValueError, match=r"bad\.pt.*neighbour tables of mismatched shapes"):
-        GuidedLatentModel.load(with_weights(guided_table_scale=torch.zeros(3, 2)))
-    rows = trained.guided_table_aux.shape[0]
+        GuidedLatentModel.load(with_weights(**{"generation.table_scale": torch.zeros(3, 2)}))
+    rows = trained.generation.table_aux.shape[0]
     for count in (rows + 1, -1, 0):
-        bad = with_weights(guided_neighbours=torch.tensor(count))
+        bad = with_weights(**{"generation.neighbours": torch.tensor(count)})
         with pytest.raises(ValueError, match=f"holds {count} neighbours for a table of {rows}"):
             GuidedLatentModel.load(bad)
     # a checkpoint with the linear map of the version before splines loads as that map
-    linear = GuidedLatentModel.load(rewritten("linear.pt", lambda k: k not in _SPLINE_BUFFERS))
+    linear = GuidedLatentModel.load(rewritten("linear.pt", lambda k: k[7:] not in SPLINE))
     assert linear.generation_calibrated
-    assert not linear.guided_spline.any()
+    assert not linear.generation.spline.any()
     u = torch.tensor([[0.4, -1.1], [2.0, 0.5]])
     assert_close(
         linear.guided_mean(u).numpy(),
-        (trained.guided_loc + u @ trained.guided_matrix.T).numpy(),
+        (trained.generation.loc + u @ trained.generation.matrix.T).numpy(),
         atol=1e-6,
     )
     before = GuidedLatentModel.load(old)
     assert not before.generation_calibrated
-    assert torch.equal(before.guided_matrix, torch.eye(2))
+    assert torch.equal(before.generation.matrix, torch.eye(2))
     # the prior again: z_aux ~ N(u~, tau^2)
     z_aux, _ = before.sample_latent({"mass": 1e14, "width": 2.0}, num=4000, seed=0)
     u = before.scaler.transform(np.array([[1e14, 2.0]]))[0]
