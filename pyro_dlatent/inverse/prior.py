@@ -25,24 +25,38 @@ are provided:
 where ``problem.forward`` computes :math:`H S(\\cdot)` (PDE solve, then sensor read-out).
 
 Site names are fixed: ``"u"``, ``"z_aux"``, ``"z_rec"``, ``"field"``, ``"obs"`` (and
-``"field_white"`` for the whitened GRF prior).
+``"field_white"`` for the whitened GRF prior); :mod:`pyro_dlatent.inverse.sites` names them.
+
+The prior of the auxiliaries (:class:`AuxPrior`, :mod:`pyro_dlatent.inverse.aux_prior`), the
+GRF prior (:mod:`pyro_dlatent.inverse.grf_field`) and the calibration of ``tau``
+(:func:`calibrate_tau`, :mod:`pyro_dlatent.inverse.tau`) live in their own modules and are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule
-from torch.distributions import constraints
 
+from pyro_dlatent.inverse.aux_prior import AuxPrior
+from pyro_dlatent.inverse.grf_field import GRFFieldPrior
 from pyro_dlatent.inverse.protocols import FieldPrior, ForwardProblem, Generator, require
+from pyro_dlatent.inverse.sites import (
+    _LOG_2PI,
+    FIELD_SITE,
+    OBS_SITE,
+    U_SITE,
+    WHITE_SITE,
+    _field_shape,
+)
+from pyro_dlatent.inverse.tau import TauCalibration, calibrate_tau
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
 
 __all__ = [
@@ -58,211 +72,6 @@ __all__ = [
     "calibrate_tau",
     "check_observations",
 ]
-
-U_SITE = "u"
-"""Name of the site of the auxiliary variables in physical units."""
-FIELD_SITE = "field"
-"""Name of the field site (deterministic for the deep prior, a sample for the GRF prior)."""
-OBS_SITE = "obs"
-"""Name of the observation site."""
-WHITE_SITE = "field_white"
-"""Name of the standard-normal site of the whitened GRF prior."""
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _field_shape(size: Any, name: str) -> tuple[int, int]:
-    if isinstance(size, int | np.integer) and not isinstance(size, bool):
-        shape = (int(size), int(size))
-    else:
-        try:
-            shape = tuple(int(s) for s in size)
-        except TypeError as err:
-            raise TypeError(f"{name} must be an int or a pair of ints, got {size!r}") from err
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"{name} must describe a 2-d image, got {size!r}")
-    return shape
-
-
-class AuxPrior(TorchDistribution):
-    """Independent priors of named auxiliaries, joined into one vector-valued distribution.
-
-    The joint density is the product of the univariate components,
-
-    .. math:: p(u) = \\prod_{j=1}^{k} p_j(u_j),
-
-    and the event shape is ``(k,)``, so that ``u`` is one sample site whose last axis is
-    labelled by :attr:`names`. Components may have different families and supports (a
-    ``Uniform`` location next to a ``LogNormal`` amplitude); the support of the joint is then
-    the stacked support, which Pyro's autoguides and HMC map to an unconstrained vector
-    component by component. When every component has the same family, the components are also
-    fused into one vectorized distribution (e.g. one ``Normal`` with ``k`` locations), which
-    evaluates ``k`` times fewer small tensor operations.
-
-    Parameters
-    ----------
-    priors : mapping of str to Distribution
-        Univariate distributions (event shape ``()``, equal batch shapes) in physical units,
-        in latent order.
-    units : mapping of str to str, or sequence of str, optional
-        Physical units of each variable (default ``""``).
-    """
-
-    arg_constraints: ClassVar[dict] = {}
-    has_rsample = False
-
-    def __init__(
-        self,
-        priors: Mapping[str, torch.distributions.Distribution],
-        units: Mapping[str, str] | Sequence[str] | None = None,
-        validate_args: bool | None = None,
-    ) -> None:
-        if not isinstance(priors, Mapping) or not priors:
-            raise ValueError("expected priors to be a non-empty mapping of names to distributions")
-        names = [str(n) for n in priors]
-        components = list(priors.values())
-        for name, d in zip(names, components, strict=True):
-            if not isinstance(d, torch.distributions.Distribution):
-                raise TypeError(f"priors[{name!r}] must be a torch/pyro Distribution, got {d!r}")
-            if d.event_shape != torch.Size():
-                raise ValueError(
-                    f"priors[{name!r}] must be univariate (event shape ()), "
-                    f"got event shape {tuple(d.event_shape)}"
-                )
-            if d.support.is_discrete:
-                raise ValueError(f"priors[{name!r}] must be continuous")
-        batch_shapes = {d.batch_shape for d in components}
-        if len(batch_shapes) != 1:
-            raise ValueError(f"priors must share one batch shape, got {sorted(batch_shapes)}")
-        if units is None:
-            units = [""] * len(names)
-        elif isinstance(units, Mapping):
-            unknown = set(units) - set(names)
-            if unknown:
-                raise ValueError(f"units names unknown auxiliaries {sorted(unknown)}")
-            units = [str(units.get(n, "")) for n in names]
-        else:
-            units = [str(u) for u in units]
-        if len(units) != len(names):
-            raise ValueError(f"expected {len(names)} units (one per prior), got {len(units)}")
-        self.names = names
-        self.units = units
-        self.components = components
-        self._joint = _fuse(components)
-        super().__init__(
-            components[0].batch_shape, torch.Size([len(components)]), validate_args=validate_args
-        )
-
-    @classmethod
-    def from_scaler(
-        cls, scaler: AuxScaler, *, dtype: torch.dtype | None = None, device: Any = None
-    ) -> AuxPrior:
-        """Default prior: the training population's first two moments, i.e. ``u~ ~ N(0, I)``.
-
-        For an auxiliary with identity transform the prior is ``Normal(m_j, s_j)``; with a
-        ``log10`` (``log``) transform it is ``LogNormal(m_j ln 10, s_j ln 10)``
-        (``LogNormal(m_j, s_j)``), where ``m_j, s_j`` are the scaler's mean and standard
-        deviation of the transformed training values. The standardized auxiliaries are then
-        standard normal, so that ``z_aux`` has the marginal ``N(0, (1 + tau^2) I)``, the same
-        marginal :class:`~pyro_dlatent.latent.LatentSplit` uses for a missing auxiliary.
-        """
-        if not isinstance(scaler, AuxScaler):
-            raise TypeError(f"scaler must be an AuxScaler, got {type(scaler).__name__}")
-        if not scaler.fitted:
-            raise ValueError("scaler must be fitted to build the default u_prior")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        priors = {}
-        for j, name in enumerate(scaler.names):
-            loc = torch.tensor(float(scaler.mean[j]), dtype=dtype, device=device)
-            scale = torch.tensor(float(scaler.std[j]), dtype=dtype, device=device)
-            kind = scaler.transforms[j]
-            if kind == "identity":
-                priors[name] = dist.Normal(loc, scale)
-            elif kind == "log10":
-                priors[name] = dist.LogNormal(loc * math.log(10.0), scale * math.log(10.0))
-            else:
-                priors[name] = dist.LogNormal(loc, scale)
-        return cls(priors, units=scaler.units)
-
-    @property
-    def priors(self) -> dict[str, torch.distributions.Distribution]:
-        """The components as a ``{name: distribution}`` dict."""
-        return dict(zip(self.names, self.components, strict=True))
-
-    @constraints.dependent_property(is_discrete=False, event_dim=1)
-    def support(self) -> constraints.Constraint:
-        """Support of the joint: the fused family's support, else the stacked supports."""
-        if self._joint is not None:
-            return constraints.independent(self._joint.support, 1)
-        return constraints.stack([d.support for d in self.components], dim=-1)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return torch.stack([d.mean for d in self.components], dim=-1)
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return torch.stack([d.variance for d in self.components], dim=-1)
-
-    def expand(self, batch_shape: torch.Size | Sequence[int], _instance=None) -> AuxPrior:
-        batch_shape = torch.Size(batch_shape)
-        new = self._get_checked_instance(AuxPrior, _instance)
-        new.names, new.units = self.names, self.units
-        new.components = [d.expand(batch_shape) for d in self.components]
-        new._joint = None
-        if self._joint is not None:
-            new._joint = self._joint.expand(batch_shape + self.event_shape)
-        super(AuxPrior, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
-    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> torch.Tensor:
-        with torch.no_grad():
-            if self._joint is not None:
-                return self._joint.sample(sample_shape)
-            return torch.stack([d.sample(sample_shape) for d in self.components], dim=-1)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of the component log densities, shape ``value.shape[:-1]``."""
-        if self._validate_args:
-            self._validate_sample(value)
-        if self._joint is not None:
-            return self._joint.log_prob(value).sum(-1)
-        terms = [d.log_prob(value[..., j]) for j, d in enumerate(self.components)]
-        return torch.stack(terms, dim=-1).sum(-1)
-
-
-def _fuse(
-    components: Sequence[torch.distributions.Distribution],
-) -> torch.distributions.Distribution | None:
-    """One distribution with the components' parameters stacked on a last axis, if possible.
-
-    Works when all components share a family whose constructor takes the names of its
-    ``arg_constraints`` (Normal, LogNormal, Uniform, Gamma, Beta, ...). The fused density is
-    checked against the components at one draw of each (drawn under a forked RNG, so the
-    caller's random stream is untouched); ``None`` means "evaluate component by component".
-    """
-    family = type(components[0])
-    if any(type(d) is not family for d in components):
-        return None
-    try:
-        params = {
-            name: torch.stack([torch.as_tensor(getattr(d, name)) for d in components], dim=-1)
-            for name in family.arg_constraints
-        }
-        fused = family(**params, validate_args=False)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            probe = torch.stack([d.sample() for d in components], dim=-1)
-            expected = torch.stack(
-                [d.log_prob(probe[..., j]) for j, d in enumerate(components)], dim=-1
-            )
-            actual = fused.log_prob(probe)
-    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError):
-        return None
-    if actual.shape != expected.shape or not torch.allclose(actual, expected, equal_nan=True):
-        return None
-    return fused
 
 
 class DeepPrior(PyroModule):
@@ -496,272 +305,6 @@ class DeepPrior(PyroModule):
         u_std = torch.nan_to_num(u_std)
         z_aux, z_rec = self.latent(aux=u_std)
         return pyro.deterministic(FIELD_SITE, self.generate(z_aux, z_rec), event_dim=2)
-
-
-class TauCalibration(NamedTuple):
-    """Misalignment between a generator's guided coordinates and the standardized auxiliaries.
-
-    Attributes
-    ----------
-    tau : ndarray, shape ``(aux_dim,)``
-        Root-mean-square misalignment per coordinate,
-        :math:`\\sqrt{\\overline{(\\hat z_{aux,j} - \\tilde u_j)^2}}` (bias included):
-        the per-coordinate ``tau`` to give :class:`DeepPrior`.
-    bias : ndarray, shape ``(aux_dim,)``
-        Mean misalignment :math:`\\overline{\\hat z_{aux,j} - \\tilde u_j}`.
-    sd : ndarray, shape ``(aux_dim,)``
-        Standard deviation of the misalignment (``tau**2 = bias**2 + sd**2``).
-    z_aux : ndarray, shape ``(n, aux_dim)``
-        The fitted guided coordinates :math:`\\hat z_{aux}`.
-    aux_standardized : ndarray, shape ``(n, aux_dim)``
-        The standardized auxiliaries :math:`\\tilde u`.
-    pixel_rmse : ndarray, shape ``(n,)``
-        Root-mean-square pixel misfit :math:`\\lVert G(\\hat z) - x \\rVert / \\sqrt{HW}`.
-    residuals : ndarray, shape ``(n, H, W)``
-        What the generator leaves unexplained, :math:`x - G(\\hat z)`: samples of its
-        approximation error, e.g. to turn into a model-error covariance of the data.
-    """
-
-    tau: np.ndarray
-    bias: np.ndarray
-    sd: np.ndarray
-    z_aux: np.ndarray
-    aux_standardized: np.ndarray
-    pixel_rmse: np.ndarray
-    residuals: np.ndarray
-
-
-def calibrate_tau(
-    generator: torch.nn.Module,
-    images: Any,
-    aux: Any,
-    *,
-    noise_sd: float,
-    init_z_aux: Any = None,
-    init_z_rec: Any = None,
-    steps: int = 500,
-    lr: float = 0.05,
-    batch_size: int = 256,
-) -> TauCalibration:
-    """Calibrate a per-coordinate ``tau`` from held-out labelled images (model-error slack).
-
-    A trained generator does not put the image of auxiliaries :math:`u` exactly at
-    :math:`z_{aux} = \\tilde u`: the latent that best reproduces a held-out image sits at
-    :math:`\\hat z_{aux} = \\tilde u + e`. In an inverse problem whose data pin the field,
-    the posterior of :math:`z_{aux}` concentrates near :math:`\\hat z_{aux}`, so the
-    posterior of :math:`u` is only calibrated if the prior's :math:`\\tau_j` covers the
-    spread of :math:`e_j`; the generator's training ``tau`` usually does not. For each image
-    this function finds the latent the inverse problem would find from a fully observed
-    field, the mode of
-
-    .. math::
-
-        \\frac{\\lVert G(z_{aux}, z_{rec}) - x \\rVert^2}{2 \\sigma^2}
-        + \\frac{\\lVert z_{aux} \\rVert^2}{2 (1 + \\tau_0^2)}
-        + \\frac{\\lVert z_{rec} \\rVert^2}{2},
-
-    with :math:`\\sigma` = ``noise_sd`` and the marginal prior of the guided block (the
-    auxiliaries are *not* used, so the fit is not pulled towards them), then returns
-    :math:`\\tau_j = \\sqrt{\\overline{e_j^2}}`. This targets the generator's own
-    misalignment, unlike the encoder's means on held-out data, whose error also holds the
-    encoder's amortization gap, which an inverse problem (that never calls the encoder) does not
-    see; the encoder's means are the natural starting point of the fit.
-
-    Parameters
-    ----------
-    generator : torch.nn.Module
-        ``G(z_aux (n, aux_dim), z_rec (n, residual_dim)) -> (n, H, W)`` with ``aux_dim``,
-        ``residual_dim`` and a fitted ``scaler`` (as :class:`DeepPrior` requires); ``tau``
-        (default 1.0 when absent) sets the marginal prior of the guided block. It is not
-        modified.
-    images : array-like, shape ``(n, H, W)``
-        Held-out images in the generator's output units.
-    aux : array-like, shape ``(n, aux_dim)``
-        Their auxiliaries in physical units, in the scaler's order.
-    noise_sd : float
-        Pixel sd of the misfit the generator cannot explain (image units), e.g. the root-mean-
-        square reconstruction error of the trained model; it weighs the fit against the prior.
-    init_z_aux, init_z_rec : array-like, shapes ``(n, aux_dim)``, ``(n, residual_dim)``, optional
-        Starting latents (e.g. the encoder's means); default zeros.
-    steps : int
-        Adam steps per batch.
-    lr : float
-        Adam learning rate.
-    batch_size : int
-        Images fitted together.
-
-    Returns
-    -------
-    TauCalibration
-    """
-    require(generator, Generator, "generator")
-    if not (isinstance(noise_sd, int | float) and math.isfinite(noise_sd) and noise_sd > 0):
-        raise ValueError(f"expected noise_sd > 0, got {noise_sd!r}")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"expected lr > 0, got {lr!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"expected {name} >= 1, got {value!r}")
-    k, r = int(generator.aux_dim), int(generator.residual_dim)
-    images = np.asarray(images, dtype=np.float64)
-    aux = np.asarray(aux, dtype=np.float64)
-    if images.ndim != 3:
-        raise ValueError(f"expected images of shape (n, H, W), got {images.shape}")
-    n = images.shape[0]
-    if n < 2:
-        raise ValueError(f"expected at least 2 images, got {n}")
-    if aux.shape != (n, k):
-        raise ValueError(f"expected aux of shape ({n}, {k}), got {aux.shape}")
-    inits = []
-    for name, value, dim in (("init_z_aux", init_z_aux, k), ("init_z_rec", init_z_rec, r)):
-        value = np.zeros((n, dim)) if value is None else np.asarray(value, dtype=np.float64)
-        if value.shape != (n, dim):
-            raise ValueError(f"expected {name} of shape ({n}, {dim}), got {value.shape}")
-        inits.append(value)
-    aux_std = np.asarray(generator.scaler.transform(aux), dtype=np.float64)
-    if not np.isfinite(aux_std).all():
-        raise ValueError("aux contains values outside the scaler's transform domain")
-    tau0 = getattr(generator, "tau", 1.0)
-    tau0 = float(torch.as_tensor(tau0).detach().square().mean().sqrt())
-    ref = next(iter(generator.parameters()), None)
-    dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-    device = ref.device if ref is not None else torch.device("cpu")
-    aux_precision = 1.0 / (1.0 + tau0**2)
-    fitted, residuals = [], []
-    for start in range(0, n, batch_size):
-        rows = slice(start, start + batch_size)
-        target = torch.as_tensor(images[rows], dtype=dtype, device=device)
-        z_aux = torch.tensor(inits[0][rows], dtype=dtype, device=device, requires_grad=True)
-        z_rec = torch.tensor(inits[1][rows], dtype=dtype, device=device, requires_grad=True)
-        optimizer = torch.optim.Adam([z_aux, z_rec], lr=lr)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            misfit = (generator(z_aux, z_rec) - target).square().sum((-2, -1))
-            loss = (
-                0.5 * misfit / noise_sd**2
-                + 0.5 * aux_precision * z_aux.square().sum(-1)
-                + 0.5 * z_rec.square().sum(-1)
-            )
-            loss.sum().backward()
-            optimizer.step()
-        with torch.no_grad():
-            residuals.append((target - generator(z_aux, z_rec)).double().cpu().numpy())
-        fitted.append(z_aux.detach().double().cpu().numpy())
-    z_hat = np.concatenate(fitted)
-    residuals = np.concatenate(residuals)
-    error = z_hat - aux_std
-    return TauCalibration(
-        tau=np.sqrt(np.mean(error**2, axis=0)),
-        bias=error.mean(axis=0),
-        sd=error.std(axis=0),
-        z_aux=z_hat,
-        aux_standardized=aux_std,
-        pixel_rmse=np.sqrt(np.mean(residuals**2, axis=(-2, -1))),
-        residuals=residuals,
-    )
-
-
-class GRFFieldPrior(PyroModule):
-    """Gaussian-random-field prior on the mesh nodes, emitting the site ``"field"``.
-
-    With ``whiten=False`` the field is one multivariate-normal sample site,
-
-    .. math:: \\text{field} \\sim \\mathcal{N}(m, C),
-
-    reshaped to ``(size, size)``. With ``whiten=True`` the sampled site is
-    ``"field_white" ~ N(0, I)`` and ``field = m + L w`` (``C = L L^T``) is deterministic; the
-    two define the same prior, and the whitened one is far better conditioned for HMC.
-
-    Parameters
-    ----------
-    grf : pyro_dlatent.inverse.grf.GRFPrior
-        The Gaussian random field; its dense ``to_distribution()`` (Cholesky of the
-        covariance, ``O(N^3)``) is built once, so this is meant for small grids.
-    whiten : bool
-        Sample standard-normal coordinates instead of the field itself.
-    dtype : torch.dtype, optional
-        Floating-point type of the sites (default: the default dtype).
-    """
-
-    def __init__(self, grf: Any, *, whiten: bool = False, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if not callable(getattr(grf, "to_distribution", None)) or not hasattr(grf, "size"):
-            raise TypeError(f"grf must be a GRFPrior, got {type(grf).__name__}")
-        self.grf = grf
-        self.whiten = bool(whiten)
-        self.field_shape = _field_shape(grf.size, "grf.size")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        mvn = grf.to_distribution(dtype=dtype)
-        n = self.field_shape[0] * self.field_shape[1]
-        if mvn.event_shape != (n,):
-            raise ValueError(
-                f"grf.to_distribution() must have event shape ({n},), got {tuple(mvn.event_shape)}"
-            )
-        self.register_buffer("loc", mvn.loc.detach().clone())
-        self.register_buffer("scale_tril", mvn.scale_tril.detach().clone())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating-point type of the sites."""
-        return self.loc.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the sites."""
-        return self.loc.device
-
-    @property
-    def latent_sites(self) -> tuple[str, ...]:
-        """Sample sites whose posterior is exported."""
-        return (WHITE_SITE,) if self.whiten else (FIELD_SITE,)
-
-    def arviz_metadata(self) -> dict[str, Any]:
-        """Dims and coords of :attr:`latent_sites` for ArviZ export."""
-        if self.whiten:
-            return {"dims": {WHITE_SITE: ["node"]}, "coords": {}, "attrs": {}}
-        return {"dims": {FIELD_SITE: ["y", "x"]}, "coords": {}, "attrs": {}}
-
-    def field_dist(self) -> dist.Distribution:
-        """``N(m, C)`` with event shape ``(size, size)`` (the nodes in row-major order)."""
-        n = self.loc.shape[-1]
-        mvn = dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
-        reshape = torch.distributions.transforms.ReshapeTransform((n,), self.field_shape)
-        return dist.TransformedDistribution(mvn, [reshape])
-
-    def log_density(self, values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log prior density of the sampled site and the field, without Pyro's messengers.
-
-        Parameters
-        ----------
-        values : mapping
-            ``"field_white"`` ``(*batch, N)`` when whitened, else ``"field"``
-            ``(*batch, size, size)``.
-
-        Returns
-        -------
-        log_prob : Tensor, shape ``batch``
-        field : Tensor, shape ``(*batch, size, size)``
-        """
-        if not self.whiten:
-            field = values[FIELD_SITE]
-            return self.field_dist().log_prob(field), field
-        white = values[WHITE_SITE]
-        log_prob = -0.5 * white.square().sum(-1) - 0.5 * white.shape[-1] * _LOG_2PI
-        return log_prob, self._colour(white)
-
-    def _colour(self, white: torch.Tensor) -> torch.Tensor:
-        flat = self.loc + (white.unsqueeze(-2) @ self.scale_tril.mT).squeeze(-2)
-        return flat.reshape(*flat.shape[:-1], *self.field_shape)
-
-    def forward(self) -> torch.Tensor:
-        """Emit the field site(s); return the field ``(*batch, size, size)``."""
-        if not self.whiten:
-            return pyro.sample(FIELD_SITE, self.field_dist())
-        white = pyro.sample(
-            WHITE_SITE,
-            dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1),
-        )
-        return pyro.deterministic(FIELD_SITE, self._colour(white), event_dim=2)
 
 
 class InverseProblemModel(torch.nn.Module):
