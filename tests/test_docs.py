@@ -26,14 +26,18 @@ PUBLIC_MODULES = [
     *(
         f"pyro_dlatent.inverse.{m}"
         for m in (
-            *("fem", "prior", "infer", "methods", "health", "protocols"),
-            *("collapsed", "exact", "grf", "run"),
+            *("fem", "prior", "aux_prior", "grf_field", "tau", "sites"),
+            *("infer", "methods", "health", "protocols", "collapsed", "exact", "grf", "run"),
         )
     ),
     "pyro_dlatent.training",
     "pyro_dlatent.studies",
     "pyro_dlatent.export",
     "pyro_dlatent.metrics",
+    *(
+        f"pyro_dlatent.metrics.{m}"
+        for m in ("latent_split", "disentanglement", "lift", "fidelity", "inverse", "detection")
+    ),
     "pyro_dlatent.flow",
     "pyro_dlatent.penalties",
     "pyro_dlatent.anomaly",
