@@ -1,4 +1,4 @@
-"""Science checks of the deep prior for the elliptic inverse problems (issue 4, point 6).
+"""Science checks of the deep prior for the elliptic inverse problems.
 
 One script, one subcommand per experiment; each writes a JSON of its numbers (``--out``) and,
 where it draws figures, PNG files next to the JSON. All experiments share one setup: the
@@ -29,16 +29,17 @@ Subcommands
     auxiliary) or ``--calibrate_tau N`` sets the deep prior's model-error slack.
 ``calibrate``
     Per-coordinate ``tau`` of a saved Aux-VAE from held-out images
-    (:func:`pyro_dlatent.inverse.prior.calibrate_tau`), to pass to shards with ``--tau``.
+    (:func:`pyro_dlatent.inverse.calibrate_tau`), to pass to shards with ``--tau``.
 ``merge``
     Pool the JSONs of shards of one ``coverage`` or ``misspec`` run into the summary the
-    unsharded run gives.
-
-Sharding: problem ``i`` has the same truth, data and seed whatever the sharding
-(:func:`sources_problems`), so ``--start i --num_svi k`` runs problems ``i .. i + k - 1``.
+    unsharded run gives (:func:`pyro_dlatent.inverse.studies.merge_results`).
 ``conductivity``
     ``log kappa = 0.1 G(z)`` with a known unit source: SVI posterior mean and sd fields,
     relative L2 error, figures.
+
+Sharding: problem ``i`` has the same truth, data and seed whatever the sharding
+(:func:`pyro_dlatent.inverse.studies.sources_problems`), so ``--start i --num_svi k`` runs
+problems ``i .. i + k - 1``.
 
 Usage (one thread; each step a few minutes on one core)::
 
@@ -62,87 +63,69 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro.distributions as dist
 import torch
 
+from pyro_dlatent.calibration import interval_hits
 from pyro_dlatent.data import from_arrays, simulate
-from pyro_dlatent.data.sources import gaussian_bump, residual_covariance
-from pyro_dlatent.data.sources import grid as sources_grid
+from pyro_dlatent.data.sources import residual_covariance
 from pyro_dlatent.inverse import (
+    BumpPrior,
     ConductivityProblem,
     DeepPrior,
     GRFPrior,
     SourceProblem,
+    calibrate_tau,
     default_sensors,
     infer,
     infer_collapsed,
     simulate_observations,
 )
-from pyro_dlatent.inverse.prior import calibrate_tau
+from pyro_dlatent.inverse.exact import NAMES, known_bump_mean
+from pyro_dlatent.inverse.grf import cosine_moments
+from pyro_dlatent.inverse.model_error import ModelErrorProblem
+from pyro_dlatent.inverse.studies import (
+    COVERAGE_NAMES,
+    NOISE_SD,
+    SIZE,
+    coverage_summary,
+    merge_results,
+    misspec_summary,
+    named_draws,
+    ratio_summary,
+    source_problem,
+    sources_problems,
+)
 from pyro_dlatent.metrics import relative_l2_error
 from pyro_dlatent.models.auxvae import AuxVAE
 
 __all__ = [
     "COND_SCALE",
-    "COVERAGE_NAMES",
     "GRF_CORRELATION_LENGTH",
     "GRF_VARIANCE",
-    "NAMED",
-    "NOISE_SD",
-    "SIZE",
-    "ModelErrorProblem",
     "ScaledGenerator",
     "calibrate",
     "calibrate_model_tau",
     "conductivity",
     "coverage",
-    "coverage_summary",
     "grf_dataset",
-    "interval_hits",
     "main",
     "merge",
-    "merge_results",
     "misspec",
-    "misspec_summary",
-    "oracle_bump_mean",
-    "source_u_prior",
-    "sources_problems",
     "svi_field",
     "train",
     "wellspec",
 ]
 
-SIZE = 32
-"""Nodes per axis (the ``sources`` image grid)."""
-NOISE_SD = 1e-3
-"""Sensor noise sd of the source problem, about 1% of the clean data's 1-99% range."""
 GRF_CORRELATION_LENGTH = 0.3
 """Matérn correlation length of the well-specified GRF."""
 GRF_VARIANCE = 1.0
 """Marginal variance of the well-specified GRF."""
 COND_SCALE = 0.1
 """log kappa = COND_SCALE * sources field: kappa in about [0.9, 2.6]."""
-NAMED = ("x0", "y0", "log_amplitude", "width")
-"""The ``sources`` auxiliaries, in latent order."""
 
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def source_problem(noise_sd: float = NOISE_SD) -> SourceProblem:
-    """The source problem of every experiment (unit conductivity, 5x5 sensors)."""
-    return SourceProblem(SIZE, default_sensors(5), noise_sd=noise_sd)
-
-
-def source_u_prior() -> dict[str, dist.Distribution]:
-    """The exact prior the ``sources`` simulator draws its auxiliaries from (default ranges)."""
-    return {
-        "x0": dist.Uniform(0.2, 0.8),
-        "y0": dist.Uniform(0.2, 0.8),
-        "log_amplitude": dist.Uniform(0.0, math.log(10.0)),
-        "width": dist.Uniform(0.05, 0.15),
-    }
 
 
 # --------------------------------------------------------------------------- data and training
@@ -158,20 +141,6 @@ def grf_dataset(num: int, seed: int, num_modes: int = 2) -> Any:
     grf = GRFPrior.from_matern(SIZE, correlation_length=GRF_CORRELATION_LENGTH, variance=1.0)
     images = grf.sample(num, seed=seed).numpy()
     return from_arrays(images, cosine_moments(images, num_modes))
-
-
-def cosine_moments(images: np.ndarray, num_modes: int = 2) -> dict[str, np.ndarray]:
-    """Cosine moments ``c_kl = int f cos(k pi x) cos(l pi y)`` of images ``(n, H, W)``."""
-    size = images.shape[-1]
-    x = np.linspace(0.0, 1.0, size)
-    weights = np.full(size, 1.0 / (size - 1))
-    weights[[0, -1]] *= 0.5
-    out = {}
-    for k in range(num_modes):
-        for m in range(num_modes):
-            basis = np.outer(weights * np.cos(m * np.pi * x), weights * np.cos(k * np.pi * x))
-            out[f"c{k}{m}"] = np.einsum("nij,ij->n", images, basis)
-    return out
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,122 +207,14 @@ def svi_field(
         return mean, result, "median"
 
 
-def _ratio_summary(
-    deep: np.ndarray, baseline: np.ndarray, name: str = "deep", baseline_name: str = "baseline"
-) -> dict[str, float]:
-    """Error summaries of a method (``name``) against a baseline; ratios are baseline / method."""
-    ratio = baseline / deep
-    return {
-        f"{name}_median": float(np.median(deep)),
-        f"{name}_mean": float(np.mean(deep)),
-        f"{baseline_name}_median": float(np.median(baseline)),
-        f"{baseline_name}_mean": float(np.mean(baseline)),
-        "ratio_of_medians": float(np.median(baseline) / np.median(deep)),
-        "ratio_of_means": float(np.mean(baseline) / np.mean(deep)),
-        "median_of_ratios": float(np.median(ratio)),
-        f"fraction_{name}_better": float(np.mean(ratio > 1.0)),
-    }
-
-
 def _map_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"num_starts": args.num_starts, "steps": args.steps, "lbfgs_steps": args.lbfgs_steps}
-
-
-# --------------------------------------------------------------------------- shardable problems
-def sources_problems(
-    problem: SourceProblem, start: int, count: int, test_seed: int
-) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-    """Held-out ``sources`` problems ``start, ..., start + count - 1``, independent of sharding.
-
-    Problem ``i`` is the single field ``simulate("sources", 1, seed=test_seed + i)`` observed
-    with noise from ``numpy.random.default_rng([test_seed, i])``, so a shard that starts at
-    ``i`` sees exactly the truth and data the unsharded run sees at ``i``.
-
-    Returns
-    -------
-    truths : Tensor, shape ``(count, SIZE, SIZE)``, float64
-    u_true : ndarray, shape ``(count, 4)``
-        ``x0, y0, log_amplitude, width`` (latent order, the simulator's units).
-    data : Tensor, shape ``(count, 25)``, float64
-    """
-    truths, u_true, data = [], [], []
-    for i in range(start, start + count):
-        ds = simulate("sources", 1, size=SIZE, seed=test_seed + i)
-        truth = torch.as_tensor(ds["image"].values, dtype=torch.float64)
-        truths.append(truth[0])
-        u_true.append([float(ds[k].values[0]) for k in NAMED])
-        noise = np.random.default_rng([test_seed, i])
-        data.append(simulate_observations(problem, truth, seed=noise)[0])
-    if not truths:
-        return torch.zeros(0, SIZE, SIZE, dtype=torch.float64), np.zeros((0, 4)), torch.zeros(0)
-    return torch.stack(truths), np.asarray(u_true), torch.stack(data)
-
-
-def oracle_bump_mean(
-    problem: SourceProblem, u_true: np.ndarray, data: torch.Tensor, covariance: np.ndarray
-) -> np.ndarray:
-    """Posterior mean of the field when the bump is known and only the residual is unknown.
-
-    With ``f = b + r``, ``r ~ N(0, C)`` (the simulator's Matérn residual) and
-    ``d = A f + eps``, ``eps ~ N(0, sigma^2 I)``, exact Gaussian conditioning gives
-
-    .. math:: E[f \\mid d] = b + C A^T (A C A^T + \\sigma^2 I)^{-1} (d - A b).
-
-    Parameters
-    ----------
-    problem : SourceProblem
-    u_true : ndarray, shape ``(n, 4)``
-        True ``x0, y0, log_amplitude, width``.
-    data : Tensor, shape ``(n, m)``
-    covariance : ndarray, shape ``(N, N)``
-        :func:`pyro_dlatent.data.sources.residual_covariance` of the grid.
-
-    Returns
-    -------
-    ndarray, shape ``(n, SIZE, SIZE)``
-    """
-    t = sources_grid(SIZE)
-    bumps = gaussian_bump(t, t, *(u_true[:, j] for j in range(4))).reshape(len(u_true), -1)
-    forward = problem.sensor_operator
-    cross = covariance @ forward.T
-    gram = forward @ cross + problem.noise_sd**2 * np.eye(forward.shape[0])
-    innovation = np.asarray(data, dtype=np.float64) - bumps @ forward.T
-    mean = bumps + np.linalg.solve(gram, innovation.T).T @ cross.T
-    return mean.reshape(-1, SIZE, SIZE)
-
-
-def _check_start(start: int) -> int:
-    if start < 0:
-        raise ValueError(f"expected start >= 0, got {start}")
-    return int(start)
-
-
-# --------------------------------------------------------------------------- experiments
-def misspec_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Error summaries of per-problem misspecification records (``problem, deep, grf, oracle``).
-
-    ``deep_over_grf`` compares the deep prior with the fitted GRF (the issue's target: ratios of
-    the GRF's error to the deep prior's >= 2); ``oracle_over_grf`` does the same for the
-    known-bump oracle, the best any prior that is unsure only of the residual can do.
-    """
-    records = sorted(records, key=lambda r: r["problem"])
-    grf = np.array([r["grf"] for r in records])
-    out: dict[str, Any] = {"num_problems": len(records)}
-    deep = np.array([r["deep"] for r in records if r.get("deep") is not None])
-    if len(deep) == len(records) and records:
-        out["deep_over_grf"] = _ratio_summary(deep, grf, "deep", "grf")
-        ratio = out["deep_over_grf"]
-        out["met"] = bool(min(ratio["ratio_of_medians"], ratio["ratio_of_means"]) >= 2.0)
-    oracle = np.array([r["oracle"] for r in records if r.get("oracle") is not None])
-    if len(oracle) == len(records) and records:
-        out["oracle_over_grf"] = _ratio_summary(oracle, grf, "oracle", "grf")
-    return out
 
 
 def misspec(args: argparse.Namespace) -> dict[str, Any]:
     """Deep prior vs ML-fitted GRF (and the known-bump oracle) on held-out ``sources`` truths."""
     torch.set_num_threads(1)
-    start = _check_start(args.start)
+    start = args.start
     problem = source_problem()
     train_ds = simulate("sources", args.num_fit, size=SIZE, seed=args.fit_seed)
     train_fields = torch.as_tensor(train_ds["image"].values, dtype=torch.float64)
@@ -365,11 +226,11 @@ def misspec(args: argparse.Namespace) -> dict[str, Any]:
     truths, u_true, data = sources_problems(problem, start, args.num_problems, args.test_seed)
     grf_mean, _ = grf.posterior(problem, data)
     grf_err = relative_l2_error(grf_mean.numpy(), truths.numpy())
-    oracle_mean = oracle_bump_mean(problem, u_true, data, residual_covariance(SIZE))
+    oracle_mean = known_bump_mean(problem, u_true, data, residual_covariance(SIZE))
     oracle_err = relative_l2_error(oracle_mean, truths.numpy())
     prior, deep_problem, deep_data = None, problem, data
     if args.method != "none":
-        prior = DeepPrior(load_generator(args.model), u_prior=source_u_prior(), tau=_tau(args))
+        prior = DeepPrior(load_generator(args.model), u_prior=BumpPrior().u_prior(), tau=_tau(args))
         deep_problem, deep_data = _with_model_error(args, problem, data)
     records = []
     for k in range(args.num_problems):
@@ -440,7 +301,7 @@ def wellspec(args: argparse.Namespace) -> dict[str, Any]:
         deep_err.append(float(relative_l2_error(mean[None], truths[i][None].numpy())[0]))
         _log(f"problem {i}: deep {deep_err[-1]:.3f} oracle {oracle_err[i]:.3f}")
     deep_err = np.asarray(deep_err)
-    summary = _ratio_summary(deep_err, oracle_err)
+    summary = ratio_summary(deep_err, oracle_err)
     excess = summary["deep_mean"] / summary["baseline_mean"]
     return {
         "experiment": "wellspec",
@@ -456,58 +317,6 @@ def wellspec(args: argparse.Namespace) -> dict[str, Any]:
         "target": 1.2,
         "met": bool(excess <= 1.2),
     }
-
-
-def interval_hits(draws: np.ndarray, truth: np.ndarray, level: float = 0.9) -> np.ndarray:
-    """Whether each truth ``(k,)`` lies in the central ``level`` interval of draws ``(n, k)``."""
-    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return (lo <= truth) & (truth <= hi)
-
-
-def _named_draws(samples: torch.Tensor) -> np.ndarray:
-    """``u`` draws ``(chain, draw, 4)`` to ``(n, 4)`` with ``log_amplitude`` exponentiated."""
-    u = samples.reshape(-1, samples.shape[-1]).double().numpy().copy()
-    u[:, 2] = np.exp(u[:, 2])
-    return u
-
-
-COVERAGE_NAMES = ("x0", "y0", "amplitude", "width")
-"""The named parameters of the coverage experiment (``amplitude = exp(log_amplitude)``)."""
-
-
-def coverage_summary(records: list[dict[str, Any]], level: float = 0.9) -> dict[str, Any]:
-    """Coverage per parameter and run health of per-problem records of one method.
-
-    Each record holds ``problem`` and ``hits`` (four 0/1 flags in :data:`COVERAGE_NAMES` order),
-    and, for NUTS, ``max_rhat`` and ``divergences``. The binomial standard error is that of a
-    coverage of exactly ``level`` over the number of problems, ``sqrt(level (1 - level) / n)``;
-    ``met`` asks every coverage to lie in ``[0.8, 0.97]`` (and, for NUTS, R-hat <= 1.01 with no
-    divergences).
-    """
-    records = sorted(records, key=lambda r: r["problem"])
-    hits = np.array([r["hits"] for r in records], dtype=float).reshape(-1, 4)
-    n = len(records)
-    cov = hits.mean(axis=0) if n else np.full(4, np.nan)
-    out: dict[str, Any] = {
-        "num_problems": n,
-        "coverage": dict(zip(COVERAGE_NAMES, cov.tolist(), strict=True)),
-        "binomial_se": math.sqrt(level * (1 - level) / n) if n else math.nan,
-        "coverage_met": bool(n and np.all((cov >= 0.8) & (cov <= 0.97))),
-    }
-    if records and "max_rhat" in records[0]:
-        rhats = [float(r["max_rhat"]) for r in records]
-        divergences = [int(r["divergences"]) for r in records]
-        out.update(
-            max_rhat=rhats,
-            divergences=divergences,
-            worst_rhat=float(np.max(rhats)),
-            total_divergences=int(np.sum(divergences)),
-            health_met=bool(np.max(rhats) <= 1.01 and np.sum(divergences) == 0),
-        )
-        out["met"] = bool(out["coverage_met"] and out["health_met"])
-    else:
-        out["met"] = out["coverage_met"]
-    return out
 
 
 def _calibration(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -535,52 +344,6 @@ def _tau(args: argparse.Namespace) -> float | np.ndarray | None:
         return float(args.tau[0]) if len(args.tau) == 1 else np.asarray(args.tau)
     calibration = _calibration(args)
     return None if calibration is None else np.asarray(calibration["tau"])
-
-
-class ModelErrorProblem:
-    """A source problem whose data carry the generator's approximation error as extra noise.
-
-    The approximation-error likelihood (Kaipio & Somersalo): with ``d = A f + eps`` and the
-    field written as ``f = G(z) + r`` with ``r`` what the generator cannot represent,
-    ``A r ~ N(0, E)`` is folded into the noise,
-
-    .. math:: d \\mid z \\sim \\mathcal{N}(A G(z), \\sigma^2 I + E).
-
-    With ``sigma^2 I + E = L L^T`` this is the whitened problem ``L^{-1} d ~ N(L^{-1} A G(z), I)``,
-    which is what this class exposes (``noise_sd = 1``); :meth:`whiten` maps raw data to it.
-    Everything else (``size``, ``sensors``, ``node_xy``) is the wrapped problem's.
-
-    Parameters
-    ----------
-    problem : SourceProblem
-    error_covariance : ndarray, shape ``(m, m)``
-        ``E``, e.g. ``sensor_error_second_moment`` of :func:`calibrate_model_tau`.
-    """
-
-    def __init__(self, problem: SourceProblem, error_covariance: Any) -> None:
-        error = np.asarray(error_covariance, dtype=np.float64)
-        m = problem.num_sensors
-        if error.shape != (m, m):
-            raise ValueError(f"expected error_covariance of shape ({m}, {m}), got {error.shape}")
-        total = problem.noise_sd**2 * np.eye(m) + 0.5 * (error + error.T)
-        self._whitener = np.linalg.inv(np.linalg.cholesky(total))
-        self._operator = self._whitener @ problem.sensor_operator
-        self.problem = problem
-        self.size = problem.size
-        self.num_sensors = m
-        self.noise_sd = 1.0
-        self.sensors = problem.sensors
-        self.node_xy = problem.node_xy
-
-    def whiten(self, data: torch.Tensor) -> torch.Tensor:
-        """Raw sensor data ``(..., m)`` to the whitened data of this problem."""
-        whitener = torch.as_tensor(self._whitener, dtype=data.dtype, device=data.device)
-        return data @ whitener.T
-
-    def forward(self, field: torch.Tensor) -> torch.Tensor:
-        """Whitened noise-free data ``L^{-1} A f``, shape ``(..., m)``."""
-        operator = torch.as_tensor(self._operator, dtype=field.dtype, device=field.device)
-        return field.flatten(-2) @ operator.T
 
 
 def _with_model_error(
@@ -662,14 +425,14 @@ def calibrate_model_tau(path: str, num: int, seed: int = 7000, steps: int = 300)
 def coverage(args: argparse.Namespace) -> dict[str, Any]:
     """90% interval coverage of the named parameters with SVI (many problems) and NUTS (few)."""
     torch.set_num_threads(1)
-    start = _check_start(args.start)
+    start = args.start
     problem = source_problem()
     count = max(args.num_svi, args.num_nuts)
     _, u_true, data = sources_problems(problem, start, count, args.test_seed)
     u_true[:, 2] = np.exp(u_true[:, 2])
     tau = _tau(args)
     problem, data = _with_model_error(args, problem, data)
-    prior = DeepPrior(load_generator(args.model), u_prior=source_u_prior(), tau=tau)
+    prior = DeepPrior(load_generator(args.model), u_prior=BumpPrior().u_prior(), tau=tau)
     warmup = args.nuts_draws if args.nuts_warmup is None else args.nuts_warmup
     out: dict[str, Any] = {
         "experiment": "coverage",
@@ -704,7 +467,7 @@ def coverage(args: argparse.Namespace) -> dict[str, Any]:
             "warn": False,
         }
         _, result, svi_init = svi_field(problem, prior, data[k], seed=i, **svi_kwargs)
-        draws = _named_draws(result.samples["u"])
+        draws = named_draws(result.samples["u"])
         hits = interval_hits(draws, u_true[k])
         svi_records.append(
             {
@@ -735,7 +498,7 @@ def coverage(args: argparse.Namespace) -> dict[str, Any]:
             mp_context=args.mp_context,
             warn=False,
         )
-        draws = _named_draws(result.samples["u"])
+        draws = named_draws(result.samples["u"])
         hits = interval_hits(draws, u_true[k])
         nuts_records.append(
             {
@@ -754,54 +517,6 @@ def coverage(args: argparse.Namespace) -> dict[str, Any]:
     if nuts_records:
         out["nuts"] = {"records": nuts_records, **coverage_summary(nuts_records)}
     return out
-
-
-def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pool shard results of one experiment (``coverage`` or ``misspec``) into one summary.
-
-    The shards must share the experiment and its ``settings`` and cover disjoint problems; the
-    per-problem records are concatenated and summarized exactly as an unsharded run would be.
-    """
-    if not results:
-        raise ValueError("expected at least one shard result to merge")
-    experiment = results[0].get("experiment")
-    if experiment not in ("coverage", "misspec"):
-        raise ValueError(f"expected coverage or misspec shards, got experiment {experiment!r}")
-    for result in results[1:]:
-        if result.get("experiment") != experiment:
-            raise ValueError(
-                f"cannot merge a {result.get('experiment')!r} shard with {experiment!r} shards"
-            )
-        settings, reference = result.get("settings") or {}, results[0].get("settings") or {}
-        if settings != reference:
-            keys = sorted(
-                k for k in set(settings) | set(reference) if settings.get(k) != reference.get(k)
-            )
-            raise ValueError(f"shards were run with different settings {keys}; refusing to merge")
-    merged: dict[str, Any] = {
-        "experiment": experiment,
-        "settings": results[0].get("settings"),
-        "num_shards": len(results),
-    }
-    if "calibration" in results[0]:
-        merged["calibration"] = results[0]["calibration"]
-    groups = ("svi", "nuts") if experiment == "coverage" else (None,)
-    for group in groups:
-        records = []
-        for result in results:
-            part = result if group is None else result.get(group)
-            if part is not None:
-                records.extend(part["records"])
-        problems = [r["problem"] for r in records]
-        duplicates = sorted({p for p in problems if problems.count(p) > 1})
-        if duplicates:
-            raise ValueError(f"problems {duplicates} appear in more than one shard")
-        records = sorted(records, key=lambda r: r["problem"])
-        if group is None:
-            merged.update(records=records, **misspec_summary(records), target_ratio=2.0)
-        elif records:
-            merged[group] = {"records": records, **coverage_summary(records)}
-    return merged
 
 
 def calibrate(args: argparse.Namespace) -> dict[str, Any]:
@@ -848,7 +563,7 @@ def conductivity(args: argparse.Namespace) -> dict[str, Any]:
     problem = ConductivityProblem(SIZE, default_sensors(5), noise_sd=noise_sd, source=1.0)
     data = simulate_observations(problem, truth, seed=args.test_seed + 1)[0]
     prior = DeepPrior(
-        ScaledGenerator(load_generator(args.model), COND_SCALE), u_prior=source_u_prior()
+        ScaledGenerator(load_generator(args.model), COND_SCALE), u_prior=BumpPrior().u_prior()
     )
     start = time.perf_counter()
     result = infer(
@@ -880,8 +595,8 @@ def conductivity(args: argparse.Namespace) -> dict[str, Any]:
     predictive = np.asarray(result.idata["posterior_predictive"]["obs"]).reshape(-1, 25)
     fig = observed_vs_predicted(data.numpy(), predictive.mean(0), predictive.std(0))
     fig.savefig(outdir / "conductivity_obs_vs_pred.png", dpi=120)
-    u = _named_draws(result.samples["u"])
-    u_true = np.array([float(test[k].values[0]) for k in NAMED])
+    u = named_draws(result.samples["u"])
+    u_true = np.array([float(test[k].values[0]) for k in NAMES])
     u_true[2] = math.exp(u_true[2])
     return {
         "experiment": "conductivity",
@@ -891,9 +606,9 @@ def conductivity(args: argparse.Namespace) -> dict[str, Any]:
         "relative_l2_error": err,
         "mean_posterior_sd": float(sd.mean()),
         "fraction_nodes_within_90pct": inside,
-        "u_true": dict(zip(["x0", "y0", "amplitude", "width"], u_true.tolist(), strict=True)),
-        "u_mean": dict(zip(["x0", "y0", "amplitude", "width"], u.mean(0).tolist(), strict=True)),
-        "u_sd": dict(zip(["x0", "y0", "amplitude", "width"], u.std(0).tolist(), strict=True)),
+        "u_true": dict(zip(COVERAGE_NAMES, u_true.tolist(), strict=True)),
+        "u_mean": dict(zip(COVERAGE_NAMES, u.mean(0).tolist(), strict=True)),
+        "u_sd": dict(zip(COVERAGE_NAMES, u.std(0).tolist(), strict=True)),
         "health": {k: v for k, v in result.health.items() if isinstance(v, int | float | bool)},
         "seconds": elapsed,
         "figures": ["conductivity_fields.png", "conductivity_obs_vs_pred.png"],
@@ -981,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out")
     p.add_argument("shards", nargs="+")
     args = parser.parse_args(argv)
+    if getattr(args, "start", 0) < 0:
+        parser.error(f"expected --start >= 0, got {args.start}")
     commands = {
         "train": train,
         "misspec": misspec,

@@ -19,7 +19,7 @@ held-out maps:
   similar encoded mass, each also averaged over the encodings of a map's 8 rotations and
   reflections (:func:`pyro_dlatent.anomaly.encode_views`).
 
-Results go to a JSON file, figures to a folder. Example (the issue's setting)::
+Results go to a JSON file, figures to a folder. Example (the setting of the quality criteria)::
 
     python benchmarks/dlcfm_halos.py --num 8192 --size 32 --epochs 40 --output halos.json
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ from pyro_dlatent.anomaly import (
 from pyro_dlatent.checkpoint import load_checkpoint
 from pyro_dlatent.data import aux_array, simulate, split
 from pyro_dlatent.data.halos import median_concentration
+from pyro_dlatent.data.halos_analysis import aperture_y, binned_power_law_slope
 from pyro_dlatent.flow import BASE_NOISES
 from pyro_dlatent.models.auxvae import AuxVAE
 from pyro_dlatent.models.base import GuidedLatentModel
@@ -62,47 +62,11 @@ from pyro_dlatent.plots import image_grid, save_figure
 from pyro_dlatent.training import CHECKPOINT_NAME
 
 __all__ = [
-    "aperture_y",
-    "binned_power_law_slope",
     "concentration_mass_check",
     "evaluate_model",
     "main",
     "train_models",
 ]
-
-
-def binned_power_law_slope(x: np.ndarray, y: np.ndarray, num_bins: int = 8) -> float:
-    """Slope of ``log10 <y>`` against ``<x>`` over equal-count bins of ``x`` (``x`` already a log).
-
-    Averaging ``y`` within bins before the log keeps noisy, possibly negative, per-map values
-    usable; bins whose mean is not positive are dropped.
-    """
-    order = np.argsort(x)
-    centres, means = [], []
-    for part in np.array_split(order, num_bins):
-        mean = float(np.mean(y[part]))
-        if mean > 0:
-            centres.append(float(np.mean(x[part])))
-            means.append(math.log10(mean))
-    if len(centres) < 2:
-        return float("nan")
-    return float(np.polyfit(centres, means, 1)[0])
-
-
-def aperture_y(images: np.ndarray, radius_pixels: np.ndarray) -> np.ndarray:
-    """Sum of each map's pixels whose centres lie within ``radius_pixels`` of the field centre.
-
-    Parameters
-    ----------
-    images : shape ``(n, h, w)``
-    radius_pixels : shape ``(n,)``
-        Aperture radius of each map, in pixels.
-    """
-    h, w = images.shape[1:]
-    yy, xx = np.mgrid[0:h, 0:w]
-    r2 = (yy + 0.5 - 0.5 * h) ** 2 + (xx + 0.5 - 0.5 * w) ** 2
-    inside = r2[None] <= np.asarray(radius_pixels, dtype=np.float64)[:, None, None] ** 2
-    return (images * inside).sum(axis=(1, 2))
 
 
 def concentration_mass_check(

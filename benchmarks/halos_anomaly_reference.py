@@ -1,8 +1,8 @@
 """Reference AUROCs for the disturbed halos of ``halos``, to read a model's anomaly score against.
 
-The DL-CFM issue asks the residual-block anomaly score (:mod:`pyro_dlatent.anomaly`) to rank the
-disturbed halos (three times the centroid offset and 1 + Poisson(1) substructure clumps; 7% of
-the maps) with AUROC >= 0.85, the flag never used in training. This script measures two things
+The residual-block anomaly score (:mod:`pyro_dlatent.anomaly`) is asked to rank the disturbed
+halos (three times the centroid offset and 1 + Poisson(1) substructure clumps; 7% of the maps)
+with AUROC >= 0.85, the flag never used in training. This script measures two things
 that bound what such a score can reach on the same maps and the same train / held-out split as
 ``benchmarks/dlcfm_halos.py``:
 
@@ -11,8 +11,9 @@ that bound what such a score can reach on the same maps and the same train / hel
   ``(1 - q) (cos 2 phi, sin 2 phi)``, plus two uninformative N(0, 1) coordinates standing in for
   residual dimensions that carry something else; against the whole training population and
   against training halos of similar mass (:func:`pyro_dlatent.anomaly.fit_anomaly_detector`
-  with ``condition``). This is what a residual block that encoded those parameters perfectly
-  would score; the clumps are left out (they have no fixed-length parameters).
+  with ``condition``; :func:`pyro_dlatent.anomaly.nuisance_oracle_aurocs`). This is what a
+  residual block that encoded those parameters perfectly would score; the clumps are left out
+  (they have no fixed-length parameters).
 - **a supervised classifier from the pixels**: the package's :class:`~pyro_dlatent.nn.ConvEncoder`
   with a logistic output, trained *on the flag* (class-weighted cross-entropy, AdamW, random
   rotations and flips; the epoch with the best AUROC on a validation fifth of the training maps
@@ -20,7 +21,7 @@ that bound what such a score can reach on the same maps and the same train / hel
   separate the two populations when the labels are given: an unsupervised score can only do
   worse, up to the classifier's own shortfall.
 
-Example (the issue's setting, 7 minutes on one CPU thread)::
+Example (the setting of the DL-CFM study, 7 minutes on one CPU thread)::
 
     python benchmarks/halos_anomaly_reference.py --num 10240 --output reference.json
 """
@@ -38,53 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from pyro_dlatent import metrics
-from pyro_dlatent.anomaly import fit_anomaly_detector
+from pyro_dlatent.anomaly import nuisance_oracle_aurocs
 from pyro_dlatent.data import simulate, split
 from pyro_dlatent.nn import ConvEncoder
 
-__all__ = ["classifier_auroc", "main", "nuisance_features", "oracle_aurocs"]
-
-
-def nuisance_features(ds: Any, unit: str) -> dict[str, np.ndarray]:
-    """The true offsets (``unit``: ``"arcmin"`` or ``"r500"``) and ellipticity of each map."""
-    if unit not in ("arcmin", "r500"):
-        raise ValueError(f"expected unit 'arcmin' or 'r500', got {unit!r}")
-    scale = ds["r500_arcmin"].values if unit == "r500" else 1.0
-    offsets = np.stack([ds["offset_x"].values / scale, ds["offset_y"].values / scale], axis=1)
-    q, phi = ds["axis_ratio"].values, ds["orientation"].values
-    ellipticity = np.stack([(1 - q) * np.cos(2 * phi), (1 - q) * np.sin(2 * phi)], axis=1)
-    return {"offsets": offsets, "ellipticity": ellipticity}
-
-
-def oracle_aurocs(train: Any, held: Any, seed: int = 0) -> dict[str, dict[str, float]]:
-    """AUROC of the Mahalanobis radius of true nuisance parameters, plain and by mass."""
-    rng = np.random.default_rng(seed)
-    flag = held["disturbed"].values.astype(bool)
-    mass_train, mass_held = train["log10_M500"].values, held["log10_M500"].values
-    results: dict[str, dict[str, float]] = {}
-    for unit in ("arcmin", "r500"):
-        ft, fh = nuisance_features(train, unit), nuisance_features(held, unit)
-        noise_t = rng.standard_normal((len(mass_train), 2))
-        noise_h = rng.standard_normal((len(mass_held), 2))
-        sets = {
-            "offsets": (ft["offsets"], fh["offsets"]),
-            "offsets+ellipticity": (
-                np.c_[ft["offsets"], ft["ellipticity"]],
-                np.c_[fh["offsets"], fh["ellipticity"]],
-            ),
-            "offsets+ellipticity+2 noise": (
-                np.c_[ft["offsets"], ft["ellipticity"], noise_t],
-                np.c_[fh["offsets"], fh["ellipticity"], noise_h],
-            ),
-        }
-        for label, (a, b) in sets.items():
-            plain = fit_anomaly_detector(a)
-            by_mass = fit_anomaly_detector(a, condition=mass_train)
-            results[f"{label} ({unit})"] = {
-                "auroc": metrics.auroc(plain.score(b), flag),
-                "auroc_by_mass": metrics.auroc(by_mass.score(b, mass_held), flag),
-            }
-    return results
+__all__ = ["classifier_auroc", "main"]
 
 
 def _symmetric_scores(net: torch.nn.Module, images: torch.Tensor, batch: int = 512) -> np.ndarray:
@@ -186,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_train": int(train.sizes["sample"]),
         "num_held_out": int(held.sizes["sample"]),
         "disturbed_held_out": int(held["disturbed"].values.sum()),
-        "oracle_mahalanobis": oracle_aurocs(train, held, seed=args.seed),
+        "oracle_mahalanobis": nuisance_oracle_aurocs(train, held, seed=args.seed),
         "classifier": [],
     }
     ensemble = np.zeros(int(held.sizes["sample"]))

@@ -5,7 +5,8 @@ defaults) trained on ``--num-simulations`` pairs ``(u, d)`` of the same simulato
 :func:`pyro_dlatent.inverse.exact.sample_problem` (``u`` from the prior box, a bump plus a Matérn
 field, 25 sensors, noise sd 2% of the clean data's range), as many simulations as the generator
 had training images. Scored on the study's problems against the exact posterior with
-``deep_prior_calibration.parameter_table``. Needs ``pip install sbi`` (not a package dependency).
+:func:`pyro_dlatent.inverse.studies.parameter_table`, as ``deep_prior_calibration.py`` scores the
+collapsed deep prior. Needs ``pip install sbi`` (not a package dependency).
 
 Run::
 
@@ -22,15 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from deep_prior_calibration import draw_record, parameter_table
 
 from pyro_dlatent.data.sources import gaussian_bump, grid, sample_matern_field
 from pyro_dlatent.inverse.exact import NAMES, BumpPrior, ExactBumpPosterior, sample_problem
 from pyro_dlatent.inverse.fem import SourceProblem, default_sensors
+from pyro_dlatent.inverse.studies import SIZE, draw_record, parameter_table
 
 __all__ = ["main", "simulate"]
-
-SIZE = 32
 
 
 def simulate(num: int, seed: int, noise_fraction: float = 0.02) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ Pearson correlation with the truth among all functions of the image, since for a
 ``g``, ``corr(g, theta) <= corr(E[theta | image], theta)``. Knowing the other three only helps,
 so the r printed here is an upper bound (up to its sampling error) of what an encoder that sees
 the image alone can reach; with ``--joint`` the width's bound is tightened by leaving the log
-amplitude unknown too (a 2-d grid).
+amplitude unknown too (a 2-d grid). The posterior means are
+:func:`pyro_dlatent.inverse.exact.aux_posterior_means`.
 
 Run::
 
@@ -25,65 +26,9 @@ from typing import Any
 import numpy as np
 
 from pyro_dlatent.data import simulate
-from pyro_dlatent.data.sources import gaussian_bump, grid, residual_covariance
+from pyro_dlatent.inverse.exact import aux_posterior_means, residual_whitener
 
-__all__ = ["main", "posterior_means", "whitener"]
-
-NAMES = ("x0", "y0", "log_amplitude", "width")
-
-
-def whitener(size: int, sd: float, length_scale: float, smoothness: float) -> np.ndarray:
-    """``W`` with ``W^T C W = I`` for the Matérn covariance ``C`` on the ``size x size`` grid."""
-    cov = residual_covariance(size, sd=sd, length_scale=length_scale, smoothness=smoothness)
-    chol = np.linalg.cholesky(cov + 1e-9 * sd**2 * np.eye(len(cov)))
-    return np.linalg.inv(chol).T
-
-
-def _log_likelihood(residuals: np.ndarray, whiten: np.ndarray) -> np.ndarray:
-    """``-0.5 |W^T (f - bump)|^2`` for residuals ``(m, pixels)``."""
-    return -0.5 * np.square(residuals @ whiten).sum(-1)
-
-
-def posterior_means(
-    ds: Any, whiten: np.ndarray, points: int = 201, joint: bool = False
-) -> dict[str, np.ndarray]:
-    """Grid posterior mean of each auxiliary given the image and the other three (exact).
-
-    With ``joint``, also ``width_joint``: the width's posterior mean with ``log_amplitude``
-    unknown as well (a 2-d grid of ``points // 4`` widths by 61 log amplitudes).
-    """
-    t = grid(ds.sizes["x"])
-    images = ds["image"].values.reshape(ds.sizes["sample"], -1).astype(np.float64)
-    truth = {name: ds[name].values.astype(np.float64) for name in NAMES}
-    ranges = {
-        "x0": ds.attrs["center_range"],
-        "y0": ds.attrs["center_range"],
-        "log_amplitude": [math.log(v) for v in ds.attrs["amplitude_range"]],
-        "width": ds.attrs["width_range"],
-    }
-    out = {name: np.empty(len(images)) for name in NAMES}
-    if joint:
-        out["width_joint"] = np.empty(len(images))
-        widths = np.linspace(*ranges["width"], max(points // 4, 2))
-        amps = np.linspace(*ranges["log_amplitude"], 61)
-        ww, aa = np.meshgrid(widths, amps, indexing="ij")
-    for i, image in enumerate(images):
-        for name in NAMES:
-            values = np.linspace(*ranges[name], points)
-            args = {k: np.full(points, truth[k][i]) for k in NAMES}
-            args[name] = values
-            bumps = gaussian_bump(t, t, *(args[k] for k in NAMES)).reshape(points, -1)
-            ll = _log_likelihood(image - bumps, whiten)
-            weights = np.exp(ll - ll.max())
-            out[name][i] = (weights * values).sum() / weights.sum()
-        if joint:
-            m = ww.size
-            args = {k: np.full(m, truth[k][i]) for k in ("x0", "y0")}
-            bumps = gaussian_bump(t, t, args["x0"], args["y0"], aa.ravel(), ww.ravel())
-            ll = _log_likelihood(image - bumps.reshape(m, -1), whiten)
-            weights = np.exp(ll - ll.max())
-            out["width_joint"][i] = (weights * ww.ravel()).sum() / weights.sum()
-    return out
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -96,10 +41,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     ds = simulate("sources", args.num, size=args.size, seed=args.seed)
-    whiten = whitener(
+    whitener = residual_whitener(
         args.size, ds.attrs["residual_sd"], ds.attrs["length_scale"], ds.attrs["smoothness"]
     )
-    means = posterior_means(ds, whiten, points=args.points, joint=args.joint)
+    means = aux_posterior_means(ds, whitener, points=args.points, joint=args.joint)
     result: dict[str, Any] = {"num": args.num, "size": args.size, "seed": args.seed, "r": {}}
     for name, estimate in means.items():
         truth = ds["width" if name == "width_joint" else name].values

@@ -1,4 +1,4 @@
-"""One line per model of each ``dlcfm_halos.py`` results JSON: the numbers issue 5 asks for.
+"""One line per model of each ``dlcfm_halos.py`` results JSON: the numbers of its quality criteria.
 
 Run::
 

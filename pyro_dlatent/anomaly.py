@@ -46,6 +46,7 @@ __all__ = [
     "encode_views",
     "fit_anomaly_detector",
     "image_views",
+    "nuisance_oracle_aurocs",
     "rank_anomalies",
     "tail_latents",
 ]
@@ -536,6 +537,64 @@ def _fit_conditional(
         reference_condition = calibration_condition
     detector.reference_scores = np.sort(detector.score(reference, reference_condition))
     return detector
+
+
+def nuisance_oracle_aurocs(
+    train: xr.Dataset, held_out: xr.Dataset, *, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """AUROCs of the anomaly score on the true nuisance parameters of ``halos`` maps.
+
+    The reference for the residual-block score on the simulator's ``disturbed`` halos: what
+    :func:`fit_anomaly_detector`'s Mahalanobis radius scores when the "residual block" holds the
+    true centroid offsets (in arcmin or in units of R500), alone, with the ellipticity, and with
+    the ellipticity plus two uninformative ``N(0, 1)`` coordinates (standing in for residual
+    coordinates that carry something else), against the whole training population and against
+    training halos of similar mass (``condition=log10_M500``); see
+    :func:`pyro_dlatent.data.halos_analysis.nuisance_features`.
+
+    Parameters
+    ----------
+    train, held_out : xarray.Dataset
+        ``halos`` datasets: the reference population and the maps scored (its ``disturbed``
+        flag is the label).
+    seed : int, default 0
+        Seed of the uninformative coordinates.
+
+    Returns
+    -------
+    dict
+        ``"{features} ({unit})"`` to ``{"auroc": ..., "auroc_by_mass": ...}``, six entries.
+    """
+    from pyro_dlatent import metrics
+    from pyro_dlatent.data.halos_analysis import nuisance_features
+
+    rng = np.random.default_rng(seed)
+    flag = held_out["disturbed"].values.astype(bool)
+    mass_train, mass_held = train["log10_M500"].values, held_out["log10_M500"].values
+    results: dict[str, dict[str, float]] = {}
+    for unit in ("arcmin", "r500"):
+        ft, fh = nuisance_features(train, unit), nuisance_features(held_out, unit)
+        noise_t = rng.standard_normal((len(mass_train), 2))
+        noise_h = rng.standard_normal((len(mass_held), 2))
+        sets = {
+            "offsets": (ft["offsets"], fh["offsets"]),
+            "offsets+ellipticity": (
+                np.c_[ft["offsets"], ft["ellipticity"]],
+                np.c_[fh["offsets"], fh["ellipticity"]],
+            ),
+            "offsets+ellipticity+2 noise": (
+                np.c_[ft["offsets"], ft["ellipticity"], noise_t],
+                np.c_[fh["offsets"], fh["ellipticity"], noise_h],
+            ),
+        }
+        for label, (a, b) in sets.items():
+            plain = fit_anomaly_detector(a)
+            by_mass = fit_anomaly_detector(a, condition=mass_train)
+            results[f"{label} ({unit})"] = {
+                "auroc": metrics.auroc(plain.score(b), flag),
+                "auroc_by_mass": metrics.auroc(by_mass.score(b, mass_held), flag),
+            }
+    return results
 
 
 def rank_anomalies(

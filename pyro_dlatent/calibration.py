@@ -32,6 +32,7 @@ __all__ = [
     "coverage",
     "encoding_features",
     "interval_bounds",
+    "interval_hits",
     "interval_probabilities",
     "quantile_label",
     "rank_uniformity_pvalue",
@@ -319,6 +320,32 @@ def coverage(truth: Any, lower: Any, upper: Any) -> float:
     if not seen.any():
         return math.nan
     return float(np.mean((lower[seen] <= truth[seen]) & (truth[seen] <= upper[seen])))
+
+
+def interval_hits(draws: Any, truth: Any, level: float = 0.9) -> np.ndarray:
+    """Whether each truth lies in the central ``level`` interval of its posterior draws.
+
+    Parameters
+    ----------
+    draws : array-like, shape ``(n, k)``
+        ``n`` posterior draws of ``k`` parameters.
+    truth : array-like, shape ``(k,)``
+        The true parameters.
+    level : float, default 0.9
+        Probability of the central interval, between the ``(1 - level) / 2`` and
+        ``(1 + level) / 2`` quantiles of the draws.
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape ``(k,)``
+        ``True`` where the truth lies inside its interval (ends included); averaged over many
+        problems drawn from the prior, this is the coverage of the intervals.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"expected 0 < level < 1, got {level!r}")
+    lo, hi = np.quantile(np.asarray(draws), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    truth = np.asarray(truth)
+    return (lo <= truth) & (truth <= hi)
 
 
 def binomial_band(

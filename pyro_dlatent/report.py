@@ -40,7 +40,25 @@ from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.utils import atomic_write
 from pyro_dlatent.validation import check_int
 
-__all__ = ["alignment_report", "save_report"]
+__all__ = ["QUALITY_TARGETS", "alignment_report", "check_quality_targets", "save_report"]
+
+QUALITY_TARGETS: dict[str, dict[str, Any]] = {
+    "sources": {
+        "pearson_r_min": {"x0": 0.98, "y0": 0.98, "log_amplitude": 0.98, "width": 0.98},
+        "leakage_max": 0.1,
+        "mse_ratio_max": 1.10,
+        "masked_r_drop_max": 0.02,
+    },
+    "galaxies": {
+        "pearson_r_min": {"flux": 0.95, "scale_radius": 0.95, "g1": 0.95, "g2": 0.95},
+    },
+}
+"""The Aux-VAE's quality targets on held-out data of two built-in datasets.
+
+Per dataset: the least Pearson r of each named auxiliary, the largest leakage, the largest
+reconstruction MSE over that of the same networks trained as a plain VAE, and the largest drop
+of r when half the auxiliary values are missing in training (:func:`check_quality_targets`).
+"""
 
 _MIN_ROWS = 4
 """Fewest (observed or complete) rows for which a metric is computed; ``None`` below."""
@@ -327,3 +345,55 @@ def save_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     return path
+
+
+def check_quality_targets(dataset: str, reports: Mapping[str, Any]) -> dict[str, Any]:
+    """Compare alignment reports of an Aux-VAE and its baselines with :data:`QUALITY_TARGETS`.
+
+    Parameters
+    ----------
+    dataset : {"sources", "galaxies"}
+        Whose targets.
+    reports : mapping
+        :func:`alignment_report` of each variant on the same held-out data: ``"auxvae"`` (the
+        model scored), and optionally ``"plain"`` (the same networks without penalties or
+        labels, for the MSE ratio) and ``"masked"`` (trained with auxiliary values missing, for
+        the drop of r).
+
+    Returns
+    -------
+    dict
+        One entry per target that the reports allow to check, ``pearson_r[name]``,
+        ``leakage``, ``mse_ratio`` and ``masked_r_drop``: ``value``, the bound (``min`` or
+        ``max``) and ``pass``.
+    """
+    if dataset not in QUALITY_TARGETS:
+        raise ValueError(f"expected dataset in {sorted(QUALITY_TARGETS)}, got {dataset!r}")
+    targets = QUALITY_TARGETS[dataset]
+    checks: dict[str, Any] = {}
+    aux = reports["auxvae"]
+    for name, minimum in targets["pearson_r_min"].items():
+        value = aux["variables"][name]["pearson_r"]
+        checks[f"pearson_r[{name}]"] = {"value": value, "min": minimum, "pass": value >= minimum}
+    if "leakage_max" in targets and aux["leakage"] is not None:
+        value = aux["leakage"]["max"]
+        maximum = targets["leakage_max"]
+        checks["leakage"] = {"value": value, "max": maximum, "pass": value <= maximum}
+    if "mse_ratio_max" in targets and "plain" in reports:
+        ratio = aux["reconstruction"]["mse"] / reports["plain"]["reconstruction"]["mse"]
+        maximum = targets["mse_ratio_max"]
+        checks["mse_ratio"] = {"value": ratio, "max": maximum, "pass": ratio <= maximum}
+    if "masked_r_drop_max" in targets and "masked" in reports:
+        drops = {
+            name: aux["variables"][name]["pearson_r"] - entry["pearson_r"]
+            for name, entry in reports["masked"]["variables"].items()
+        }
+        maximum = targets["masked_r_drop_max"]
+        worst = max(drops.values())
+        checks["masked_r_drop"] = {
+            "value": worst,
+            "by_variable": drops,
+            "max": maximum,
+            "pass": worst <= maximum,
+        }
+    return checks

@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "pyro_dlatent",
     "pyro_dlatent.latent",
     "pyro_dlatent.data",
+    "pyro_dlatent.data.halos_analysis",
     "pyro_dlatent.models.base",
     "pyro_dlatent.models.auxvae",
     "pyro_dlatent.models.dlcfm",
@@ -28,6 +29,7 @@ PUBLIC_MODULES = [
         for m in (
             *("fem", "prior", "aux_prior", "grf_field", "tau", "sites"),
             *("infer", "methods", "health", "protocols", "collapsed", "exact", "grf", "run"),
+            *("model_error", "studies"),
         )
     ),
     "pyro_dlatent.training",

@@ -29,8 +29,10 @@ __all__ = [
     "from_arrays",
     "load",
     "make_scaler",
+    "mask_auxiliaries",
     "save",
     "split",
+    "unlabelled",
 ]
 
 _FORMATS = {".nc": "netcdf", ".nc4": "netcdf", ".netcdf": "netcdf", ".zarr": "zarr"}
@@ -189,6 +191,43 @@ def split(ds: xr.Dataset, fraction: float = 0.1, *, seed: int = 0) -> tuple[xr.D
         raise ValueError(f"dataset with {n} samples is too small to split with fraction={fraction}")
     perm = np.random.default_rng(seed).permutation(n)
     return ds.isel(sample=np.sort(perm[n_out:])), ds.isel(sample=np.sort(perm[:n_out]))
+
+
+def mask_auxiliaries(ds: xr.Dataset, fraction: float, *, seed: int) -> xr.Dataset:
+    """A copy of ``ds`` with each auxiliary value hidden (``NaN``) independently with ``fraction``.
+
+    For training with part of the labels missing: the models fall back to the marginal prior of
+    a missing auxiliary. ``ds`` itself is left as it is.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    fraction : float
+        Probability that a value is hidden, ``0 <= fraction < 1``.
+    seed : int
+        Seed of the numpy generator that picks the hidden values.
+    """
+    ds = check_dataset(ds)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"expected 0 <= fraction < 1, got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    out = ds.copy(deep=True)
+    for name in ds.attrs["aux_names"]:
+        out[name].values[rng.random(ds.sizes["sample"]) < fraction] = np.nan
+    return out
+
+
+def unlabelled(ds: xr.Dataset) -> xr.Dataset:
+    """A copy of ``ds`` with every auxiliary value missing (``NaN``): images without labels.
+
+    A guided-latent model fitted on it has an untethered guided block (its prior is the
+    marginal), i.e. it is a plain VAE of the same latent size.
+    """
+    ds = check_dataset(ds)
+    out = ds.copy(deep=True)
+    for name in ds.attrs["aux_names"]:
+        out[name].values[:] = np.nan
+    return out
 
 
 def _format(path: Path) -> str:

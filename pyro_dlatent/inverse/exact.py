@@ -46,8 +46,11 @@ __all__ = [
     "BumpMean",
     "BumpPrior",
     "ExactBumpPosterior",
+    "aux_posterior_means",
     "bump_field",
     "exact_collapsed",
+    "known_bump_mean",
+    "residual_whitener",
     "sample_problem",
 ]
 
@@ -126,6 +129,15 @@ class BumpPrior:
             size, sd=self.residual_sd, length_scale=self.length_scale, smoothness=self.smoothness
         )
 
+    def u_prior(self) -> dict[str, Any]:
+        """The box as Pyro distributions, one ``Uniform`` per name (``DeepPrior(u_prior=...)``)."""
+        import pyro.distributions as dist
+
+        return {
+            name: dist.Uniform(float(lo), float(hi))
+            for name, (lo, hi) in zip(NAMES, self.bounds, strict=True)
+        }
+
 
 def bump_field(
     u: Any, size: int, rng: np.random.Generator, prior: BumpPrior | None = None
@@ -202,6 +214,42 @@ def exact_collapsed(
 
     mean = BumpMean(int(problem.size), prior)
     return infer_collapsed(problem, mean, observations, residual=mean.residual(), **kwargs)
+
+
+def known_bump_mean(problem: Any, u: Any, observations: Any, covariance: Any) -> np.ndarray:
+    r"""Posterior mean of the field when the bump is known and only the residual is not.
+
+    With :math:`f = b(u) + r`, :math:`r \sim \mathcal N(0, C)` and :math:`d = A f + e`,
+    :math:`e \sim \mathcal N(0, \sigma^2 I)`, Gaussian conditioning gives
+
+    .. math:: E[f \mid d, u] = b(u) + C A^\top (A C A^\top + \sigma^2 I)^{-1} (d - A\, b(u)).
+
+    The error of this mean is the floor of any prior that is sure of the bump: an oracle.
+
+    Parameters
+    ----------
+    problem : SourceProblem
+        Its ``sensor_operator`` ``A`` (``(m, size**2)``), ``noise_sd`` and ``size``.
+    u : array-like, shape ``(n, 4)``
+        The true ``x0, y0, log_amplitude, width`` of each problem.
+    observations : array-like, shape ``(n, m)``
+    covariance : array-like, shape ``(size**2, size**2)``
+        ``C``, e.g. :meth:`BumpPrior.covariance`.
+
+    Returns
+    -------
+    numpy.ndarray, shape ``(n, size, size)``
+    """
+    u = np.atleast_2d(np.asarray(u, dtype=np.float64))
+    size = int(problem.size)
+    t = grid(size)
+    bumps = gaussian_bump(t, t, *(u[:, j] for j in range(4))).reshape(len(u), -1)
+    operator = np.asarray(problem.sensor_operator, dtype=np.float64)
+    cross = np.asarray(covariance, dtype=np.float64) @ operator.T
+    gram = operator @ cross + problem.noise_sd**2 * np.eye(operator.shape[0])
+    innovation = np.asarray(observations, dtype=np.float64).reshape(len(u), -1) - bumps @ operator.T
+    mean = bumps + np.linalg.solve(gram, innovation.T).T @ cross.T
+    return mean.reshape(-1, size, size)
 
 
 def sample_problem(
@@ -403,3 +451,85 @@ class ExactBumpPosterior:
         variance = np.maximum(residual_var, 0.0) + conditional.var(0)
         shape = (self.size, self.size)
         return mean.reshape(shape), np.sqrt(variance).reshape(shape)
+
+
+# ------------------------------------------------------------------ the image itself observed
+def residual_whitener(size: int, sd: float, length_scale: float, smoothness: float) -> np.ndarray:
+    """``W`` with ``W^T C W = I`` for the Matérn covariance ``C`` on the ``size x size`` grid.
+
+    ``C`` is :func:`~pyro_dlatent.data.sources.residual_covariance` (plus ``1e-9 sd^2`` on the
+    diagonal); ``W = L^{-T}`` for its Cholesky factor ``L``, shape ``(size**2, size**2)``.
+    """
+    cov = residual_covariance(size, sd=sd, length_scale=length_scale, smoothness=smoothness)
+    chol = np.linalg.cholesky(cov + 1e-9 * sd**2 * np.eye(len(cov)))
+    return np.linalg.inv(chol).T
+
+
+def aux_posterior_means(
+    dataset: xr.Dataset, whitener: np.ndarray, points: int = 201, joint: bool = False
+) -> dict[str, np.ndarray]:
+    """Exact posterior mean of each ``sources`` auxiliary given the image and the other three.
+
+    An image of ``sources`` is :math:`f = b(u) + r` with :math:`r \\sim \\mathcal N(0, C)`,
+    so with the other three parameters known the likelihood of the fourth is
+    :math:`\\exp(-\\|W^\\top (f - b(u))\\|^2 / 2)`; its posterior mean under the simulator's
+    uniform prior is computed on a grid of ``points`` values of the parameter's range. The
+    posterior mean is the estimator of largest Pearson correlation with the truth among all
+    functions of the image, and knowing the other three only helps, so the correlation of these
+    means with the truth bounds what an encoder that sees the image alone can reach (up to its
+    sampling error).
+
+    Parameters
+    ----------
+    dataset : xarray.Dataset
+        ``sources`` images ``(n, size, size)``, their auxiliaries and the simulator's ``attrs``
+        (``center_range``, ``amplitude_range``, ``width_range``).
+    whitener : numpy.ndarray, shape ``(size**2, size**2)``
+        :func:`residual_whitener` of the residual field the images were simulated with.
+    points : int, default 201
+        Grid points per parameter.
+    joint : bool, default False
+        Also ``width_joint``: the width's posterior mean with ``log_amplitude`` unknown as well
+        (a 2-d grid of ``points // 4`` widths by 61 log amplitudes).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray, shape ``(n,)``
+        ``x0``, ``y0``, ``log_amplitude``, ``width`` (and ``width_joint``).
+    """
+    t = grid(dataset.sizes["x"])
+    images = dataset["image"].values.reshape(dataset.sizes["sample"], -1).astype(np.float64)
+    truth = {name: dataset[name].values.astype(np.float64) for name in NAMES}
+    ranges = {
+        "x0": dataset.attrs["center_range"],
+        "y0": dataset.attrs["center_range"],
+        "log_amplitude": [math.log(v) for v in dataset.attrs["amplitude_range"]],
+        "width": dataset.attrs["width_range"],
+    }
+
+    def log_likelihood(residuals: np.ndarray) -> np.ndarray:
+        return -0.5 * np.square(residuals @ whitener).sum(-1)
+
+    out = {name: np.empty(len(images)) for name in NAMES}
+    if joint:
+        out["width_joint"] = np.empty(len(images))
+        widths = np.linspace(*ranges["width"], max(points // 4, 2))
+        amps = np.linspace(*ranges["log_amplitude"], 61)
+        ww, aa = np.meshgrid(widths, amps, indexing="ij")
+    for i, image in enumerate(images):
+        for name in NAMES:
+            values = np.linspace(*ranges[name], points)
+            args = {k: np.full(points, truth[k][i]) for k in NAMES}
+            args[name] = values
+            bumps = gaussian_bump(t, t, *(args[k] for k in NAMES)).reshape(points, -1)
+            ll = log_likelihood(image - bumps)
+            weights = np.exp(ll - ll.max())
+            out[name][i] = (weights * values).sum() / weights.sum()
+        if joint:
+            m = ww.size
+            args = {k: np.full(m, truth[k][i]) for k in ("x0", "y0")}
+            bumps = gaussian_bump(t, t, args["x0"], args["y0"], aa.ravel(), ww.ravel())
+            ll = log_likelihood(image - bumps.reshape(m, -1))
+            weights = np.exp(ll - ll.max())
+            out["width_joint"][i] = (weights * ww.ravel()).sum() / weights.sum()
+    return out

@@ -10,6 +10,15 @@ import pytest
 import torch
 
 from pyro_dlatent.data.sources import gaussian_bump, residual_covariance, sample_matern_field
+from pyro_dlatent.inverse.exact import known_bump_mean
+from pyro_dlatent.inverse.model_error import ModelErrorProblem
+from pyro_dlatent.inverse.studies import (
+    SIZE,
+    coverage_summary,
+    merge_results,
+    source_problem,
+    sources_problems,
+)
 from tests.conftest import load_benchmark
 
 __all__: list[str] = []
@@ -19,17 +28,17 @@ science = load_benchmark("deep_prior_science")
 
 @pytest.fixture(scope="module")
 def problem():
-    return science.source_problem()
+    return source_problem()
 
 
 def test_problems_do_not_depend_on_sharding(problem) -> None:
-    truths, u_true, data = science.sources_problems(problem, 0, 4, test_seed=5)
-    tail = science.sources_problems(problem, 2, 2, test_seed=5)
+    truths, u_true, data = sources_problems(problem, 0, 4, test_seed=5)
+    tail = sources_problems(problem, 2, 2, test_seed=5)
     np.testing.assert_array_equal(truths[2:].numpy(), tail[0].numpy())
     np.testing.assert_array_equal(u_true[2:], tail[1])
     np.testing.assert_array_equal(data[2:].numpy(), tail[2].numpy())
     assert not np.allclose(truths[0].numpy(), truths[1].numpy())
-    assert truths.shape == (4, science.SIZE, science.SIZE) and data.shape == (4, 25)
+    assert truths.shape == (4, SIZE, SIZE) and data.shape == (4, 25)
 
 
 def _coverage_shard(start, hits, rhats=None, settings=None):
@@ -38,14 +47,14 @@ def _coverage_shard(start, hits, rhats=None, settings=None):
         "experiment": "coverage",
         "settings": settings or {"tau": [0.1, 0.1, 0.2, 0.3]},
         "start": start,
-        "svi": {"records": svi, **science.coverage_summary(svi)},
+        "svi": {"records": svi, **coverage_summary(svi)},
     }
     if rhats is not None:
         nuts = [
             {"problem": start + k, "hits": hits[k], "max_rhat": r, "divergences": d}
             for k, (r, d) in enumerate(rhats)
         ]
-        out["nuts"] = {"records": nuts, **science.coverage_summary(nuts)}
+        out["nuts"] = {"records": nuts, **coverage_summary(nuts)}
     return out
 
 
@@ -76,14 +85,14 @@ def test_merge_pools_coverage_shards_like_one_run(tmp_path) -> None:
 def test_merge_rejects_overlapping_or_inconsistent_shards() -> None:
     a = _coverage_shard(0, [[1, 1, 1, 1], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match="more than one shard"):
-        science.merge_results([a, _coverage_shard(1, [[1, 1, 1, 1]])])
+        merge_results([a, _coverage_shard(1, [[1, 1, 1, 1]])])
     with pytest.raises(ValueError, match="different settings"):
-        science.merge_results([a, _coverage_shard(2, [[1, 1, 1, 1]], settings={"tau": 0.05})])
+        merge_results([a, _coverage_shard(2, [[1, 1, 1, 1]], settings={"tau": 0.05})])
     misspec = {"experiment": "misspec", "settings": {}, "records": []}
     with pytest.raises(ValueError, match="cannot merge"):
-        science.merge_results([a, misspec])
+        merge_results([a, misspec])
     with pytest.raises(ValueError, match="at least one"):
-        science.merge_results([])
+        merge_results([])
 
 
 def test_merge_pools_misspec_shards() -> None:
@@ -96,7 +105,7 @@ def test_merge_pools_misspec_shards() -> None:
         {"experiment": "misspec", "settings": {"method": "map"}, "records": records[2:]},
         {"experiment": "misspec", "settings": {"method": "map"}, "records": records[:2]},
     ]
-    merged = science.merge_results(shards)
+    merged = merge_results(shards)
     ratio = merged["deep_over_grf"]
     # Medians: deep 0.2, grf 0.5 -> 2.5; means: deep 0.7/3, grf 1.4/3 -> 2.0.
     assert ratio["ratio_of_medians"] == pytest.approx(2.5)
@@ -120,9 +129,7 @@ def test_oracle_error_matches_the_gaussian_posterior_variance(problem) -> None:
     """
     rng = np.random.default_rng(0)
     n = 200
-    residual = sample_matern_field(
-        n, science.SIZE, sd=0.25, length_scale=0.15, smoothness=1.0, rng=rng
-    )
+    residual = sample_matern_field(n, SIZE, sd=0.25, length_scale=0.15, smoothness=1.0, rng=rng)
     u_true = np.column_stack(
         [
             rng.uniform(0.2, 0.8, n),
@@ -131,12 +138,12 @@ def test_oracle_error_matches_the_gaussian_posterior_variance(problem) -> None:
             rng.uniform(0.05, 0.15, n),
         ]
     )
-    t = np.linspace(0.0, 1.0, science.SIZE)
+    t = np.linspace(0.0, 1.0, SIZE)
     truths = gaussian_bump(t, t, *u_true.T) + residual
     forward = problem.sensor_operator
     data = truths.reshape(n, -1) @ forward.T + problem.noise_sd * rng.standard_normal((n, 25))
-    covariance = residual_covariance(science.SIZE)
-    mean = science.oracle_bump_mean(problem, u_true, data, covariance)
+    covariance = residual_covariance(SIZE)
+    mean = known_bump_mean(problem, u_true, data, covariance)
     squared = ((mean - truths) ** 2).reshape(n, -1).sum(-1)
     cross = covariance @ forward.T
     gram = forward @ cross + problem.noise_sd**2 * np.eye(25)
@@ -155,9 +162,9 @@ def test_model_error_problem_is_the_correlated_gaussian_likelihood(problem) -> N
     rng = np.random.default_rng(1)
     root = rng.standard_normal((25, 25)) * 1e-3
     error = root @ root.T
-    wrapped = science.ModelErrorProblem(problem, error)
+    wrapped = ModelErrorProblem(problem, error)
     assert wrapped.noise_sd == 1.0 and wrapped.size == problem.size
-    fields = torch.as_tensor(rng.standard_normal((3, science.SIZE, science.SIZE)))
+    fields = torch.as_tensor(rng.standard_normal((3, SIZE, SIZE)))
     data = torch.as_tensor(rng.standard_normal(25) * 0.01)
     total = problem.noise_sd**2 * np.eye(25) + error
     mvn = torch.distributions.MultivariateNormal(
@@ -168,4 +175,4 @@ def test_model_error_problem_is_the_correlated_gaussian_likelihood(problem) -> N
     log_det_root = 0.5 * np.linalg.slogdet(total)[1]
     np.testing.assert_allclose(log_white.numpy(), mvn.log_prob(data).numpy() + log_det_root)
     with pytest.raises(ValueError, match="error_covariance"):
-        science.ModelErrorProblem(problem, np.eye(3))
+        ModelErrorProblem(problem, np.eye(3))

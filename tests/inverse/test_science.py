@@ -1,4 +1,4 @@
-"""Small, fast versions of the science checks of ``benchmarks/deep_prior_science.py``."""
+"""Small, fast versions of the science checks of the deep prior science study."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import pyro
 import pytest
 import torch
 
+from pyro_dlatent.calibration import interval_hits
 from pyro_dlatent.data import simulate
 from pyro_dlatent.data.io import make_scaler
-from pyro_dlatent.inverse import DeepPrior, infer, simulate_observations
-from tests.conftest import load_benchmark
+from pyro_dlatent.inverse import BumpPrior, DeepPrior, infer, simulate_observations
+from pyro_dlatent.inverse.exact import NAMES
+from pyro_dlatent.inverse.grf import cosine_moments
+from pyro_dlatent.inverse.studies import SIZE, named_draws, source_problem
 
 __all__: list[str] = []
-
-science = load_benchmark("deep_prior_science")
 
 
 def test_cosine_moments_manufactured() -> None:
@@ -28,15 +29,15 @@ def test_cosine_moments_manufactured() -> None:
     trapezoid error is ``h^2/12 |g'(1) - g'(0)| = h^2/6 ~ 1.7e-4`` (``g = x cos(pi x)``,
     ``h = 1/31``), so a tolerance of 5e-4 leaves room but fails for a wrong weight or axis.
     """
-    x = np.linspace(0.0, 1.0, science.SIZE)
+    x = np.linspace(0.0, 1.0, SIZE)
     xx, yy = np.meshgrid(x, x)  # image[i, j] at (x_j, y_i)
     field = 2.0 + np.cos(np.pi * xx) - 3.0 * np.cos(np.pi * xx) * np.cos(np.pi * yy)
-    moments = science.cosine_moments(field[None])
+    moments = cosine_moments(field[None])
     np.testing.assert_allclose(moments["c00"], [2.0], atol=1e-12)
     np.testing.assert_allclose(moments["c10"], [0.5], atol=1e-12)
     np.testing.assert_allclose(moments["c01"], [0.0], atol=1e-12)
     np.testing.assert_allclose(moments["c11"], [-0.75], atol=1e-12)
-    linear = science.cosine_moments(xx[None])
+    linear = cosine_moments(xx[None])
     assert abs(linear["c10"][0] + 2.0 / math.pi**2) < 5e-4
     assert abs(linear["c01"][0]) < 1e-12
 
@@ -56,12 +57,10 @@ def test_interval_hits_calibrated_on_a_conjugate_model() -> None:
     hits = []
     for c in range(cases):
         draws = 0.8 * y[c] + math.sqrt(0.2) * rng.standard_normal((2000, 2))
-        hits.append(science.interval_hits(draws, theta[c]))
+        hits.append(interval_hits(draws, theta[c]))
     coverage = np.mean(hits, axis=0)
     assert np.all(np.abs(coverage - 0.9) < 0.06), coverage
-    narrow = np.mean(
-        [science.interval_hits(rng.standard_normal((500, 1)), [1.0]) for _ in range(50)]
-    )
+    narrow = np.mean([interval_hits(rng.standard_normal((500, 1)), [1.0]) for _ in range(50)])
     assert narrow == 1.0  # 1.0 lies inside the central 90% of N(0, 1) (|1| < 1.645)
 
 
@@ -92,20 +91,20 @@ class BumpGenerator(torch.nn.Module):
 def test_named_parameter_coverage_with_an_exact_generator() -> None:
     """SVI (full rank, at the Laplace start) covers the named parameters of bump sources.
 
-    Truths are bumps with ``u`` from the simulator's own prior (``source_u_prior``), data from
-    the script's source problem. Pooled over ``C = 16`` problems and 4 parameters (80 hits,
+    Truths are bumps with ``u`` from the simulator's own prior (``BumpPrior().u_prior()``),
+    data from the study's source problem. Pooled over ``C = 16`` problems and 4 parameters (80 hits,
     taken as independent for the tolerance), a calibrated 90% interval gives coverage
     ``0.9 +- sqrt(0.09 / 64) = 0.0375``; the band ``[0.75, 1]`` is four sigma below. The
     generator's jitter ``tau = 0.02`` (standardized units) is ignored by the truths, which
     can only widen intervals, hence no upper bound below 1.
     """
     pyro.set_rng_seed(0)
-    ds = simulate("sources", 256, size=science.SIZE, seed=3)
-    generator = BumpGenerator(make_scaler(ds), science.SIZE, tau=0.02)
-    prior = DeepPrior(generator, u_prior=science.source_u_prior())
-    problem = science.source_problem()
-    test = simulate("sources", 16, size=science.SIZE, seed=11)
-    u_true = np.stack([test[k].values for k in science.NAMED], axis=-1).astype(np.float64)
+    ds = simulate("sources", 256, size=SIZE, seed=3)
+    generator = BumpGenerator(make_scaler(ds), SIZE, tau=0.02)
+    prior = DeepPrior(generator, u_prior=BumpPrior().u_prior())
+    problem = source_problem()
+    test = simulate("sources", 16, size=SIZE, seed=11)
+    u_true = np.stack([test[k].values for k in NAMES], axis=-1).astype(np.float64)
     with torch.no_grad():
         z_true = generator.scaler.transform_tensor(torch.as_tensor(u_true))
         truths = generator(z_true, torch.zeros(len(u_true), 1, dtype=torch.float64))
@@ -127,6 +126,6 @@ def test_named_parameter_coverage_with_an_exact_generator() -> None:
             progress=False,
             warn=False,
         )
-        hits.append(science.interval_hits(science._named_draws(result.samples["u"]), u_true[i]))
+        hits.append(interval_hits(named_draws(result.samples["u"]), u_true[i]))
     coverage = float(np.mean(hits))
     assert coverage >= 0.75, (coverage, np.mean(hits, axis=0))

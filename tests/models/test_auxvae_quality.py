@@ -19,7 +19,9 @@ import pytest
 
 from pyro_dlatent import metrics
 from pyro_dlatent.data import simulate
+from pyro_dlatent.data.io import mask_auxiliaries, unlabelled
 from pyro_dlatent.models.auxvae import AuxVAE
+from pyro_dlatent.report import check_quality_targets
 from tests.conftest import load_benchmark
 
 quality = load_benchmark("auxvae_quality")
@@ -78,7 +80,7 @@ def penalty_free(data):
 @pytest.fixture(scope="module")
 def half_labelled(data):
     train = data[0]
-    masked = quality.mask_auxiliaries(train, 0.5, seed=1)
+    masked = mask_auxiliaries(train, 0.5, seed=1)
     return _scores(_train(train, fit_on=masked), data[1])
 
 
@@ -106,16 +108,16 @@ def test_half_the_labels_keep_the_alignment(guided, half_labelled):
 # ---------------------------------------------------------------------------- the benchmark script
 def test_masking_helpers_hide_the_requested_fraction():
     ds = simulate("sources", 4000, size=16, seed=0)
-    masked = quality.mask_auxiliaries(ds, 0.5, seed=3)
+    masked = mask_auxiliaries(ds, 0.5, seed=3)
     for name in NAMES:
         hidden = np.isnan(masked[name].values)
         # Binomial(4000, 1/2): sd 0.0079 of the fraction; 0.04 is five sds.
         assert abs(hidden.mean() - 0.5) < 0.04
         np.testing.assert_array_equal(masked[name].values[~hidden], ds[name].values[~hidden])
-        assert np.isnan(quality.unlabelled(ds)[name].values).all()
+        assert np.isnan(unlabelled(ds)[name].values).all()
         assert not np.isnan(ds[name].values).any()
     with pytest.raises(ValueError, match="fraction"):
-        quality.mask_auxiliaries(ds, 1.0, seed=0)
+        mask_auxiliaries(ds, 1.0, seed=0)
 
 
 def _fake_report(r: dict[str, float], leak: float, mse: float) -> dict:
@@ -126,23 +128,23 @@ def _fake_report(r: dict[str, float], leak: float, mse: float) -> dict:
     }
 
 
-def test_check_targets_compares_with_the_issue_targets():
+def test_check_quality_targets_compares_with_the_targets():
     good = dict(zip(NAMES, [0.99, 0.99, 0.985, 0.981], strict=True))
     results = {
         "auxvae": _fake_report(good, 0.05, 1.05),
         "plain": _fake_report(good, 0.5, 1.0),
         "masked": _fake_report({**good, "width": 0.97}, 0.06, 1.1),
     }
-    checks = quality.check_targets("sources", results)
+    checks = check_quality_targets("sources", results)
     assert all(check["pass"] for check in checks.values())
     assert checks["mse_ratio"]["value"] == pytest.approx(1.05)
     assert checks["masked_r_drop"]["value"] == pytest.approx(0.011)
     results["auxvae"] = _fake_report({**good, "width": 0.97}, 0.11, 1.2)
-    checks = quality.check_targets("sources", results)
+    checks = check_quality_targets("sources", results)
     failed = {name for name, check in checks.items() if not check["pass"]}
     assert failed == {"pearson_r[width]", "leakage", "mse_ratio"}
     galaxies = {"flux": 0.99, "scale_radius": 0.96, "g1": 0.94, "g2": 0.99, "psf_fwhm": 0.5}
-    checks = quality.check_targets("galaxies", {"auxvae": _fake_report(galaxies, 0.3, 1.0)})
+    checks = check_quality_targets("galaxies", {"auxvae": _fake_report(galaxies, 0.3, 1.0)})
     assert {name for name, check in checks.items() if not check["pass"]} == {"pearson_r[g1]"}
 
 
