@@ -43,6 +43,7 @@ from pyro_dlatent.models.base import (
     GuidedLatentModel,
     _initialization_rng,
 )
+from pyro_dlatent.models.generator import FrozenGenerator
 from pyro_dlatent.nn import ConvDecoder
 from pyro_dlatent.residual import ResidualField
 from pyro_dlatent.validation import check_int
@@ -100,19 +101,14 @@ class _Decoder(nn.Module):
         return F.softplus(self.raw_scale) + _MIN_OBS_SCALE
 
 
-class DecoderGenerator(nn.Module):
+class DecoderGenerator(FrozenGenerator):
     """Frozen deterministic generator ``G(z_aux, z_rec) -> images`` of a trained :class:`AuxVAE`.
 
-    This is the interface the inverse-problem deep prior codes against.
+    The decoder mean in the dataset's units, with the interface of
+    :class:`~pyro_dlatent.models.generator.FrozenGenerator`.
 
     Attributes
     ----------
-    aux_dim, residual_dim, image_size : int
-    scaler : AuxScaler
-        Maps physical auxiliaries to the standardized guided coordinates
-        (``scaler.transform_tensor``) and back.
-    tau : float
-        The prior sd of ``z_aux`` around the standardized auxiliaries the model was trained with.
     residual_field : ResidualField or None
         What :meth:`conditional_mean` leaves in the training images (the collapsed deep prior's
         residual), if the model fitted one.
@@ -134,47 +130,22 @@ class DecoderGenerator(nn.Module):
         residual_field: ResidualField | None = None,
         mean_net: nn.Module | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            aux_dim=aux_dim,
+            residual_dim=residual_dim,
+            image_size=image_size,
+            scaler=scaler,
+            tau=tau,
+        )
         self.net = net
         self.residual_field = residual_field
         self.mean_net = mean_net
-        self.tau = float(tau)
-        self.aux_dim = aux_dim
-        self.residual_dim = residual_dim
-        self.image_size = image_size
-        self.scaler = scaler
         self.register_buffer("image_loc", image_loc.detach().clone())
         self.register_buffer("image_scale", image_scale.detach().clone())
-        self.requires_grad_(False)
-        self.eval()
+        self.freeze()
 
-    def forward(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
-        """Images in the dataset's units.
-
-        Parameters
-        ----------
-        z_aux : Tensor, shape ``(*batch, aux_dim)``
-        z_rec : Tensor, shape ``(*batch, residual_dim)``
-
-        Returns
-        -------
-        Tensor, shape ``(*batch, H, W)``
-            Differentiable in the inputs; the weights are frozen.
-        """
-        if z_aux.shape[-1:] != (self.aux_dim,) or z_rec.shape[-1:] != (self.residual_dim,):
-            raise ValueError(
-                f"expected z_aux (..., {self.aux_dim}) and z_rec (..., {self.residual_dim}), got "
-                f"{tuple(z_aux.shape)} and {tuple(z_rec.shape)}"
-            )
-        if z_aux.shape[:-1] != z_rec.shape[:-1]:
-            raise ValueError(
-                f"z_aux and z_rec must share batch dims, got {tuple(z_aux.shape)} and "
-                f"{tuple(z_rec.shape)}"
-            )
-        batch = z_aux.shape[:-1]
-        latent = torch.cat([z_aux, z_rec], dim=-1).reshape(-1, self.aux_dim + self.residual_dim)
-        images = self.net(latent) * self.image_scale + self.image_loc
-        return images.reshape(*batch, self.image_size, self.image_size)
+    def images(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.net(latent) * self.image_scale + self.image_loc
 
     def conditional_mean(self, z_aux: torch.Tensor) -> torch.Tensor:
         """``E[image | u]`` at standardized auxiliaries ``z_aux`` ``(*batch, aux_dim)``.
@@ -182,7 +153,7 @@ class DecoderGenerator(nn.Module):
         The mean network where the model fitted one, else the decoder at ``z_rec = 0``.
         """
         if self.mean_net is None:
-            return self(z_aux, z_aux.new_zeros(*z_aux.shape[:-1], self.residual_dim))
+            return super().conditional_mean(z_aux)
         batch = z_aux.shape[:-1]
         latent = torch.cat([z_aux, z_aux.new_zeros(*batch, self.residual_dim)], dim=-1).reshape(
             -1, self.aux_dim + self.residual_dim

@@ -65,6 +65,7 @@ from pyro_dlatent.models.base import (
     GuidedLatentModel,
     _initialization_rng,
 )
+from pyro_dlatent.models.generator import FrozenGenerator
 from pyro_dlatent.validation import check_float, check_int
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "DLCFM", "INTENSITIES", "FlowGenerator"]
@@ -124,16 +125,15 @@ class _Intensity(nn.Module):
         return images
 
 
-class FlowGenerator(nn.Module):
+class FlowGenerator(FrozenGenerator):
     """Frozen deterministic generator ``G(z_aux, z_rec) -> images`` of a trained :class:`DLCFM`.
 
     .. math:: G(z) = \\Phi_{0 \\to 1}(x_0; z),
 
     the fixed-step ODE flow of the frozen vector field started from one stored noise image
     :math:`x_0` (a buffer, shared by every batch element), mapped back to the dataset's units.
-    It is a deterministic, differentiable function of ``z`` alone, with the interface of
-    :class:`~pyro_dlatent.models.auxvae.DecoderGenerator` that the inverse-problem deep prior
-    codes against.
+    It is a deterministic, differentiable function of ``z`` alone
+    (:class:`~pyro_dlatent.models.generator.FrozenGenerator`).
 
     Attributes
     ----------
@@ -161,50 +161,25 @@ class FlowGenerator(nn.Module):
         method: str,
         steps: int,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            aux_dim=aux_dim,
+            residual_dim=residual_dim,
+            image_size=field.image_size,
+            scaler=scaler,
+            tau=tau,
+        )
         self.field = field
         self.intensity = intensity
         self.register_buffer("x0", x0.detach().clone())
-        self.aux_dim = aux_dim
-        self.residual_dim = residual_dim
-        self.image_size = field.image_size
-        self.scaler = scaler
-        self.tau = tau
         self.method = method
         self.steps = steps
         self.nfe = {"euler": 1, "midpoint": 2, "rk4": 4}[method] * steps
-        self.requires_grad_(False)
-        self.eval()
+        self.freeze()
 
-    def forward(self, z_aux: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
-        """Images in the dataset's units.
-
-        Parameters
-        ----------
-        z_aux : Tensor, shape ``(*batch, aux_dim)``
-        z_rec : Tensor, shape ``(*batch, residual_dim)``
-
-        Returns
-        -------
-        Tensor, shape ``(*batch, H, W)``
-            Differentiable in the inputs; the weights and ``x0`` are fixed.
-        """
-        if z_aux.shape[-1:] != (self.aux_dim,) or z_rec.shape[-1:] != (self.residual_dim,):
-            raise ValueError(
-                f"expected z_aux (..., {self.aux_dim}) and z_rec (..., {self.residual_dim}), got "
-                f"{tuple(z_aux.shape)} and {tuple(z_rec.shape)}"
-            )
-        if z_aux.shape[:-1] != z_rec.shape[:-1]:
-            raise ValueError(
-                f"z_aux and z_rec must share batch dims, got {tuple(z_aux.shape)} and "
-                f"{tuple(z_rec.shape)}"
-            )
-        batch = z_aux.shape[:-1]
-        z = torch.cat([z_aux, z_rec], dim=-1).reshape(-1, self.aux_dim + self.residual_dim)
-        x0 = self.x0.expand(z.shape[0], *self.x0.shape)
-        images_std = sample_ode(self.field, z.to(x0.dtype), x0, self.method, self.steps).x
-        images = self.intensity.inverse(images_std)
-        return images.reshape(*batch, self.image_size, self.image_size)
+    def images(self, latent: torch.Tensor) -> torch.Tensor:
+        x0 = self.x0.expand(latent.shape[0], *self.x0.shape)
+        images_std = sample_ode(self.field, latent.to(x0.dtype), x0, self.method, self.steps).x
+        return self.intensity.inverse(images_std)
 
 
 class DLCFM(GuidedLatentModel):
