@@ -590,7 +590,7 @@ def sample_ode(
     generated maps 1.7 times as bright as simulated over the whole map, and the whole-map Y-M
     slope at 1.590 and 1.514 (seeds 0 and 1; simulator 1.745); with the level apart, 1.743 and
     1.782, at 1.03 times the time of the coupled integration for 64 maps and 1.11 times for
-    one map with the gradient in its code (``benchmarks/bench_generation_draw.py``).
+    one map with the gradient in its code (``benchmarks/timing/bench_generation_draw.py``).
 
     Parameters
     ----------

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import runpy
 import sys
 from pathlib import Path
-from types import ModuleType
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -44,13 +43,18 @@ def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-6) ->
         )
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """The script ``benchmarks/<name>.py`` as a module (loaded once per test session)."""
-    key = f"_benchmark_{name}"
-    if key not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # before running it, so its dataclasses can find it
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+def run_script(path: str, *argv: str) -> None:
+    """Run ``benchmarks/<path>`` in this process as ``python benchmarks/<path> *argv`` would.
+
+    The script runs as ``__main__`` with its own folder first on ``sys.path`` (where the timing
+    scripts find ``_timing``); a script that exits raises ``SystemExit`` here.
+    """
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / path
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *argv]
+    sys.path.insert(0, str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path

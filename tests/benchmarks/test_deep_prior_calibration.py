@@ -1,4 +1,4 @@
-"""``benchmarks/deep_prior_calibration.py`` runs end to end, shards and merges."""
+"""``benchmarks/studies/deep_prior_calibration.py`` runs end to end, shards and merges."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 
 from pyro_dlatent import data
 from pyro_dlatent.models import AuxVAE
-from tests.conftest import load_benchmark
+from tests.conftest import run_script
 
 __all__: list[str] = []
 
-study = load_benchmark("deep_prior_calibration")
+SCRIPT = "studies/deep_prior_calibration.py"
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,14 @@ def model_path(tmp_path_factory):
 
 def test_a_sharded_study_merges_into_the_whole(model_path, tmp_path) -> None:
     common = ["--model", str(model_path), "--train-num", "64", "--num-samples", "100"]
-    whole = study.main([*common, "--count", "2", "--out", str(tmp_path / "whole.json")])
+    run_script(SCRIPT, *common, "--count", "2", "--out", str(tmp_path / "whole.json"))
+    whole = json.loads((tmp_path / "whole.json").read_text())["summary"]
     for start in (0, 1):
         out = str(tmp_path / f"part{start}.json")
-        study.main([*common, "--start", str(start), "--count", "1", "--out", out])
+        run_script(SCRIPT, *common, "--start", str(start), "--count", "1", "--out", out)
     parts = [str(tmp_path / f"part{start}.json") for start in (0, 1)]
-    merged = study.main(["--model", "unused", "--merge", *parts])
+    run_script(SCRIPT, "--model", "unused", "--merge", *parts, "--out", str(tmp_path / "m.json"))
+    merged = json.loads((tmp_path / "m.json").read_text())["summary"]
     for key in ("collapsed", "exact", "field"):
         assert json.dumps(merged[key], sort_keys=True) == json.dumps(whole[key], sort_keys=True)
     records = json.loads((tmp_path / "whole.json").read_text())["records"]

@@ -1,4 +1,4 @@
-"""Sharding, merging and the known-bump oracle of ``benchmarks/deep_prior_science.py``."""
+"""The deep prior science study: sharding, merging its shards, the known-bump oracle."""
 
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ from pyro_dlatent.inverse.studies import (
     source_problem,
     sources_problems,
 )
-from tests.conftest import load_benchmark
+from tests.conftest import run_script
 
 __all__: list[str] = []
-
-science = load_benchmark("deep_prior_science")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def test_merge_pools_coverage_shards_like_one_run(tmp_path) -> None:
         paths.append(tmp_path / name)
         paths[-1].write_text(json.dumps(shard))
     out = tmp_path / "merged.json"
-    science.main(["merge", "--out", str(out), *map(str, paths)])
+    run_script("studies/deep_prior_science.py", "merge", "--out", str(out), *map(str, paths))
     merged = json.loads(out.read_text())
     svi = merged["svi"]
     assert [r["problem"] for r in svi["records"]] == [0, 1, 2, 3, 4]

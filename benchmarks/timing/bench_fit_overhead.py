@@ -13,7 +13,7 @@ share of the overhead is measured in the same process.
 Two sizes are timed for each model: *tiny* networks, where the arithmetic is negligible and the
 step time is the per-step overhead floor, and the constructors' *default* networks. Timings are
 medians over interleaved rounds; the ratios ``fit / torch`` are printed and written as JSON
-(``--output``). Run ``python benchmarks/bench_fit_overhead.py --help`` for the options.
+(``--output``). Run ``python benchmarks/timing/bench_fit_overhead.py --help`` for the options.
 """
 
 from __future__ import annotations

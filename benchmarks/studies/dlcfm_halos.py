@@ -21,7 +21,7 @@ held-out maps:
 
 Results go to a JSON file, figures to a folder. Example (the setting of the quality criteria)::
 
-    python benchmarks/dlcfm_halos.py --num 8192 --size 32 --epochs 40 --output halos.json
+    python benchmarks/studies/dlcfm_halos.py --num 8192 --size 32 --epochs 40 --output halos.json
 
 ``--evaluate-only`` scores the checkpoints a previous run left in ``--run-dir`` (same data
 settings and seed) without training.

@@ -4,7 +4,7 @@ The residual-block anomaly score (:mod:`pyro_dlatent.anomaly`) is asked to rank 
 halos (three times the centroid offset and 1 + Poisson(1) substructure clumps; 7% of the maps)
 with AUROC >= 0.85, the flag never used in training. This script measures two things
 that bound what such a score can reach on the same maps and the same train / held-out split as
-``benchmarks/dlcfm_halos.py``:
+``benchmarks/studies/dlcfm_halos.py``:
 
 - **the same score on the true nuisance parameters** (no images): the Mahalanobis radius of the
   simulator's centroid offsets (in arcmin, or in units of R500), alone and with the ellipticity
@@ -23,7 +23,7 @@ that bound what such a score can reach on the same maps and the same train / hel
 
 Example (the setting of the DL-CFM study, 7 minutes on one CPU thread)::
 
-    python benchmarks/halos_anomaly_reference.py --num 10240 --output reference.json
+    python benchmarks/studies/halos_anomaly_reference.py --num 10240 --output reference.json
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Run::
 
-    python benchmarks/summarize_halos.py RESULTS.json [MORE.json ...]
+    python benchmarks/studies/summarize_halos.py RESULTS.json [MORE.json ...]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ collapsed deep prior. Needs ``pip install sbi`` (not a package dependency).
 
 Run::
 
-    python benchmarks/npe_reference.py --num-simulations 8192 --count 200 --out npe.json
+    python benchmarks/studies/npe_reference.py --num-simulations 8192 --count 200 --out npe.json
 """
 
 from __future__ import annotations

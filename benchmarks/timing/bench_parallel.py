@@ -1,8 +1,9 @@
 """Chains on several processes and a study on a dask cluster, against their one-process runs.
 
-Run ``python benchmarks/bench_parallel.py --model vae.pt [--problems 20] [--output par.json]``
-with an Aux-VAE checkpoint of ``sources`` (``deep_prior_calibration.py --train-only`` writes
-one). Two timings, each against its baseline in the same run, with the ratio printed:
+Run ``python benchmarks/timing/bench_parallel.py --model vae.pt [--problems 20]
+[--output par.json]`` with an Aux-VAE checkpoint of ``sources``
+(``benchmarks/studies/deep_prior_calibration.py --train-only`` writes one). Two timings, each
+against its baseline in the same run, with the ratio printed:
 
 (a) ``infer_collapsed(..., sampler="nuts")``, 4 chains of 500 + 1,000 steps on one problem, on
     one process and on ``min(4, cores)`` processes (the draws are identical; checked);
@@ -18,9 +19,9 @@ take from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +32,9 @@ import torch
 from pyro_dlatent.inverse.chains import available_cores
 from pyro_dlatent.inverse.collapsed import infer_collapsed
 from pyro_dlatent.inverse.exact import sample_problem
+from pyro_dlatent.inverse.studies import problem_record
 from pyro_dlatent.models import AuxVAE
 from pyro_dlatent.studies import run_study
-
-sys.path.insert(0, str(Path(__file__).parent))
-import deep_prior_calibration as study
 
 __all__ = ["main"]
 
@@ -61,18 +60,7 @@ def _chains(model_path: str, index: int) -> dict[str, float]:
 
 
 def _study(model_path: str, problems: int) -> dict[str, float]:
-    task = study._task(
-        argparse.Namespace(
-            model=model_path,
-            train_num=8192,
-            train_seed=0,
-            prior="training",
-            seed=0,
-            sampler="importance",
-            num_samples=1000,
-            target_accept=None,
-        )
-    )
+    task = functools.partial(problem_record, model=model_path)  # the study's defaults
     seconds, records = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for scheduler in ("serial", None):

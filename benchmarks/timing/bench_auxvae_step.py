@@ -9,7 +9,7 @@ step is what :meth:`pyro_dlatent.AuxVAE.fit` runs: encoder once, ``SVI`` with ``
 built-in ``sources`` images; the medians and their ratio are printed and written as JSON
 (``--output``).
 
-Run ``python benchmarks/bench_auxvae_step.py --help`` for the options.
+Run ``python benchmarks/timing/bench_auxvae_step.py --help`` for the options.
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ record is :func:`pyro_dlatent.inverse.studies.problem_record`, the summary
 
 Run (train once, then shard; ``--merge`` combines shard outputs)::
 
-    python benchmarks/deep_prior_calibration.py --train-only --model vae.pt
-    python benchmarks/deep_prior_calibration.py --model vae.pt --count 200 --out study.json
+    python benchmarks/studies/deep_prior_calibration.py --train-only --model vae.pt
+    python benchmarks/studies/deep_prior_calibration.py --model vae.pt --count 200 --out study.json
 
 or as dask tasks, one record file per problem (a rerun skips the recorded ones; ``--scheduler
 tcp://host:8786`` sends them to a running cluster)::
 
-    python benchmarks/deep_prior_calibration.py --model vae.pt --count 200 --records study/
+    python benchmarks/studies/deep_prior_calibration.py --model vae.pt --count 200 --records study/
 """
 
 from __future__ import annotations

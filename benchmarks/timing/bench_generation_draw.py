@@ -13,7 +13,7 @@ state (the baseline, same 16 U-Net evaluations), for ``--decode-rows`` maps with
 and for one map with the gradient in its code, as the deep prior's HMC needs it. The networks
 are untrained (timing does not depend on the weights); the table holds the encoded simulated
 maps. Medians over ``--repeats`` rounds.
-Run ``python benchmarks/bench_generation_draw.py --help`` for the options.
+Run ``python benchmarks/timing/bench_generation_draw.py --help`` for the options.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torchdiffeq
 
 from pyro_dlatent.data import aux_array, simulate
-from pyro_dlatent.flow import sample_ode
+from pyro_dlatent.flow import ConditionalVectorField, sample_ode
 from pyro_dlatent.models.dlcfm import DEFAULT_STEPS, DLCFM
 
 __all__ = ["main", "median_seconds"]
@@ -59,6 +59,16 @@ def coupled_rk4(field: Any, z: torch.Tensor, x0: torch.Tensor, steps: int) -> to
         method="rk4",
         options={"grid_constructor": lambda f, y, t: grid},
     )[-1]
+
+
+def _check_baseline() -> None:
+    """The baseline is RK4 on the coupled state: on a field without a mean head, ``sample_ode``."""
+    field = ConditionalVectorField(8, latent_dim=2, channels=4, embed_dim=8)
+    generator = torch.Generator().manual_seed(0)
+    z, x0 = torch.randn(3, 2, generator=generator), torch.randn(3, 8, 8, generator=generator)
+    with torch.no_grad():
+        if not torch.equal(coupled_rk4(field, z, x0, 4), sample_ode(field, z, x0, "rk4", 4).x):
+            raise RuntimeError("coupled_rk4 is not sample_ode's RK4 on a field without a mean head")
 
 
 def _integration_seconds(
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, default=None, help="JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    _check_baseline()
 
     data = simulate("halos", args.table, size=args.size, seed=0)
     model = DLCFM.from_dataset(data, field_channels=16, seed=0)

@@ -24,8 +24,8 @@ scale, and the exact posterior mean of the width given the image *and* the other
 parameters reaches only r = 0.980 (600 images, +-0.002), so no estimator reaches 0.98 with all
 four unknown.
 
-Run ``python benchmarks/auxvae_quality.py --help`` for the options; for example
-``python benchmarks/auxvae_quality.py --dataset sources --baseline --mask-fraction 0.5``.
+Run ``python benchmarks/studies/auxvae_quality.py --help`` for the options; for example
+``python benchmarks/studies/auxvae_quality.py --dataset sources --baseline --mask-fraction 0.5``.
 """
 
 from __future__ import annotations

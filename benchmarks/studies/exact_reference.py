@@ -10,7 +10,7 @@ lower third), and the median relative L2 error of the exact posterior mean field
 
 Run::
 
-    python benchmarks/exact_reference.py --count 200 --out exact.json
+    python benchmarks/studies/exact_reference.py --count 200 --out exact.json
 """
 
 from __future__ import annotations

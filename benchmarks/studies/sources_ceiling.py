@@ -13,7 +13,7 @@ amplitude unknown too (a 2-d grid). The posterior means are
 
 Run::
 
-    python benchmarks/sources_ceiling.py --num 1000 --out ceiling.json
+    python benchmarks/studies/sources_ceiling.py --num 1000 --out ceiling.json
 """
 
 from __future__ import annotations

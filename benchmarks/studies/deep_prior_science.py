@@ -41,16 +41,17 @@ Sharding: problem ``i`` has the same truth, data and seed whatever the sharding
 (:func:`pyro_dlatent.inverse.studies.sources_problems`), so ``--start i --num_svi k`` runs
 problems ``i .. i + k - 1``.
 
-Usage (one thread; each step a few minutes on one core)::
+Usage (with ``OMP_NUM_THREADS=1``; each step a few minutes on one core)::
 
-    OMP_NUM_THREADS=1 python benchmarks/deep_prior_science.py train --model SCRATCH/sources.pt
-    OMP_NUM_THREADS=1 python benchmarks/deep_prior_science.py misspec --model SCRATCH/sources.pt \
+    python benchmarks/studies/deep_prior_science.py train --model SCRATCH/sources.pt
+    python benchmarks/studies/deep_prior_science.py misspec --model SCRATCH/sources.pt \
         --out results/misspec.json
-    OMP_NUM_THREADS=1 python benchmarks/deep_prior_science.py calibrate --model SCRATCH/sources.pt \
+    python benchmarks/studies/deep_prior_science.py calibrate --model SCRATCH/sources.pt \
         --num 512 --out results/tau.json
-    OMP_NUM_THREADS=1 python benchmarks/deep_prior_science.py coverage --model SCRATCH/sources.pt \
+    python benchmarks/studies/deep_prior_science.py coverage --model SCRATCH/sources.pt \
         --tau T_X0 T_Y0 T_LOGA T_WIDTH --start 0 --num_svi 10 --num_nuts 0 --out results/cov0.json
-    python benchmarks/deep_prior_science.py merge --out results/coverage.json results/cov*.json
+    python benchmarks/studies/deep_prior_science.py merge --out results/coverage.json \
+        results/cov*.json
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Small data and one or two epochs: this checks that nothing in the hot paths is C
 tensor that meets the networks lives on ``--device``) and that the results come back finite and
 in the right shapes. Exits non-zero at the first failure. Run::
 
-    python benchmarks/cuda_smoke.py --device cuda
+    python benchmarks/timing/cuda_smoke.py --device cuda
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Time the differentiable FEM solves against bare scipy baselines with the same factorization.
 
-Run ``python benchmarks/bench_fem.py [--size 64] [--sensors-per-axis 5] [--output bench_fem.json]``.
+Run ``python benchmarks/timing/bench_fem.py [--size 64] [--sensors-per-axis 5]
+[--output bench_fem.json]``.
 Every timing is the best of ``--repeats`` interleaved blocks of calls after one warm-up call;
 ratios compare a torch path with the bare scipy computation it wraps (same LU options, built
 independently from scikit-fem in its own node order):

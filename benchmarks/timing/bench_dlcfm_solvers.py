@@ -10,9 +10,9 @@ printed (a configuration must stay within 10% at every larger step count of its 
 the metrics carry Monte Carlo noise), and again with the images also within
 ``--max-relative-rms`` of dopri5's. Results go to JSON, the curves to a figure.
 
-Use the DL-CFM trained by ``benchmarks/dlcfm_halos.py``::
+Use the DL-CFM trained by ``benchmarks/studies/dlcfm_halos.py``::
 
-    python benchmarks/bench_dlcfm_solvers.py --checkpoint dlcfm_halos_run/dlcfm/last.pt
+    python benchmarks/timing/bench_dlcfm_solvers.py --checkpoint dlcfm_halos_run/dlcfm/last.pt
 
 Without ``--checkpoint`` a small DL-CFM is trained first (``--train-num``, ``--epochs``).
 """

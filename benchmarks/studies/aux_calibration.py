@@ -11,7 +11,7 @@ hidden one), brought in through :func:`pyro_dlatent.data.from_arrays` as a user 
 
 Run::
 
-    python benchmarks/aux_calibration.py --dataset sources --out sources_calibration.json
+    python benchmarks/studies/aux_calibration.py --dataset sources --out sources_calibration.json
 """
 
 from __future__ import annotations

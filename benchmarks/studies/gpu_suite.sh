@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The long quality runs of the three developments, in parallel on one GPU machine with many cores.
 #
-#   bash benchmarks/gpu_suite.sh RESULTS_DIR [MINUTES]
+#   bash benchmarks/studies/gpu_suite.sh RESULTS_DIR [MINUTES]
 #
 # RESULTS_DIR  folder for every JSON, log and figure (created); packed into RESULTS_DIR.tar.gz at the end
 # MINUTES      training budget of each DL-CFM in the halo runs (default 3.5; its Aux-VAE: 1.5)
 #
-# First benchmarks/cuda_smoke.py checks every model verb on the GPU. Then, side by side:
+# First benchmarks/timing/cuda_smoke.py checks every model verb on the GPU. Then, side by side:
 #   - dlcfm_halos.py, one after the other: DL-CFM against an Aux-VAE of the same latent size on
 #     10240 halo maps (8192 training, 2048 held out), 32x32, identity and asinh intensities;
 #   - auxvae_quality.py on `sources` (8192 training, 4096 fresh held-out images) for 100 epochs,
@@ -22,7 +22,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg
 py=${PYTHON:-python3}
 pids=()
-"$py" "$here/cuda_smoke.py" --device cuda 2>&1 | tee "$out/cuda_smoke.log"
+"$py" "$here/../timing/cuda_smoke.py" --device cuda 2>&1 | tee "$out/cuda_smoke.log"
 
 halos() { # halos NAME EXTRA_ARGS...: one halo run (in the foreground)
     local name=$1
