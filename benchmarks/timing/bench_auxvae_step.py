@@ -6,8 +6,8 @@ plus the weighted alignment and decorrelation penalties) and the same learning r
 step is what :meth:`pyro_dlatent.AuxVAE.fit` runs: encoder once, ``SVI`` with ``Trace_ELBO`` and
 ``ClippedAdam``'s rule applied as one foreach update; the torch step is a hand-written loss with
 ``torch.optim.Adam``. Steps are timed in interleaved rounds in one process on a batch of the
-built-in ``sources`` images; the medians and their ratio are printed and written as JSON
-(``--output``).
+built-in ``sources`` images (``_timing.measure``); the medians and the speedups against the
+torch step are printed, and the numbers written as JSON (``--output``).
 
 Run ``python benchmarks/timing/bench_auxvae_step.py --help`` for the options.
 """
@@ -20,12 +20,12 @@ import json
 import math
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import pyro
 import torch
 import torch.nn.functional as F
+from _timing import Timing, measure, print_ratios
 from pyro.infer import Trace_ELBO
 
 from pyro_dlatent.data import simulate
@@ -87,15 +87,6 @@ def pyro_step_factory(model: AuxVAE, num_data: int, lr: float, clip_norm: float)
     return step
 
 
-def _time(step, images, aux, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(images, aux)
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=128)
@@ -118,12 +109,16 @@ def main(argv: list[str] | None = None) -> dict:
     lr = 1e-3
     pyro_step = pyro_step_factory(model, num_data, lr, clip_norm=10.0)
     torch_step = torch_step_factory(model, num_data, lr)
-    for step in (pyro_step, torch_step):
-        _time(step, images, aux, 3)
-    pyro_times, torch_times = [], []
-    for _ in range(args.rounds):
-        pyro_times += _time(pyro_step, images, aux, args.steps)
-        torch_times += _time(torch_step, images, aux, args.steps)
+    steps = {"pyro": lambda: pyro_step(images, aux), "torch": lambda: torch_step(images, aux)}
+    values: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(args.rounds):  # each side times --steps single steps, in turn
+        for name, step in steps.items():
+            timing = measure(step, repeat=args.steps, warmup=3 if round_ == 0 else 0)
+            values[name] += timing.values
+    rows = [(name, Timing.from_values(v)) for name, v in values.items()]
+    print(f"one training step, batch {args.batch_size}, {args.size}x{args.size}:")
+    print_ratios(rows, baseline="torch")
+    pyro_times, torch_times = values["pyro"], values["torch"]
     pyro_ms = 1e3 * statistics.median(pyro_times)
     torch_ms = 1e3 * statistics.median(torch_times)
     result = {
@@ -143,11 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pyro": pyro.__version__,
         "python": platform.python_version(),
     }
-    print(
-        f"one training step, batch {args.batch_size}, {args.size}x{args.size}: "
-        f"pyro {pyro_ms:.2f} ms, torch {torch_ms:.2f} ms, ratio {pyro_ms / torch_ms:.3f} "
-        f"(target <= 1.2)"
-    )
+    print(f"pyro / torch time {pyro_ms / torch_ms:.3f} (target <= 1.2)")
     args.output.write_text(json.dumps(result, indent=2))
     if not math.isfinite(result["ratio"]):
         raise SystemExit("non-finite timing")

@@ -12,8 +12,9 @@ share of the overhead is measured in the same process.
 
 Two sizes are timed for each model: *tiny* networks, where the arithmetic is negligible and the
 step time is the per-step overhead floor, and the constructors' *default* networks. Timings are
-medians over interleaved rounds; the ratios ``fit / torch`` are printed and written as JSON
-(``--output``). Run ``python benchmarks/timing/bench_fit_overhead.py --help`` for the options.
+medians over interleaved rounds (``_timing.measure_interleaved``); each case prints the speedups
+against the torch loop, and the ratios ``fit / torch`` are written as JSON (``--output``).
+Run ``python benchmarks/timing/bench_fit_overhead.py --help`` for the options.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,24 +31,18 @@ import pyro
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from _timing import Timing, measure_interleaved, print_ratios
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam
 
+from pyro_dlatent import training
 from pyro_dlatent.data import simulate
 from pyro_dlatent.flow import flow_matching_loss
-from pyro_dlatent.models import base
 from pyro_dlatent.models.auxvae import AuxVAE
 from pyro_dlatent.models.base import GuidedLatentModel
 from pyro_dlatent.models.dlcfm import DLCFM
 
-__all__ = [
-    "CASES",
-    "PerParameterClippedAdam",
-    "fit_step_ms",
-    "main",
-    "torch_loop_factory",
-    "torch_step_ms",
-]
+__all__ = ["CASES", "PerParameterClippedAdam", "fit_epoch", "main", "torch_loop_factory"]
 
 CASES: dict[str, dict[str, Any]] = {
     "dlcfm_tiny": {
@@ -139,67 +132,64 @@ def torch_loop_factory(
     return epoch
 
 
-def fit_step_ms(
+def fit_epoch(
     model: GuidedLatentModel, ds: xr.Dataset, batch: int, *, per_parameter: bool = False
-) -> float:
-    """Milliseconds per step of one epoch of ``model.fit`` on ``ds`` (no validation).
+) -> None:
+    """One epoch of ``model.fit`` on ``ds`` (no validation, no progress bar).
 
-    With ``per_parameter`` the epoch runs with :class:`PerParameterClippedAdam`.
+    With ``per_parameter`` the epoch runs with :class:`PerParameterClippedAdam` in place of the
+    optimizer ``fit`` builds.
     """
-    steps = -(-ds.sizes["sample"] // batch)
-    foreach = base._ForeachClippedAdam
+    foreach = training._ForeachClippedAdam
     if per_parameter:
-        base._ForeachClippedAdam = PerParameterClippedAdam
+        training._ForeachClippedAdam = PerParameterClippedAdam
     try:
-        start = time.perf_counter()
         model.fit(ds, epochs=1, batch_size=batch, val_fraction=0.0, progress=False, seed=0)
-        elapsed = time.perf_counter() - start
     finally:
-        base._ForeachClippedAdam = foreach
-    return 1e3 * elapsed / steps
+        training._ForeachClippedAdam = foreach
 
 
-def torch_step_ms(loop: Callable, images: torch.Tensor, aux: torch.Tensor, batch: int) -> float:
-    """Milliseconds per step of one epoch of a :func:`torch_loop_factory` loop."""
-    steps = -(-images.shape[0] // batch)
-    start = time.perf_counter()
-    loop(images, aux, batch)
-    return 1e3 * (time.perf_counter() - start) / steps
+def _per_step(timing: Timing, steps: int) -> Timing:
+    return Timing.from_values(value / steps for value in timing.values)
 
 
 def run_case(name: str, steps: int, rounds: int) -> dict[str, Any]:
     """Time one case of :data:`CASES`: medians over interleaved rounds of ``steps`` steps."""
     case = CASES[name]
-    ds = simulate(case["data"], steps * case["batch"], size=case["size"], seed=0)
+    batch = case["batch"]
+    ds = simulate(case["data"], steps * batch, size=case["size"], seed=0)
     model = _build(case, ds)
     images, aux, _ = model.prepare(ds)
     loop = torch_loop_factory(model, lr=1e-3)
-    fit_step_ms(model, ds, case["batch"])
-    fit_step_ms(model, ds, case["batch"], per_parameter=True)
-    torch_step_ms(loop, images, aux, case["batch"])
-    fit_ms, per_parameter_ms, torch_ms = [], [], []
-    for _ in range(rounds):
-        fit_ms.append(fit_step_ms(model, ds, case["batch"]))
-        per_parameter_ms.append(fit_step_ms(model, ds, case["batch"], per_parameter=True))
-        torch_ms.append(torch_step_ms(loop, images, aux, case["batch"]))
-    fit_median, torch_median = statistics.median(fit_ms), statistics.median(torch_ms)
-    per_parameter_median = statistics.median(per_parameter_ms)
+    epochs = {
+        "fit": lambda: fit_epoch(model, ds, batch),
+        "fit_per_parameter_adam": lambda: fit_epoch(model, ds, batch, per_parameter=True),
+        "torch": lambda: loop(images, aux, batch),
+    }
+    rows = [
+        (key, _per_step(timing, -(-ds.sizes["sample"] // batch)))
+        for key, timing in measure_interleaved(epochs, repeat=rounds, warmup=1)
+    ]
+    print(f"{name}, batch {batch}, one step:")
+    print_ratios(rows, baseline="torch")
+    ms = {key: [1e3 * value for value in timing.values] for key, timing in rows}
+    median = {key: 1e3 * timing.median for key, timing in rows}
     return {
         "case": name,
         "model": case["model"],
         "image_size": case["size"],
-        "batch_size": case["batch"],
+        "batch_size": batch,
         "kwargs": case["kwargs"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameter_tensors": len(list(model.parameters())),
-        "fit_step_ms": round(fit_median, 3),
-        "torch_step_ms": round(torch_median, 3),
-        "ratio": round(fit_median / torch_median, 3),
-        "fit_per_parameter_adam_step_ms": round(per_parameter_median, 3),
-        "per_parameter_ratio": round(per_parameter_median / torch_median, 3),
-        "fit_step_ms_all": [round(t, 3) for t in fit_ms],
-        "fit_per_parameter_adam_step_ms_all": [round(t, 3) for t in per_parameter_ms],
-        "torch_step_ms_all": [round(t, 3) for t in torch_ms],
+        "fit_step_ms": round(median["fit"], 3),
+        "torch_step_ms": round(median["torch"], 3),
+        "ratio": round(median["fit"] / median["torch"], 3),
+        "fit_per_parameter_adam_step_ms": round(median["fit_per_parameter_adam"], 3),
+        "per_parameter_ratio": round(median["fit_per_parameter_adam"] / median["torch"], 3),
+        "fit_step_ms_all": [round(t, 3) for t in ms["fit"]],
+        "fit_per_parameter_adam_step_ms_all": [round(t, 3) for t in ms["fit_per_parameter_adam"]],
+        "torch_step_ms_all": [round(t, 3) for t in ms["torch"]],
     }
 
 
@@ -220,11 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run_case(name, args.steps, args.rounds)
         results.append(result)
         print(
-            f"{name:15s} batch {result['batch_size']:3d}, {result['parameter_tensors']:3d} "
-            f"tensors: fit {result['fit_step_ms']:8.2f} ms/step (per-parameter Adam "
-            f"{result['fit_per_parameter_adam_step_ms']:8.2f}), torch "
-            f"{result['torch_step_ms']:8.2f} ms/step, ratio {result['ratio']:.2f} "
-            f"(per-parameter {result['per_parameter_ratio']:.2f})"
+            f"{result['parameter_tensors']} parameter tensors; fit / torch time "
+            f"{result['ratio']:.2f} (per-parameter Adam {result['per_parameter_ratio']:.2f})"
         )
     summary = {
         "benchmark": "fit_overhead",
