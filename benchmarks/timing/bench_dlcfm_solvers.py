@@ -8,7 +8,8 @@ and with the dopri5 solution (relative RMS difference). A configuration is *with
 both fidelity metrics are within 10% of dopri5's; the fewest evaluations that achieve it are
 printed (a configuration must stay within 10% at every larger step count of its solver, since
 the metrics carry Monte Carlo noise), and again with the images also within
-``--max-relative-rms`` of dopri5's. Results go to JSON, the curves to a figure.
+``--max-relative-rms`` of dopri5's. The time of each integration (one run, ``_timing.measure``)
+is printed with its speedup against dopri5. Results go to JSON, the curves to a figure.
 
 Use the DL-CFM trained by ``benchmarks/studies/dlcfm_halos.py``::
 
@@ -33,6 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pyro
 import torch
+from _timing import Timing, measure, print_ratios
 
 from pyro_dlatent import metrics
 from pyro_dlatent.data import aux_array, simulate
@@ -65,15 +67,21 @@ def run_solvers(
     model.eval()
 
     def solve(method: str, steps: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        with torch.no_grad():
-            solution = sample_ode(model.field, z, x0, method, steps, rtol=rtol, atol=atol)
-            images = model.destandardize_images(solution.x).cpu().numpy()
+        out: dict[str, Any] = {}
+
+        def integrate() -> None:
+            with torch.no_grad():
+                solution = sample_ode(model.field, z, x0, method, steps, rtol=rtol, atol=atol)
+                out["images"] = model.destandardize_images(solution.x).cpu().numpy()
+                out["nfe"] = solution.nfe
+
+        timing = measure(integrate, repeat=1, warmup=0)
+        images = out["images"]
         return {
             "method": method,
             "steps": steps if method in FIXED_STEP_METHODS else None,
-            "nfe": solution.nfe,
-            "seconds": time.perf_counter() - start,
+            "nfe": out["nfe"],
+            "seconds": timing.median,
             "images": images,
             "power_spectrum_error": metrics.power_spectrum_error(images, maps),
             "pixel_histogram_w1": metrics.pixel_histogram_distance(images, maps),
@@ -199,6 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.output.write_text(json.dumps(results, indent=2))
     figure = args.figure or args.output.with_suffix(".png")
     save_figure(_figure(records), figure)
+    rows = [
+        (r["method"] if r["steps"] is None else f"{r['method']} x {r['steps']}", r["seconds"])
+        for r in records
+    ]
+    print(f"integration of {args.num} maps:")
+    print_ratios([(n, Timing.from_values([t])) for n, t in rows], baseline="dopri5", unit="s")
     print(f"{'method':>9} {'steps':>5} {'nfe':>5} {'PS err':>8} {'W1':>8} {'rms':>8}  in10%")
     for r in records:
         print(

@@ -5,14 +5,15 @@ After ``calibrate_generation`` the guided block is drawn from the encoded calibr
 nearest to each request (``neighbours > 0``, the default) or from the fitted Gaussian map
 (``neighbours=0``). This times, in one process and on the same model, the draw of ``--rows``
 codes both ways against a table of ``--table`` calibration images, and the integration of the
-flow (4 rk4 steps, the default solver) for ``--decode-rows`` of them, and prints the per-row
-ratios: the neighbour draw's cost over the Gaussian draw's, and its share of a generated map's
+flow (4 rk4 steps, the default solver) for ``--decode-rows`` of them, and prints the speedups
+against the Gaussian draw (the baseline) and the neighbour draw's share of a generated map's
 cost. It also times the mean-head field's integration with the level apart (what
 :func:`~pyro_dlatent.flow.sample_ode` does for fixed-step solvers) against RK4 on the coupled
-state (the baseline, same 16 U-Net evaluations), for ``--decode-rows`` maps without gradients
-and for one map with the gradient in its code, as the deep prior's HMC needs it. The networks
-are untrained (timing does not depend on the weights); the table holds the encoded simulated
-maps. Medians over ``--repeats`` rounds.
+state (the baseline, same 16 U-Net evaluations, checked equal to ``sample_ode`` on a field
+without a mean head before timing), for ``--decode-rows`` maps without gradients and for one map
+with the gradient in its code, as the deep prior's HMC needs it. The networks are untrained
+(timing does not depend on the weights); the table holds the encoded simulated maps. Medians
+over ``--repeats`` rounds after one warm-up call (``_timing.measure``).
 Run ``python benchmarks/timing/bench_generation_draw.py --help`` for the options.
 """
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 import torchdiffeq
+from _timing import Timing, measure, print_ratios
 
 from pyro_dlatent.data import aux_array, simulate
 from pyro_dlatent.flow import ConditionalVectorField, sample_ode
 from pyro_dlatent.models.dlcfm import DEFAULT_STEPS, DLCFM
 
-__all__ = ["main", "median_seconds"]
-
-
-def median_seconds(call: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``call()`` over ``repeats`` rounds, after one warm-up call."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+__all__ = ["coupled_rk4", "main"]
 
 
 def coupled_rk4(field: Any, z: torch.Tensor, x0: torch.Tensor, steps: int) -> torch.Tensor:
@@ -71,10 +60,10 @@ def _check_baseline() -> None:
             raise RuntimeError("coupled_rk4 is not sample_ode's RK4 on a field without a mean head")
 
 
-def _integration_seconds(
+def _integration_timings(
     field: Any, z: torch.Tensor, x0: torch.Tensor, repeats: int, gradient: bool
-) -> dict[str, float]:
-    """Median seconds of both integrations (with ``gradient``, forward and backward in ``z``)."""
+) -> list[tuple[str, Timing]]:
+    """Both integrations, timed (with ``gradient``, forward and backward in ``z``)."""
     ways = {
         "level_apart": lambda code: sample_ode(field, code, x0, "rk4", DEFAULT_STEPS).x,
         "coupled": lambda code: coupled_rk4(field, code, x0, DEFAULT_STEPS),
@@ -87,7 +76,7 @@ def _integration_seconds(
             if gradient:
                 images.sum().backward()
 
-    return {name: median_seconds(lambda way=way: run(way), repeats) for name, way in ways.items()}
+    return [(name, measure(lambda way=way: run(way), repeat=repeats)) for name, way in ways.items()]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -113,15 +102,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     request = {name: rows[:, j] for j, name in enumerate(names)}
     few = {name: column[: args.decode_rows] for name, column in request.items()}
 
-    seconds: dict[str, float] = {}
+    draws = []
     for label, neighbours in (("gaussian_draw", 0), ("neighbour_draw", 16)):
         model.calibrate_generation(data, neighbours=neighbours)
-        seconds[label] = median_seconds(lambda: model.sample_latent(request, seed=0), args.repeats)
+        timing = measure(lambda: model.sample_latent(request, seed=0), repeat=args.repeats)
+        draws.append((label, timing))
+    print(f"draw of {args.rows} latent codes from a table of {args.table}:")
+    print_ratios(draws, baseline="gaussian_draw")
     z_aux, z_rec = model.sample_latent(few, seed=0)
     with torch.no_grad():
-        seconds["decode"] = median_seconds(
-            lambda: model.decode(z_aux, z_rec, seed=0), max(1, args.repeats // 2)
+        decode = measure(
+            lambda: model.decode(z_aux, z_rec, seed=0), repeat=max(1, args.repeats // 2)
         )
+    seconds = {**{label: timing.median for label, timing in draws}, "decode": decode.median}
     per_row = {
         "gaussian_draw": seconds["gaussian_draw"] / args.rows,
         "neighbour_draw": seconds["neighbour_draw"] / args.rows,
@@ -131,10 +124,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x0 = torch.randn(
         (args.decode_rows, args.size, args.size), generator=torch.Generator().manual_seed(0)
     )
-    level = {
-        "batch": _integration_seconds(model.field, z, x0, max(1, args.repeats // 2), False),
-        "one_with_gradient": _integration_seconds(model.field, z[:1], x0[:1], args.repeats, True),
+    integrations = {
+        f"{args.decode_rows} maps": (
+            "batch",
+            _integration_timings(model.field, z, x0, max(1, args.repeats // 2), False),
+        ),
+        "one map, with the gradient in its code": (
+            "one_with_gradient",
+            _integration_timings(model.field, z[:1], x0[:1], args.repeats, True),
+        ),
     }
+    level = {}
+    for title, (key, rows_) in integrations.items():
+        print(f"integration of {title}:")
+        print_ratios(rows_, baseline="coupled")
+        level[key] = {name: timing.median for name, timing in rows_}
     result = {
         "settings": vars(args) | {"output": str(args.output) if args.output else None},
         "platform": platform.platform(),
@@ -149,10 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for key, value in per_row.items():
         print(f"{key:>15}: {value * 1e3:9.4f} ms per row")
-    print(f"neighbour / gaussian draw: {result['neighbour_over_gaussian']:.0f}x")
     print(f"neighbour draw's share of a generated map: {result['neighbour_share_of_a_map']:.2%}")
-    for name, ratio in result["level_apart_over_coupled"].items():
-        print(f"level apart / coupled RK4, {name.replace('_', ' ')}: {ratio:.2f}x")
     if args.output is not None:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     return result

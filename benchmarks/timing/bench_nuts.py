@@ -1,6 +1,6 @@
 """NUTS cost per gradient against the bare potential's forward+backward (deep prior, FEM source).
 
-Setup (DESIGN §8): a 10-d latent (4 guided + 6 residual coordinates), a small frozen MLP
+Setup: a 10-d latent (4 guided + 6 residual coordinates), a small frozen MLP
 generator to a 64x64 nodal field, the scikit-fem source problem with 25 sensors. One run times
 
 - ``bare``: the log density written directly in torch on a flat latent vector, forward and
@@ -20,7 +20,8 @@ For each, milliseconds per gradient inside NUTS (CPU time of warmup plus samplin
 divided by potential evaluations), the ratio to ``bare`` (the target is <= 1.5) and the ratio
 to the same potential's own forward+backward outside NUTS (what the sampler adds). ``bare``
 and the potential are timed just before and after each NUTS run, so slow drifts in machine
-load cancel.
+load cancel. At the end every variant's time per gradient is printed with its speedup against
+``bare`` (``_timing.print_ratios``; ``bare``'s row pools all its timings).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from _timing import Timing, measure, print_ratios
 from pyro.infer import MCMC, NUTS
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
@@ -105,21 +107,13 @@ def _bare_log_density(prior: DeepPrior, model: InverseProblemModel, problem: Sou
 
 
 def _time_per_call(fn: Any, repeats: int) -> float:
-    """Best-of-five mean CPU seconds per call.
+    """Best-of-five mean CPU seconds per call, after ten warm-up calls.
 
     CPU time of this (single-threaded) process, not wall time: on a shared machine other
     processes' load then only enters through caches, and the minimum of five batches is the
     least disturbed.
     """
-    for _ in range(10):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        start = time.process_time()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.process_time() - start) / repeats)
-    return best
+    return measure(fn, repeat=5, warmup=10, number=repeats, clock=time.process_time).best
 
 
 class _Counting:
@@ -257,6 +251,7 @@ def bench(
     if only:
         runs = {k: v for k, v in runs.items() if k in only}
     results: dict[str, Any] = {"nuts": {}}
+    bare_seconds: list[float] = []
     for name, (potential, initial, package) in runs.items():
         # The machine is shared: time the bare potential and this potential right before and
         # after the NUTS run, and compare with their mean, so that load drift cancels.
@@ -271,6 +266,7 @@ def bench(
             _time_per_call(bare, repeats),
             _time_per_call(_grad_call(potential, initial), repeats),
         ]
+        bare_seconds += [before[0], after[0]]
         run["bare_ms"] = 1e3 * (before[0] + after[0]) / 2
         run["potential_ms"] = 1e3 * (before[1] + after[1]) / 2
         run["overhead_vs_bare"] = run["ms_per_gradient"] / run["bare_ms"]
@@ -284,6 +280,13 @@ def bench(
             f"{run['overhead_vs_potential']:.2f}x its own potential"
         )
     nuts = results["nuts"]
+    if nuts:
+        report("NUTS CPU time per gradient:")
+        rows = [("bare", Timing.from_values(bare_seconds))]
+        rows += [
+            (name, Timing.from_values([run["ms_per_gradient"] / 1e3])) for name, run in nuts.items()
+        ]
+        print_ratios(rows, baseline="bare")
     for name in ("package_jit", "package"):
         if name in nuts:
             run = nuts[name]

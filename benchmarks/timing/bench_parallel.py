@@ -3,7 +3,8 @@
 Run ``python benchmarks/timing/bench_parallel.py --model vae.pt [--problems 20]
 [--output par.json]`` with an Aux-VAE checkpoint of ``sources``
 (``benchmarks/studies/deep_prior_calibration.py --train-only`` writes one). Two timings, each
-against its baseline in the same run, with the ratio printed:
+against its baseline in the same run (one run each, ``_timing.measure``), with the speedup
+printed:
 
 (a) ``infer_collapsed(..., sampler="nuts")``, 4 chains of 500 + 1,000 steps on one problem, on
     one process and on ``min(4, cores)`` processes (the draws are identical; checked);
@@ -23,11 +24,11 @@ import functools
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import measure, print_ratios
 
 from pyro_dlatent.inverse.chains import available_cores
 from pyro_dlatent.inverse.collapsed import infer_collapsed
@@ -42,16 +43,22 @@ __all__ = ["main"]
 def _chains(model_path: str, index: int) -> dict[str, float]:
     generator = AuxVAE.load(model_path).generator()
     _, problem, values, _ = sample_problem(index, size=generator.image_size)
-    seconds, draws = {}, {}
+    timings, draws = {}, {}
     for processes in (1, min(4, available_cores())):
-        start = time.perf_counter()
-        result = infer_collapsed(
-            problem, generator, values, sampler="nuts", num_processes=processes, warn=False
-        )
-        seconds[processes] = time.perf_counter() - start
-        draws[processes] = result.idata.posterior["u"].values
-    one, many = sorted(seconds)
+
+        def chains(processes: int = processes) -> None:
+            result = infer_collapsed(
+                problem, generator, values, sampler="nuts", num_processes=processes, warn=False
+            )
+            draws[processes] = result.idata.posterior["u"].values
+
+        timings[processes] = measure(chains, repeat=1, warmup=0)
+    one, many = sorted(timings)
     assert np.array_equal(draws[one], draws[many]), "parallel chains drew other draws"
+    print("collapsed NUTS, 4 chains:")
+    rows = [(f"{n} process{'es' if n > 1 else ''}", timings[n]) for n in (one, many)]
+    print_ratios(rows, baseline=rows[0][0], unit="s")
+    seconds = {n: timing.median for n, timing in timings.items()}
     return {
         "chains_1_process_s": seconds[one],
         f"chains_{many}_processes_s": seconds[many],
@@ -61,16 +68,22 @@ def _chains(model_path: str, index: int) -> dict[str, float]:
 
 def _study(model_path: str, problems: int) -> dict[str, float]:
     task = functools.partial(problem_record, model=model_path)  # the study's defaults
-    seconds, records = {}, {}
+    timings, records = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for scheduler in ("serial", None):
             out = Path(folder) / str(scheduler)
-            start = time.perf_counter()
-            records[scheduler] = run_study(task, range(problems), out, scheduler=scheduler)
-            seconds[scheduler] = time.perf_counter() - start
+
+            def study(scheduler: str | None = scheduler, out: Path = out) -> None:
+                records[scheduler] = run_study(task, range(problems), out, scheduler=scheduler)
+
+            timings[scheduler] = measure(study, repeat=1, warmup=0)
             shutil.rmtree(out)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records["serial"]]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in records[None]]
+    print(f"the calibration study's records of {problems} problems:")
+    rows = [("serial", timings["serial"]), (f"dask, {available_cores()} workers", timings[None])]
+    print_ratios(rows, baseline="serial", unit="s")
+    seconds = {scheduler: timing.median for scheduler, timing in timings.items()}
     return {
         "study_serial_s": seconds["serial"],
         "study_dask_s": seconds[None],
