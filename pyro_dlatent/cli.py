@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,6 +81,32 @@ def simulate(
     typer.echo(f"wrote {out} ({ds.sizes['sample']} images) and {preview_path}")
 
 
+@contextlib.contextmanager
+def _torchrun_group(device: str | None) -> Iterator[str | None]:
+    """Join the process group that ``torchrun`` describes (its ``WORLD_SIZE`` is set) for a block.
+
+    gloo on the CPU; NCCL on CUDA, where each process takes the GPU of its ``LOCAL_RANK`` when
+    ``device`` names none. Yields the device to train on; outside torchrun, ``device`` unchanged.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        yield device
+        return
+    backend = "gloo"
+    if device is not None and torch.device(device).type == "cuda":
+        backend = "nccl"
+        if torch.device(device).index is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
 @app.command()
 def train(
     data: Annotated[str, typer.Argument(help="Built-in dataset name or a .nc/.zarr file.")],
@@ -107,9 +136,10 @@ def train(
     """Train a model; the run folder gets weights, history, report and figures.
 
     Options left out take the model's own defaults (the same as the Python API's), and the report
-    is computed on the validation part the fit held out.
+    is computed on the validation part the fit held out. Under ``torchrun`` the processes train
+    data parallel (``--batch-size`` is the global batch) and process 0 writes the run folder.
     """
-    from pyro_dlatent.runs import CHECKPOINT_DIR, open_dataset, train_run
+    from pyro_dlatent.runs import CHECKPOINT_DIR, open_dataset, process_rank, train_run
 
     if not out.parent.exists():
         raise typer.BadParameter(
@@ -118,29 +148,34 @@ def train(
     ds = open_dataset(data, num=num, size=size, seed=seed)
     model_kwargs = {"residual_dim": residual_dim, "tau": tau}
     fit_kwargs = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay}
-    try:
-        train_run(
-            ds,
-            out,
-            model=model,
-            model_kwargs={"seed": seed, **{k: v for k, v in model_kwargs.items() if v is not None}},
-            fit_kwargs={
-                "seed": seed,
-                "device": device,
-                "progress": progress,
-                **{k: v for k, v in fit_kwargs.items() if v is not None},
-            },
-            resume=resume,
-            overwrite=overwrite,
-        )
-    except KeyboardInterrupt:
-        typer.echo(
-            f"pyro-dlatent: interrupted; completed epochs are in {out / CHECKPOINT_DIR}; "
-            "rerun the same command with --resume to continue",
-            err=True,
-        )
-        raise typer.Exit(130) from None
-    typer.echo(f"trained {model} into {out}")
+    with _torchrun_group(device) as device:
+        try:
+            train_run(
+                ds,
+                out,
+                model=model,
+                model_kwargs={
+                    "seed": seed,
+                    **{k: v for k, v in model_kwargs.items() if v is not None},
+                },
+                fit_kwargs={
+                    "seed": seed,
+                    "device": device,
+                    "progress": progress,
+                    **{k: v for k, v in fit_kwargs.items() if v is not None},
+                },
+                resume=resume,
+                overwrite=overwrite,
+            )
+        except KeyboardInterrupt:
+            typer.echo(
+                f"pyro-dlatent: interrupted; completed epochs are in {out / CHECKPOINT_DIR}; "
+                "rerun the same command with --resume to continue",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+        if process_rank() == 0:
+            typer.echo(f"trained {model} into {out}")
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import xarray as xr
 
 from pyro_dlatent import data, plots
@@ -29,6 +30,7 @@ __all__ = [
     "load_model",
     "open_dataset",
     "owned_folder",
+    "process_rank",
     "run_lock",
     "train_run",
     "traversal_figure",
@@ -172,6 +174,13 @@ def explain(model: GuidedLatentModel, dataset: xr.Dataset, out: str | os.PathLik
     if model.history:
         plots.save_figure(plots.training_history(model.history), out / "history.png")
     return report
+
+
+def process_rank() -> int:
+    """This process's rank in an initialized :mod:`torch.distributed` process group, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
 
 
 class RunFolderBusy(RuntimeError):
@@ -331,6 +340,10 @@ def train_run(
     The folder is owned while the run lasts (:func:`run_lock`). A finished run, or an interrupted
     one, is kept unless ``overwrite`` (or, for an interrupted one, ``resume``); a run that fails
     (other than by Ctrl-C) before its first epoch is saved removes the folder it created.
+
+    In a :mod:`torch.distributed` process group every process calls this with the same
+    arguments and trains its part (see :class:`~pyro_dlatent.training.Trainer`); process 0 alone
+    owns and writes the folder, the others only read a checkpoint to resume.
     """
     out = Path(out)
     model_kwargs = dict(model_kwargs or {})
@@ -348,6 +361,10 @@ def train_run(
                 f"{CHECKPOINT_NAME}); pass resume (--resume) to continue it or overwrite "
                 "(--overwrite) to start over"
             )
+    if process_rank() != 0:
+        net = build_model(model, dataset, **model_kwargs)
+        net.fit(dataset, checkpoint_dir=checkpoints, resume=True if resume else None, **fit_kwargs)
+        return net
     with owned_folder(out, keep=(checkpoints / CHECKPOINT_NAME).exists):
         for stray in checkpoints.glob(".*.tmp"):
             stray.unlink(missing_ok=True)  # left by a checkpoint write that a kill interrupted

@@ -8,6 +8,11 @@ steps that refuse a non-finite loss or gradient, an optional exponential moving 
 weights, an RNG stream per epoch (so a resumed run ends where the uninterrupted one would) and,
 once training ends, the model's post-fit calibrations. ``GuidedLatentModel.fit`` is the usual
 entry point; it builds the config from its arguments and the class's ``fit_defaults``.
+
+When a :mod:`torch.distributed` process group is initialized (as under ``torchrun``), the
+trainer runs data parallel: every process steps on its share of each batch, and
+:class:`~torch.nn.parallel.DistributedDataParallel` averages the gradients (see
+:class:`Trainer`).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyro
 import torch
+import torch.distributed as dist
 import xarray as xr
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -79,11 +86,24 @@ class _NonFiniteStep(FloatingPointError):
 
 
 class _GuardedSVI(SVI):
-    """``SVI`` whose step refuses to apply a non-finite loss or gradient (it raises instead)."""
+    """``SVI`` whose step refuses to apply a non-finite loss or gradient (it raises instead).
+
+    With ``replicas`` (the ELBO as a :class:`_ELBOLoss` wrapped in ``DistributedDataParallel``)
+    the loss goes through it, so the gradients are averaged over the processes, and the step's
+    loss is averaged too: every process sees the same loss and gradients and takes the same
+    decision.
+    """
+
+    def __init__(self, *args: Any, replicas: DistributedDataParallel | None = None) -> None:
+        super().__init__(*args)
+        self.replicas = replicas
 
     def step(self, *args: Any, **kwargs: Any) -> float:
         with poutine.trace(param_only=True) as capture:
-            loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
+            if self.replicas is None:
+                loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
+            else:
+                loss = self._replicated_loss_and_grads(*args, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         grads = [p.grad for p in params if p.grad is not None]
         finite = math.isfinite(loss)
@@ -95,6 +115,39 @@ class _GuardedSVI(SVI):
         self.optim(params)
         torch._foreach_zero_(grads)
         return loss
+
+    def _replicated_loss_and_grads(self, *args: Any, **kwargs: Any) -> float:
+        loss = self.replicas(*args, **kwargs)
+        loss.backward()
+        total = loss.detach().to(torch.float64)
+        dist.all_reduce(total)
+        return total.item() / dist.get_world_size()
+
+
+class _ELBOLoss(torch.nn.Module):
+    """A model's ``Trace_ELBO`` loss as a module, what ``DistributedDataParallel`` wraps.
+
+    Pyro's :class:`~pyro.infer.elbo.ELBOModule` for a model and guide that are methods of one
+    :class:`~pyro.nn.PyroModule`: its parameters are the model's.
+    """
+
+    def __init__(self, model: GuidedLatentModel, elbo: Trace_ELBO) -> None:
+        super().__init__()
+        self.net = model
+        self.elbo = elbo
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        try:
+            return self.elbo.differentiable_loss(self.net.model, self.net.guide, *args, **kwargs)
+        except ValueError as err:
+            # A NaN/inf distribution parameter (Pyro's validation): this process's step
+            # diverged. A NaN loss reaching every parameter carries that to the others through
+            # the averaged gradients, so that all refuse the step instead of waiting for this
+            # one's gradients.
+            if "invalid values" not in str(err):
+                raise
+            trained = [p.sum() for p in self.parameters() if p.requires_grad]
+            return torch.stack(trained).sum() * math.nan
 
 
 class _AdamSlot:
@@ -370,9 +423,14 @@ def reseed(seed: int, device: torch.device) -> None:
             torch.cuda.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The RNG seed of ``epoch`` of a fit seeded by ``seed`` (independent streams per epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The RNG seed of ``epoch`` of a fit seeded by ``seed`` (independent streams per epoch).
+
+    ``rank`` > 0 gives process ``rank`` of a data-parallel fit its own stream for the epoch's
+    Monte Carlo noise; rank 0 draws from the epoch's stream itself.
+    """
+    entropy = [seed, epoch] if rank == 0 else [seed, epoch, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def dataset_fingerprint(ds: xr.Dataset) -> str:
@@ -386,6 +444,46 @@ def dataset_fingerprint(ds: xr.Dataset) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class _World:
+    """This process's place in an initialized :mod:`torch.distributed` process group."""
+
+    rank: int
+    size: int
+
+    @classmethod
+    def current(cls) -> _World | None:
+        """The process group's rank and size, or ``None`` outside a process group."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def check_same(self, values: dict[str, Any]) -> None:
+        """Raise on every process unless all hold equal ``values`` (a fit's inputs)."""
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, values)
+        for rank, theirs in enumerate(gathered):
+            differ = [key for key in values if theirs[key] != values[key]]
+            if differ:
+                raise ValueError(
+                    f"data-parallel fit: process {rank} has another {', '.join(differ)} than "
+                    f"process {self.rank}; every process must fit the same model config on the "
+                    "same dataset with the same settings and resume checkpoint"
+                )
+
+    def from_lead(self, value: Any) -> Any:
+        """Process 0's ``value`` (a picklable object), on every process."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @torch.no_grad()
+    def share_state(self, module: torch.nn.Module) -> None:
+        """Overwrite ``module``'s parameters and buffers with process 0's."""
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class FitConfig:
     """What a fit is; checked on construction, recorded in its checkpoints.
 
@@ -395,7 +493,9 @@ class FitConfig:
         Total number of epochs (a resumed run continues up to it).
     batch_size : int
         Minibatch size (>= 2, since the penalties are batch correlations); an epoch splits the
-        shuffled training set into ``ceil(n / batch_size)`` near-equal batches.
+        shuffled training set into ``ceil(n / batch_size)`` near-equal batches. In a
+        data-parallel fit it is the global batch, of which each of the ``W`` processes steps on
+        a near-equal share (at least 2 images each).
     lr : float
         Initial Adam learning rate.
     lr_decay : float
@@ -462,6 +562,29 @@ class FitConfig:
 class Trainer:
     """Runs a :class:`FitConfig` on a model: SVI epochs, checkpoints, resume, post-fit steps.
 
+    When a :mod:`torch.distributed` process group is initialized, the fit is data parallel over
+    its ``W`` processes (each calls :meth:`fit` with the same model config, dataset and
+    settings, which is checked):
+
+    - every process shuffles the training set with the epoch's seed, so all hold the same order,
+      and steps on its near-equal share of each batch (``batch_size`` is the global batch);
+      the ELBO of a share is still scaled to the whole training set;
+    - the loss is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which starts
+      every process from process 0's weights and averages the gradients, so the processes keep
+      identical weights and optimizer states; a step is refused on all of them when its
+      averaged loss or gradient is not finite;
+    - the alignment and decorrelation penalties are batch correlations over each process's
+      share (not over the global batch);
+    - process 0 alone scores the validation part, draws the progress bar and writes the
+      checkpoints; every epoch's history record is process 0's, sent to all;
+    - the post-fit calibrations run on every process, then process 0's model state is sent to
+      all, so every process returns the same model;
+    - a resumed fit loads the same checkpoint on every process (a file system they share).
+
+    Process 0 draws its Monte Carlo noise as a single process does and the others from streams
+    of their own (:func:`epoch_seed` with their rank), so a fit is reproducible for a given
+    seed and number of processes, and one process in a group trains exactly as without one.
+
     Parameters
     ----------
     model : GuidedLatentModel
@@ -472,6 +595,7 @@ class Trainer:
         if not isinstance(config, FitConfig):
             raise ValueError(f"config must be a FitConfig, got {type(config).__name__}")
         self.model, self.config = model, config
+        self._world: _World | None = None
 
     def fit(
         self,
@@ -482,10 +606,18 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | bool | None = None,
     ) -> list[dict[str, Any]]:
-        """Train on ``dataset``; arguments and returns as :meth:`GuidedLatentModel.fit`."""
+        """Train on ``dataset``; arguments and returns as :meth:`GuidedLatentModel.fit`.
+
+        In a data-parallel fit a CUDA ``device`` without an index means the process's current
+        device (``torch.cuda.set_device``).
+        """
         model, config = self.model, self.config
+        world = self._world = _World.current()
+        lead = world is None or world.rank == 0
         ds = check_dataset(dataset, name="dataset")
         device = model.device if device is None else torch.device(device)
+        if world is not None and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         model.to(device)
         if config.val_fraction > 0:
             train_ds, val_ds = split(ds, config.val_fraction, seed=config.seed)
@@ -497,15 +629,22 @@ class Trainer:
         fingerprint = dataset_fingerprint(ds)
         checkpoint = None
         if checkpoint_dir is not None:
-            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            if lead:
+                Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
         resume_path = resume_checkpoint(resume, checkpoint)
 
         n = train.images.shape[0]
         num_batches = math.ceil(n / config.batch_size)
+        if world is not None and world.size > 1 and n // num_batches < 2 * world.size:
+            raise ValueError(
+                f"batch_size={config.batch_size} is the global batch: shared by {world.size} "
+                f"processes, its {n // num_batches} images leave some process fewer than 2 per "
+                f"step; use batch_size >= {2 * world.size}"
+            )
         total = config.epochs * num_batches
         first_share = config.ema_decay ** (total - 1) if config.ema_decay > 0 else 0.0
-        if first_share > 0.05:
+        if first_share > 0.05 and lead:
             warnings.warn(
                 f"ema_decay={config.ema_decay!r} leaves {first_share:.0%} of the first step's "
                 f"weights in the average after this fit's {total} steps; lower it so that "
@@ -518,23 +657,40 @@ class Trainer:
             lrd=config.lr_decay ** (1.0 / total),
             clip_norm=math.inf if config.clip_norm is None else config.clip_norm,
         )
-        svi = _GuardedSVI(model.model, model.guide, model._optim, Trace_ELBO())
         history: list[dict[str, Any]] = []
         saved_average = None
         if resume_path is not None:
             history, saved_average = self._restore(resume_path, settings, fingerprint)
+        if world is not None:
+            world.check_same(
+                {
+                    "model": {k: v for k, v in model.config.items() if k != "seed"},
+                    "fit settings": settings,
+                    "dataset": fingerprint,
+                    "epochs done": len(history),
+                }
+            )
         model.history = history
         model._average = None
         if config.ema_decay > 0:
             model._average = WeightAverage(model, config.ema_decay)
             if saved_average is not None:
                 model._average.restore(saved_average, f"resume checkpoint {str(resume_path)!r}")
+        elbo = Trace_ELBO()
+        replicas = None
+        if world is not None:  # starts every process from process 0's weights and buffers
+            replicas = DistributedDataParallel(
+                _ELBOLoss(model, elbo),
+                device_ids=None if device.type == "cpu" else [device],
+                forward_sync_buffers=False,  # buffers change only after the fit
+            )
+        svi = _GuardedSVI(model.model, model.guide, model._optim, elbo, replicas=replicas)
 
         extra = {"fit": settings, "dataset_sha256": fingerprint}
         bar = tqdm(
             total=total,
             initial=min(len(history), config.epochs) * num_batches,
-            disable=not progress,
+            disable=not progress or not lead,
             desc=f"{type(model).__name__} fit",
             unit="step",
         )
@@ -542,11 +698,13 @@ class Trainer:
             with forked_rng(device):
                 for epoch in range(len(history), config.epochs):
                     record = self._train_epoch(svi, train, epoch, num_batches, bar, checkpoint)
-                    if val is not None:
+                    if val is not None and lead:
                         evaluation = model.evaluate(val, batch_size=config.eval_batch_size)
                         record.update({f"val_{k}": v for k, v in evaluation.items()})
+                    if world is not None:
+                        record = world.from_lead(record)
                     history.append(record)
-                    if checkpoint is not None:
+                    if checkpoint is not None and lead:
                         model.save(checkpoint, extra={"epoch": len(history), **extra})
                     bar.set_postfix(
                         {k: f"{record[k]:.4g}" for k in ("elbo", "val_elbo") if k in record}
@@ -554,9 +712,12 @@ class Trainer:
         finally:
             bar.close()
             model.eval()
+        del svi, replicas
         self._after_fit(train, val)
-        if checkpoint is not None:
+        if checkpoint is not None and lead:
             model.save(checkpoint, extra={"epoch": len(history), **extra})
+        if world is not None:  # after the save: no process returns before the file is whole
+            world.share_state(model)
         return history
 
     def _after_fit(self, train: ModelTensors, val: ModelTensors | None) -> None:
@@ -584,6 +745,19 @@ class Trainer:
         if model.residual_after_fit:
             model.fit_collapsed_prior(train, seed=self.config.seed)
 
+    def _batches(self, n: int, num_batches: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The training rows this process steps on, one index tensor per step of an epoch.
+
+        The epoch's RNG must be seeded: the shuffled order of the ``n`` rows is then the same on
+        every process, cut into ``num_batches`` near-equal batches, of which a data-parallel
+        process takes its near-equal share.
+        """
+        batches = torch.tensor_split(torch.randperm(n, device=device), num_batches)
+        world = self._world
+        if world is None:
+            return batches
+        return tuple(torch.tensor_split(batch, world.size)[world.rank] for batch in batches)
+
     def _train_epoch(
         self,
         svi: _GuardedSVI,
@@ -593,7 +767,7 @@ class Trainer:
         bar: Any,
         checkpoint: Path | None,
     ) -> dict[str, Any]:
-        model = self.model
+        model, world = self.model, self._world
         device = train.images.device
         reseed(epoch_seed(self.config.seed, epoch), device)
         n = train.images.shape[0]
@@ -601,8 +775,10 @@ class Trainer:
         start = time.perf_counter()
         loss_sum = 0.0
         penalty_sum = torch.zeros(2, device=device)
-        order = torch.randperm(n, device=device)
-        for step, index in enumerate(torch.tensor_split(order, num_batches)):
+        batches = self._batches(n, num_batches, device)
+        if world is not None and world.rank > 0:
+            reseed(epoch_seed(self.config.seed, epoch, world.rank), device)
+        for step, index in enumerate(batches):
             images = train.images[index]
             aux = train.aux[index]
             mask = None if train.mask is None else train.mask[index]
@@ -630,6 +806,9 @@ class Trainer:
                 penalty_sum += torch.stack(model.penalties(encoded[0], aux, mask))
             loss_sum += loss
             bar.update(1)
+        if world is not None:  # the processes' mean of their shares' penalties
+            dist.all_reduce(penalty_sum)
+            penalty_sum /= world.size
         alignment, decorrelation = (penalty_sum / num_batches).tolist()
         objective = -loss_sum / (num_batches * n)
         elbo = objective + model.weighted_penalty(alignment, decorrelation)
