@@ -22,6 +22,9 @@ PUBLIC_MODULES = [
     "pyro_dlatent.models.base",
     "pyro_dlatent.models.auxvae",
     "pyro_dlatent.models.dlcfm",
+    "pyro_dlatent.models.config",
+    "pyro_dlatent.models.generation",
+    "pyro_dlatent.models.generator",
     "pyro_dlatent.calibration",
     "pyro_dlatent.residual",
     *(

@@ -22,6 +22,7 @@ written as a ``pyro.factor`` surrogate (the maximum over sigma of the Gaussian l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -43,12 +44,13 @@ from pyro_dlatent.models.base import (
     GuidedLatentModel,
     _initialization_rng,
 )
+from pyro_dlatent.models.config import ModelConfig, check_choice
 from pyro_dlatent.models.generator import FrozenGenerator
 from pyro_dlatent.nn import ConvDecoder
 from pyro_dlatent.residual import ResidualField
 from pyro_dlatent.validation import check_int
 
-__all__ = ["LIKELIHOODS", "MEAN_EPOCHS", "OBS_SCALES", "AuxVAE", "DecoderGenerator"]
+__all__ = ["LIKELIHOODS", "MEAN_EPOCHS", "OBS_SCALES", "AuxVAE", "AuxVAEConfig", "DecoderGenerator"]
 
 MEAN_EPOCHS = 10
 """Passes of :meth:`AuxVAE.fit_collapsed_prior` over the training images."""
@@ -162,6 +164,37 @@ class DecoderGenerator(FrozenGenerator):
         return images.reshape(*batch, self.image_size, self.image_size)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuxVAEConfig(ModelConfig):
+    """Options of :class:`AuxVAE`: those of :class:`~pyro_dlatent.models.config.ModelConfig`
+    (with ``tau=0.05`` and ``decor_form="square"`` by default) and the decoder's.
+
+    Parameters
+    ----------
+    likelihood : {"gaussian", "logmse"}
+        Gaussian with a learned scale, or the paper's log-MSE surrogate.
+    obs_scale : {"global", "pixel"}
+        Shape of the learned Gaussian scale (ignored for ``"logmse"``).
+    harmonics : int
+        Fourier features ``sin(f z_j), cos(f z_j)``, ``f = 1..harmonics``, of the guided
+        coordinates at the decoder's input (:class:`~pyro_dlatent.nn.ConvDecoder`; 0: none): they
+        let the decoder draw from the guided coordinates alone what it would otherwise take
+        from the residual block.
+    """
+
+    tau: float = 0.05
+    decor_form: str = "square"
+    likelihood: str = "gaussian"
+    obs_scale: str = "global"
+    harmonics: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.likelihood, "likelihood", LIKELIHOODS)
+        check_choice(self.obs_scale, "obs_scale", OBS_SCALES)
+        self._set("harmonics", check_int(self.harmonics, "harmonics", 0))
+
+
 class AuxVAE(GuidedLatentModel):
     """Variational autoencoder on the guided/residual latent split.
 
@@ -176,52 +209,17 @@ class AuxVAE(GuidedLatentModel):
         Fitted scaler of the auxiliaries, in latent order.
     image_size : int
         ``H = W``, a power of two ``>= 16``.
-    residual_dim : int
-        Dimension of ``z_rec``.
-    tau : float
-        Prior sd of ``z_aux`` around the standardized auxiliaries: small ties the guided block
-        to the auxiliaries (interpretable), large frees it (flexible).
-    learn_tau : bool
-        Learn ``tau`` instead of fixing it.
-    likelihood : {"gaussian", "logmse"}
-        Gaussian with a learned scale, or the paper's log-MSE surrogate.
-    obs_scale : {"global", "pixel"}
-        Shape of the learned Gaussian scale (ignored for ``"logmse"``).
-    align_weight, decor_weight : float
-        Per-pixel penalty weights (0 switches a penalty off); see
-        :class:`~pyro_dlatent.models.base.GuidedLatentModel`.
-    decor_form : {"abs", "square"}
-        Form of the decorrelation penalty (see
-        :func:`pyro_dlatent.penalties.decorrelation_penalty`).
-    degree : int
-        Polynomial-lift degree of the penalties.
-    width, hidden, depth : int
-        Size of the encoder and decoder (:mod:`pyro_dlatent.nn`).
-    harmonics : int
-        Fourier features ``sin(f z_j), cos(f z_j)``, ``f = 1..harmonics``, of the guided
-        coordinates at the decoder's input (:class:`~pyro_dlatent.nn.ConvDecoder`; 0: none).
-    activation : {"silu", "gelu"}
-    norm : {"group", "none"}
-    image_loc, image_scale : float
-        Image standardization.
-    seed : int, optional
-        Seed of the weight initialization.
+    residual_dim : int, optional
+        Dimension of ``z_rec`` (default 4).
+    config : AuxVAEConfig, optional
+    **options
+        Fields of :class:`AuxVAEConfig` by name.
 
     Notes
     -----
-    The defaults (``tau=0.05``, ``decor_form="square"``, ``harmonics=3``, and in
-    :attr:`fit_defaults` an Adam rate of ``3e-3`` decaying exponentially to ``1e-4``) were
-    chosen with ``benchmarks/auxvae_quality.py`` on the built-in ``sources`` data (32x32, 8192
-    training images, 30 epochs of batches of 128, scored on 4096 freshly simulated images):
-    Pearson r of 0.993, 0.993, 0.988 and 0.960 for x0, y0, log_amplitude and width (the width
-    is limited by the data: its exact posterior mean, the best-correlated estimator there is,
-    reaches r = 0.980 +- 0.001 even with the other three known, ``benchmarks/sources_ceiling.py``;
-    100 epochs on a GPU gave 0.962), leakage 0.072, reconstruction MSE 9% above the same
-    networks trained as a plain VAE, and r lower by at most 0.009 with half the auxiliary values
-    missing. The ``"square"``
-    decorrelation suppresses the largest leaks without the noise-floor push of ``"abs"``; the
-    Fourier features let the decoder draw from the guided coordinates alone what it would
-    otherwise take from the residual block (without them the MSE gap to the plain VAE was 26-28%).
+    The defaults (:class:`AuxVAEConfig`, and in :attr:`fit_defaults` an Adam rate of ``3e-3``
+    decaying exponentially to ``1e-4``) were chosen on the built-in ``sources`` data; the
+    documentation's results page holds the scores and the command that reproduces them.
 
     Examples
     --------
@@ -240,66 +238,31 @@ class AuxVAE(GuidedLatentModel):
         {"lr": 3e-3, "lr_decay": 1.0 / 30.0}
     )
 
+    config_class = AuxVAEConfig
+
     def __init__(
         self,
         scaler: AuxScaler,
         image_size: int,
-        residual_dim: int = 4,
+        residual_dim: int | None = None,
         *,
-        tau: float = 0.05,
-        learn_tau: bool = False,
-        likelihood: str = "gaussian",
-        obs_scale: str = "global",
-        align_weight: float = 0.01,
-        decor_weight: float = 1.0,
-        decor_form: str = "square",
-        degree: int = 2,
-        width: int = 32,
-        hidden: int = 256,
-        depth: int = 1,
-        harmonics: int = 3,
-        activation: str = "silu",
-        norm: str = "group",
-        image_loc: float = 0.0,
-        image_scale: float = 1.0,
-        seed: int | None = None,
+        config: AuxVAEConfig | None = None,
+        **options: Any,
     ) -> None:
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"expected likelihood in {LIKELIHOODS}, got {likelihood!r}")
-        if obs_scale not in OBS_SCALES:
-            raise ValueError(f"expected obs_scale in {OBS_SCALES}, got {obs_scale!r}")
-        super().__init__(
-            scaler,
-            image_size,
-            residual_dim,
-            tau=tau,
-            learn_tau=learn_tau,
-            align_weight=align_weight,
-            decor_weight=decor_weight,
-            decor_form=decor_form,
-            degree=degree,
-            width=width,
-            hidden=hidden,
-            depth=depth,
-            activation=activation,
-            norm=norm,
-            image_loc=image_loc,
-            image_scale=image_scale,
-            seed=seed,
-        )
-        self.likelihood_kind = likelihood
-        self._config.update(likelihood=likelihood, obs_scale=obs_scale, harmonics=harmonics)
-        with _initialization_rng(None if seed is None else seed + 1):
+        super().__init__(scaler, image_size, residual_dim, config=config, **options)
+        opts = self.options
+        self.likelihood_kind = opts.likelihood
+        with _initialization_rng(None if opts.seed is None else opts.seed + 1):
             self.decoder = _Decoder(
                 self.latent_dim,
                 image_size,
-                learn_scale=obs_scale if likelihood == "gaussian" else None,
-                width=width,
-                hidden=hidden,
-                depth=depth,
-                activation=activation,
-                norm=norm,
-                harmonics=harmonics,
+                learn_scale=opts.obs_scale if opts.likelihood == "gaussian" else None,
+                width=opts.width,
+                hidden=opts.hidden,
+                depth=opts.depth,
+                activation=opts.activation,
+                norm=opts.norm,
+                harmonics=opts.harmonics,
                 harmonic_inputs=self.aux_dim,
             )
         # E[image | u] for the collapsed deep prior (see fit_collapsed_prior); not trained by SVI.

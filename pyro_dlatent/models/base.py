@@ -62,6 +62,7 @@ from pyro_dlatent.calibration import (
 from pyro_dlatent.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
+from pyro_dlatent.models.config import ModelConfig
 from pyro_dlatent.models.generation import (
     GAUSSIAN,
     GENERATION_NEIGHBOURS,
@@ -70,9 +71,8 @@ from pyro_dlatent.models.generation import (
     SPLINE,
     GenerationMap,
 )
-from pyro_dlatent.nn import ACTIVATIONS, NORMS, ConvEncoder, check_image_size
+from pyro_dlatent.nn import ConvEncoder, check_image_size
 from pyro_dlatent.penalties import (
-    DECORRELATION_FORMS,
     alignment_penalty,
     decorrelation_penalty,
 )
@@ -85,7 +85,7 @@ from pyro_dlatent.training import (
     _ForeachClippedAdam,
     forked_rng,
 )
-from pyro_dlatent.validation import check_float, check_int
+from pyro_dlatent.validation import check_int
 
 __all__ = [
     "ALIGN_SITE",
@@ -253,8 +253,9 @@ class GuidedLatentModel(PyroModule):
     encoder of the guide, the alignment and decorrelation factors, training with SVI
     (:meth:`fit`), evaluation, encoding, auxiliary prediction in physical units and
     checkpoints. A subclass implements :meth:`likelihood` (which must register its networks with
-    :meth:`_register`), :meth:`generator`, and optionally :meth:`_evaluation_terms`; it adds its
-    own constructor arguments to ``self._config``.
+    :meth:`_register`), :meth:`generator`, and optionally :meth:`_evaluation_terms`; its options
+    are the fields of its :attr:`config_class` (a subclass of
+    :class:`~pyro_dlatent.models.config.ModelConfig`).
 
     Images are standardized with one global location and scale (``image_loc``,
     ``image_scale``) before the networks see them; likelihoods and ELBOs are those of the
@@ -267,31 +268,14 @@ class GuidedLatentModel(PyroModule):
         Fitted scaler of the auxiliaries (names, units, transforms, training mean/std).
     image_size : int
         ``H = W``, a power of two ``>= 16``.
-    residual_dim : int
-        Dimension of the residual block ``z_rec`` (``>= 0``).
-    tau : float
-        Prior sd of the guided block around the standardized auxiliaries: the knob between
-        *interpretable* (small) and *flexible* (large).
-    learn_tau : bool
-        Learn ``tau`` (initialized at ``tau``) instead of fixing it.
-    align_weight, decor_weight : float
-        Per-pixel weights of the alignment and decorrelation penalties (``>= 0``; 0 removes the
-        factor site).
-    decor_form : {"abs", "square"}
-        Form of the decorrelation penalty (:func:`pyro_dlatent.penalties.decorrelation_penalty`):
-        the paper's mean absolute correlation, or the mean summed squared correlation, which
-        targets the largest leaks.
-    degree : int
-        Degree ``K`` of the polynomial lifts in the penalties.
-    width, hidden, depth : int
-        Encoder size (see :class:`pyro_dlatent.nn.ConvEncoder`).
-    activation : {"silu", "gelu"}
-    norm : {"group", "none"}
-    image_loc, image_scale : float
-        Image standardization, ``x_std = (x - image_loc) / image_scale``.
-    seed : int, optional
-        Seed of the network initialization (the caller's global RNG is left untouched); without
-        it the global torch RNG is used.
+    residual_dim : int, optional
+        Dimension of the residual block ``z_rec`` (default: the config's).
+    config : ModelConfig, optional
+        Options as one object of the class's :attr:`config_class`.
+    **options
+        Options by name, the fields of :attr:`config_class`
+        (:class:`~pyro_dlatent.models.config.ModelConfig` here); they replace those of
+        ``config``.
     """
 
     _networks: tuple[str, ...] = ("encoder",)
@@ -299,6 +283,9 @@ class GuidedLatentModel(PyroModule):
 
     fit_defaults: ClassVar[Mapping[str, float]] = MappingProxyType({"lr": 1e-3, "lr_decay": 1.0})
     """Learning-rate settings :meth:`fit` uses when its ``lr``/``lr_decay`` are left at None."""
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    """The options this class takes."""
 
     calibrate_after_fit: ClassVar[bool] = False
     """Whether :meth:`fit` ends with :meth:`calibrate_generation` on its training part."""
@@ -311,86 +298,47 @@ class GuidedLatentModel(PyroModule):
         self,
         scaler: AuxScaler,
         image_size: int,
-        residual_dim: int = 4,
+        residual_dim: int | None = None,
         *,
-        tau: float = 0.1,
-        learn_tau: bool = False,
-        align_weight: float = 0.01,
-        decor_weight: float = 1.0,
-        decor_form: str = "abs",
-        degree: int = 2,
-        width: int = 32,
-        hidden: int = 256,
-        depth: int = 1,
-        activation: str = "silu",
-        norm: str = "group",
-        image_loc: float = 0.0,
-        image_scale: float = 1.0,
-        seed: int | None = None,
+        config: ModelConfig | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(name=f"{type(self).__name__}_{next(_INSTANCES)}")
+        if residual_dim is not None:
+            options["residual_dim"] = residual_dim
+        opts = self.config_class.build(config, **options)
         if not isinstance(scaler, AuxScaler):
             raise TypeError(f"scaler must be an AuxScaler, got {type(scaler).__name__}")
         if not scaler.fitted:
             raise ValueError("scaler must be fitted (call scaler.fit or use make_scaler)")
         check_image_size(image_size)
-        residual_dim = check_int(residual_dim, "residual_dim", 0)
-        tau = check_float(tau, "tau", minimum=0.0, strict=True)
-        align_weight = check_float(align_weight, "align_weight", minimum=0.0, strict=False)
-        decor_weight = check_float(decor_weight, "decor_weight", minimum=0.0, strict=False)
-        if decor_form not in DECORRELATION_FORMS:
-            raise ValueError(f"expected decor_form in {DECORRELATION_FORMS}, got {decor_form!r}")
-        degree = check_int(degree, "degree", 1)
-        image_loc = check_float(image_loc, "image_loc", minimum=-math.inf, strict=True)
-        image_scale = check_float(image_scale, "image_scale", minimum=0.0, strict=True)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"expected activation in {sorted(ACTIVATIONS)}, got {activation!r}")
-        if norm not in NORMS:
-            raise ValueError(f"expected norm in {NORMS}, got {norm!r}")
-        if seed is not None:
-            seed = check_int(seed, "seed", 0)
+        self.options = opts
         self.scaler = scaler
         self.image_size = image_size
-        self.align_weight = align_weight
-        self.decor_weight = decor_weight
-        self.decor_form = decor_form
-        self.degree = degree
-        self._config: dict[str, Any] = {
-            "image_size": image_size,
-            "residual_dim": residual_dim,
-            "tau": tau,
-            "learn_tau": bool(learn_tau),
-            "align_weight": align_weight,
-            "decor_weight": decor_weight,
-            "decor_form": decor_form,
-            "degree": degree,
-            "width": width,
-            "hidden": hidden,
-            "depth": depth,
-            "activation": activation,
-            "norm": norm,
-            "image_loc": image_loc,
-            "image_scale": image_scale,
-            "seed": seed,
-        }
-        self.split = LatentSplit(scaler.dim, residual_dim, tau=tau, learn_tau=bool(learn_tau))
-        self.register_buffer("image_loc", torch.tensor(image_loc))
-        self.register_buffer("image_scale", torch.tensor(image_scale))
+        self.align_weight = opts.align_weight
+        self.decor_weight = opts.decor_weight
+        self.decor_form = opts.decor_form
+        self.degree = opts.degree
+        self.split = LatentSplit(
+            scaler.dim, opts.residual_dim, tau=opts.tau, learn_tau=opts.learn_tau
+        )
+        self.register_buffer("image_loc", torch.tensor(opts.image_loc))
+        self.register_buffer("image_scale", torch.tensor(opts.image_scale))
         # Generation map of the guided block (see calibrate_generation); unfitted until then.
         self.generation = GenerationMap(scaler.dim)
         # Predictive distribution of the auxiliaries given an image (see calibrate_uncertainty).
-        self.aux_calibration = AuxCalibration(scaler.dim, residual_dim)
+        self.aux_calibration = AuxCalibration(scaler.dim, opts.residual_dim)
         # What G(u~, 0) leaves in the training fields (see fit_residual_field).
         self.residual_field = ResidualField(image_size, scaler.dim)
-        with _initialization_rng(seed):
+        with _initialization_rng(opts.seed):
             self.encoder = ConvEncoder(
                 image_size,
                 2 * self.split.latent_dim,
-                width=width,
-                hidden=hidden,
-                depth=depth,
-                activation=activation,
-                norm=norm,
+                width=opts.width,
+                hidden=opts.hidden,
+                depth=opts.depth if opts.encoder_depth is None else opts.encoder_depth,
+                activation=opts.activation,
+                norm=opts.norm,
             )
         self.history: list[dict[str, Any]] = []
         self._optim: _ForeachClippedAdam | None = None
@@ -434,7 +382,11 @@ class GuidedLatentModel(PyroModule):
     @property
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments (with ``"class"``), enough to rebuild the model."""
-        return {"class": type(self).__name__, **self._config}
+        return {
+            "class": type(self).__name__,
+            "image_size": self.image_size,
+            **self.options.to_dict(),
+        }
 
     @property
     def _penalized(self) -> bool:

@@ -37,6 +37,7 @@ Sampling integrates the ODE with :func:`pyro_dlatent.flow.sample_ode` (torchdiff
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -65,10 +66,18 @@ from pyro_dlatent.models.base import (
     GuidedLatentModel,
     _initialization_rng,
 )
+from pyro_dlatent.models.config import ModelConfig, check_bool, check_choice
 from pyro_dlatent.models.generator import FrozenGenerator
 from pyro_dlatent.validation import check_float, check_int
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "DLCFM", "INTENSITIES", "FlowGenerator"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "DEFAULT_STEPS",
+    "DLCFM",
+    "INTENSITIES",
+    "DLCFMConfig",
+    "FlowGenerator",
+]
 
 INTENSITIES = ("identity", "asinh")
 """Pixel transforms applied before the affine standardization of :class:`DLCFM`."""
@@ -76,7 +85,7 @@ INTENSITIES = ("identity", "asinh")
 DEFAULT_METHOD = "rk4"
 """Default ODE solver of :meth:`DLCFM.sample` and :meth:`DLCFM.generator`.
 
-Chosen with ``benchmarks/bench_dlcfm_solvers.py`` (256 maps, a DL-CFM trained on 1638 maps of
+Chosen with ``benchmarks/timing/bench_dlcfm_solvers.py`` (256 maps, a DL-CFM trained on 1638 maps of
 32x32 ``halos`` for 20 epochs): RK4 with 4 steps (16 evaluations) kept the power-spectrum error
 and pixel-histogram distance within 10% of dopri5's (122 evaluations) at every larger step
 count, with images within 1.9% RMS of dopri5's; midpoint with the same 16 evaluations was
@@ -182,6 +191,76 @@ class FlowGenerator(FrozenGenerator):
         return self.intensity.inverse(images_std)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DLCFMConfig(ModelConfig):
+    """Options of :class:`DLCFM`: those of :class:`~pyro_dlatent.models.config.ModelConfig` and
+    the flow's.
+
+    Parameters
+    ----------
+    flow_weight : float
+        :math:`w` of the surrogate likelihood (see the module docstring); 1 weighs the summed
+        per-pixel regression error like a Gaussian image log-likelihood.
+    field_channels : int
+        Channels of the vector field's U-Net at full resolution.
+    field_levels : int, optional
+        U-Net resolutions (default 2 up to 32 pixels, 3 above).
+    embed_dim : int
+        Size of the time and latent embeddings of the vector field.
+    field_spatial_channels : int
+        Channels of the vector field's latent map (``spatial_channels`` of
+        :class:`~pyro_dlatent.flow.ConditionalVectorField`): the code enters as an image as
+        well as through FiLM, so it can say where structure lies. 0 gives FiLM only.
+    field_mean_head : bool
+        Produce the field's mean level with a head that sees the mean level of the flow's state
+        (``mean_head`` of :class:`~pyro_dlatent.flow.ConditionalVectorField`), which the U-Net's
+        group norms hide from it. False gives the plain U-Net (and is what checkpoints written
+        before the option load with).
+    noise : {"white", "zero-mean"}
+        Initial noise of the flow (:func:`~pyro_dlatent.flow.base_noise`), in training and
+        sampling alike. ``"zero-mean"`` removes each noise image's spatial mean, so that the
+        flow need not contract it to the data's nearly fixed background level; white noise is
+        the default because the field then sets that level poorly (history page).
+    intensity : {"identity", "asinh"}
+        Pixel transform before standardization; ``"asinh"`` (``asinh(x / intensity_scale)``)
+        compresses the bright cores of high-dynamic-range maps, but mapping samples back
+        through ``sinh`` amplifies the flow's errors in bright pixels, so the default is the
+        plain affine standardization.
+    intensity_scale : float
+        Scale of the ``asinh`` transform, in the dataset's units (about the noise level).
+    method : {"euler", "midpoint", "rk4", "dopri5"}
+        Default solver of :meth:`DLCFM.generate`.
+    steps : int
+        Default number of solver steps.
+    """
+
+    flow_weight: float = 1.0
+    field_channels: int = 32
+    field_levels: int | None = None
+    embed_dim: int = 64
+    field_spatial_channels: int = 0
+    field_mean_head: bool = True
+    noise: str = "white"
+    intensity: str = "identity"
+    intensity_scale: float = 1.0
+    method: str = DEFAULT_METHOD
+    steps: int = DEFAULT_STEPS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set(
+            "flow_weight", check_float(self.flow_weight, "flow_weight", minimum=0.0, strict=True)
+        )
+        check_choice(self.intensity, "intensity", INTENSITIES)
+        check_choice(self.noise, "noise", BASE_NOISES)
+        check_bool(self.field_mean_head, "field_mean_head")
+        self._set(
+            "intensity_scale",
+            check_float(self.intensity_scale, "intensity_scale", minimum=0.0, strict=True),
+        )
+        self._set("steps", _check_method(self.method, self.steps)[1])
+
+
 class DLCFM(GuidedLatentModel):
     """Disentangled-latent conditional flow matching on the guided/residual latent split.
 
@@ -197,170 +276,48 @@ class DLCFM(GuidedLatentModel):
         Fitted scaler of the auxiliaries, in latent order.
     image_size : int
         ``H = W``, a power of two ``>= 16``.
-    residual_dim : int
-        Dimension of ``z_rec``.
-    tau : float
-        Prior sd of ``z_aux`` around the standardized auxiliaries: small ties the guided block
-        to the auxiliaries (interpretable), large frees it (flexible).
-    learn_tau : bool
-        Learn ``tau`` instead of fixing it.
-    flow_weight : float
-        :math:`w` of the surrogate likelihood (see the module docstring); 1 weighs the summed
-        per-pixel regression error like a Gaussian image log-likelihood.
-    field_channels : int
-        Channels of the vector field's U-Net at full resolution.
-    field_levels : int, optional
-        U-Net resolutions (default 2 up to 32 pixels, 3 above).
-    embed_dim : int
-        Size of the time and latent embeddings of the vector field.
-    field_spatial_channels : int
-        Channels of the vector field's latent map (``spatial_channels`` of
-        :class:`~pyro_dlatent.flow.ConditionalVectorField`): the code enters as an image as
-        well as through FiLM, so it can say where structure lies. 0 gives FiLM only. On 3,277
-        ``halos`` maps of 32x32 trained 15 epochs (same seed and time per epoch), 8 channels
-        took the validation flow-matching loss from 0.135 to 0.125 and the power-spectrum error
-        of generated maps from 0.30 to 0.15.
-    field_mean_head : bool
-        Produce the field's mean level with a head that sees the mean level of the flow's state
-        (``mean_head`` of :class:`~pyro_dlatent.flow.ConditionalVectorField`), which the U-Net's
-        group norms hide from it. On ``halos`` (docs/history.md) it cut the spread of the
-        low-mass maps' background level from 0.14 to 0.02-0.03 (simulated 0.011); with the
-        neighbour draws of :meth:`calibrate_generation` and the level integrated apart
-        (:func:`~pyro_dlatent.flow.sample_ode`) its generated maps scored power-spectrum error
-        0.048 / 0.090 / 0.118 / 0.047 (seeds 0 to 3; 2.2 to 4.9 times better than the Aux-VAE)
-        and whole-map Y-M slopes within 0.04 of the simulator's, while seed 0 without it scored
-        0.158 and fails. False gives the plain
-        U-Net (and is what checkpoints written before the option load with).
-    noise : {"white", "zero-mean"}
-        Initial noise of the flow (:func:`~pyro_dlatent.flow.base_noise`), in training and
-        sampling alike. ``"zero-mean"`` removes each noise image's spatial mean, so that the
-        flow need not contract it to the data's nearly fixed background level; the field then
-        sets that level open-loop, and a U-Net whose group norms hide it sets it poorly. On
-        ``halos`` (8,192 maps of 32x32, 110 epochs, with an 8-channel latent map) it cut the
-        spread of the outskirts' mean level between generated low-mass maps from 0.13-0.15 (white
-        noise, with or without the latent map) to 0.026 (simulated: 0.010) but shifted that
-        level from -0.011 to -0.049 (simulated: +0.003),
-        and the power-spectrum error rose to 0.145 and the pixel-histogram W1 to 0.104 (0.054
-        and 0.051 with white noise and FiLM only), so white noise is the default.
-    intensity : {"identity", "asinh"}
-        Pixel transform before standardization; ``"asinh"`` (``asinh(x / intensity_scale)``)
-        compresses the bright cores of high-dynamic-range maps such as Compton-y, but mapping
-        samples back through ``sinh`` amplifies the flow's errors in bright pixels and biases
-        their mean upwards (on ``halos`` it raised the power-spectrum error of briefly
-        trained models 1.6 to 4 times), so the default is the plain affine standardization.
-    intensity_scale : float
-        Scale of the ``asinh`` transform, in the dataset's units (about the noise level).
-    method : {"euler", "midpoint", "rk4", "dopri5"}
-        Default solver of :meth:`sample`.
-    steps : int
-        Default number of solver steps.
-    align_weight, decor_weight : float
-        Per-pixel penalty weights (0 switches a penalty off), as in the base class.
-    decor_form : {"abs", "square"}
-        Form of the decorrelation penalty (see the base class).
-    degree : int
-        Polynomial-lift degree of the penalties.
-    width, hidden, depth : int
-        Encoder size (:class:`pyro_dlatent.nn.ConvEncoder`).
-    activation : {"silu", "gelu"}
-    norm : {"group", "none"}
-    image_loc, image_scale : float
-        Standardization of the (transformed) images.
-    seed : int, optional
-        Seed of the weight initialization.
+    residual_dim : int, optional
+        Dimension of ``z_rec`` (default 4).
+    config : DLCFMConfig, optional
+    **options
+        Fields of :class:`DLCFMConfig` by name.
     """
 
     _networks = ("encoder", "field")
     calibrate_after_fit = True
 
+    config_class = DLCFMConfig
+
     def __init__(
         self,
         scaler: AuxScaler,
         image_size: int,
-        residual_dim: int = 4,
+        residual_dim: int | None = None,
         *,
-        tau: float = 0.1,
-        learn_tau: bool = False,
-        flow_weight: float = 1.0,
-        field_channels: int = 32,
-        field_levels: int | None = None,
-        embed_dim: int = 64,
-        field_spatial_channels: int = 0,
-        field_mean_head: bool = True,
-        noise: str = "white",
-        intensity: str = "identity",
-        intensity_scale: float = 1.0,
-        method: str = DEFAULT_METHOD,
-        steps: int = DEFAULT_STEPS,
-        align_weight: float = 0.01,
-        decor_weight: float = 1.0,
-        decor_form: str = "abs",
-        degree: int = 2,
-        width: int = 32,
-        hidden: int = 256,
-        depth: int = 1,
-        activation: str = "silu",
-        norm: str = "group",
-        image_loc: float = 0.0,
-        image_scale: float = 1.0,
-        seed: int | None = None,
+        config: DLCFMConfig | None = None,
+        **options: Any,
     ) -> None:
-        flow_weight = check_float(flow_weight, "flow_weight", minimum=0.0, strict=True)
-        if intensity not in INTENSITIES:
-            raise ValueError(f"expected intensity in {INTENSITIES}, got {intensity!r}")
-        if noise not in BASE_NOISES:
-            raise ValueError(f"expected noise in {BASE_NOISES}, got {noise!r}")
-        if not isinstance(field_mean_head, bool):
-            raise ValueError(f"expected field_mean_head True or False, got {field_mean_head!r}")
-        intensity_scale = check_float(intensity_scale, "intensity_scale", minimum=0.0, strict=True)
-        method, steps = _check_method(method, steps)
-        super().__init__(
-            scaler,
-            image_size,
-            residual_dim,
-            tau=tau,
-            learn_tau=learn_tau,
-            align_weight=align_weight,
-            decor_weight=decor_weight,
-            decor_form=decor_form,
-            degree=degree,
-            width=width,
-            hidden=hidden,
-            depth=depth,
-            activation=activation,
-            norm=norm,
-            image_loc=image_loc,
-            image_scale=image_scale,
-            seed=seed,
+        super().__init__(scaler, image_size, residual_dim, config=config, **options)
+        opts = self.options
+        self.flow_weight = opts.flow_weight
+        self.noise = opts.noise
+        self.method = opts.method
+        self.steps = opts.steps
+        self.intensity = _Intensity(
+            opts.intensity, opts.intensity_scale, opts.image_loc, opts.image_scale
         )
-        self.flow_weight = flow_weight
-        self.noise = noise
-        self.method = method
-        self.steps = steps
-        self.intensity = _Intensity(intensity, intensity_scale, image_loc, image_scale)
-        with _initialization_rng(None if seed is None else seed + 1):
+        with _initialization_rng(None if opts.seed is None else opts.seed + 1):
             self.field = ConditionalVectorField(
                 image_size,
                 self.latent_dim,
-                channels=field_channels,
-                num_levels=field_levels,
-                embed_dim=embed_dim,
-                spatial_channels=field_spatial_channels,
-                mean_head=field_mean_head,
+                channels=opts.field_channels,
+                num_levels=opts.field_levels,
+                embed_dim=opts.embed_dim,
+                spatial_channels=opts.field_spatial_channels,
+                mean_head=opts.field_mean_head,
             )
-        self._config.update(
-            flow_weight=flow_weight,
-            field_channels=field_channels,
-            field_levels=self.field.num_levels,
-            embed_dim=embed_dim,
-            field_spatial_channels=field_spatial_channels,
-            field_mean_head=field_mean_head,
-            noise=noise,
-            intensity=intensity,
-            intensity_scale=intensity_scale,
-            method=method,
-            steps=steps,
-        )
+        # the number of levels the network chose, so that a checkpoint rebuilds the same one
+        self.options = dataclasses.replace(opts, field_levels=self.field.num_levels)
 
     @classmethod
     def _upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
