@@ -5,6 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ import torch.multiprocessing as mp
 from pyro_dlatent import DLCFM, AuxVAE, NonFiniteLossError, data
 from pyro_dlatent.models.base import GuidedLatentModel
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 TINY = {"residual_dim": 2, "width": 8, "hidden": 32}
 TINY_FLOW = {"field_channels": 4, "embed_dim": 8}
 
@@ -198,3 +204,47 @@ def test_two_processes_align_as_one_process_with_the_same_global_batch(tmp_path)
     double = json.loads(out.read_text())
     assert single > 0.8
     assert abs(double - single) < 0.04, (single, double)
+
+
+def _documented(language: str) -> list[str]:
+    """The ``language`` code blocks of docs/scaling.md's distributed-training section."""
+    page = (REPOSITORY / "docs" / "scaling.md").read_text()
+    section = page.split("\n## Distributed training\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_documented_torchrun_commands_train_and_resume(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")]),
+        "NNODES": "1",
+        "NPROC": "2",
+        "HEAD": "localhost",
+        "PORT": str(_free_port()),
+        "JOB": "test",
+    }
+    (script,) = _documented("python")
+    (tmp_path / "train.py").write_text(script)
+    commands = [line for block in _documented("bash") for line in block.splitlines()]
+    assert len(commands) == 4 and all(c.startswith("torchrun ") for c in commands)
+    for command in commands:
+        command = str(torchrun) + command.removeprefix("torchrun")
+        subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True, timeout=600)
+    ddp, cluster = tmp_path / "ddp-run", tmp_path / "cluster-run"
+    history = json.loads((ddp / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [0, 1, 2]
+    for run in (ddp, cluster):
+        for name in ("model.pt", "history.json", "report.json", "run.json", "checkpoints/last.pt"):
+            assert (run / name).is_file(), run / name
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
+    from pyro_dlatent.runs import load_model
+
+    assert len(load_model(cluster).history) == 2
