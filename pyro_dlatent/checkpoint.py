@@ -45,8 +45,8 @@ Files of versions 2 and 3 hold every buffer of the model that wrote them; a mode
 strictly. Version 3 keeps the generation map in its own module (``generation.*`` keys, where
 version 2 had ``guided_*`` on the model). Version 1 files come from the package's first months,
 whose models gained buffers and options one by one; loading one resets what the file predates
-(``GuidedLatentModel._migrate_v1``). A change to the format bumps the version and adds a
-migration (``pyro_dlatent.models.base.upgrade_state``).
+(``pyro_dlatent.models.persistence.migrate_v1``). A change to the format bumps the version and
+adds a migration (``pyro_dlatent.models.persistence.upgrade_state``).
 """
 
 _JSON_FIELDS = ("config", "scaler", "history", "extra")

@@ -25,6 +25,7 @@ PUBLIC_MODULES = [
     "pyro_dlatent.models.config",
     "pyro_dlatent.models.generation",
     "pyro_dlatent.models.generator",
+    "pyro_dlatent.models.persistence",
     "pyro_dlatent.calibration",
     "pyro_dlatent.residual",
     *(

@@ -50,7 +50,6 @@ import xarray as xr
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.nn import PyroModule
-from pyro.params.param_store import param_with_module_name
 
 from pyro_dlatent.calibration import (
     MAX_MEAN_ROWS,
@@ -59,16 +58,13 @@ from pyro_dlatent.calibration import (
     encoding_features,
     quantile_label,
 )
-from pyro_dlatent.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from pyro_dlatent.checkpoint import FORMAT_VERSION
 from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
+from pyro_dlatent.models import persistence
 from pyro_dlatent.models.config import ModelConfig
 from pyro_dlatent.models.generation import (
-    GAUSSIAN,
     GENERATION_NEIGHBOURS,
-    LEGACY_NAMES,
-    NEIGHBOURS,
-    SPLINE,
     GenerationMap,
 )
 from pyro_dlatent.nn import ConvEncoder, check_image_size
@@ -112,7 +108,6 @@ DECOR_SITE = "decorrelation"
 
 _MIN_SCALE = 1e-4
 _INSTANCES = itertools.count(1)
-_MODEL_CLASSES: dict[str, type[GuidedLatentModel]] = {}
 
 
 class Encoding(NamedTuple):
@@ -130,11 +125,6 @@ class Encoding(NamedTuple):
 _PREDICTIVE_POINTS = 200
 """Equally likely quantiles whose physical values give :meth:`GuidedLatentModel.predict_aux`'s
 mean and sd."""
-_GENERATION = "generation"
-"""Attribute (and state-dict prefix) of the model's generation map."""
-_CALIBRATION = "aux_calibration"
-_RESIDUAL = "residual_field"
-"""Attribute (and state-dict prefix) of the :class:`~pyro_dlatent.calibration.AuxCalibration`."""
 
 
 class ModelTensors(NamedTuple):
@@ -153,65 +143,6 @@ class ModelTensors(NamedTuple):
     images: torch.Tensor
     aux: torch.Tensor
     mask: torch.Tensor | None
-
-
-def _v2_to_v3(state: dict[str, Any]) -> dict[str, Any]:
-    """Format 2 to 3: the generation map's buffers moved from the model into its own module."""
-
-    def renamed(buffers: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-        return {
-            prefix + LEGACY_NAMES.get(k, k) if k in LEGACY_NAMES else k: v
-            for k, v in buffers.items()
-        }
-
-    state = dict(state)
-    if isinstance(state.get("model"), Mapping):
-        state["model"] = renamed(state["model"], f"{_GENERATION}.")
-    average = state.get("average")
-    if isinstance(average, Mapping) and isinstance(average.get("generation"), Mapping):
-        state["average"] = {**average, "generation": renamed(average["generation"], "")}
-    return state
-
-
-_MIGRATIONS = {2: _v2_to_v3}
-"""Migrations of a checkpoint's state, keyed by the format version they upgrade from. Format 1
-to 2 added buffers, which a format-1 file lacks; the model resets those after loading
-(``GuidedLatentModel._migrate_v1``)."""
-
-
-def upgrade_state(state: dict[str, Any], version: int) -> dict[str, Any]:
-    """A checkpoint's ``state`` of format ``version`` in the current format's layout."""
-    for step in range(version, FORMAT_VERSION):
-        migrate = _MIGRATIONS.get(step)
-        if migrate is not None:
-            state = migrate(state)
-    return state
-
-
-def _check_weights(skeleton: torch.nn.Module, state: Mapping[str, Any], what: str) -> None:
-    """Refuse weights whose shapes differ from the config's model, or any non-finite tensor."""
-    weights = state.get("model")
-    if not isinstance(weights, dict):
-        raise ValueError(f"{what} holds no model weights")
-    expected = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
-    for name, shape in expected.items():
-        value = weights.get(name)
-        if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
-            raise ValueError(
-                f"{what}: weight {name!r} has shape {tuple(value.shape)} but its config makes "
-                f"{shape}; the file is inconsistent"
-            )
-    saved = dict(weights)
-    average = state.get("average")
-    if isinstance(average, dict) and isinstance(average.get("weights"), dict):
-        saved.update({f"average.{k}": v for k, v in average["weights"].items()})
-    bad = []
-    for name, value in saved.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if not bool(value.isfinite().all()):
-                bad.append(name)
-    if bad:
-        raise ValueError(f"{what} holds non-finite weights in {bad[:4]}; it cannot be used")
 
 
 @contextlib.contextmanager
@@ -239,10 +170,6 @@ def _check_standardized(aux: Any, mask: Any) -> None:
             f"training mean (> {MAX_STANDARDIZED:g}); the model takes standardized auxiliaries: "
             "pass model.scaler.transform(physical values)"
         )
-
-
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 class GuidedLatentModel(PyroModule):
@@ -346,7 +273,7 @@ class GuidedLatentModel(PyroModule):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _MODEL_CLASSES[cls.__name__] = cls
+        persistence.MODEL_CLASSES[cls.__name__] = cls
 
     # ------------------------------------------------------------------ properties
     @property
@@ -399,21 +326,6 @@ class GuidedLatentModel(PyroModule):
         ``name`` must be the attribute name and be listed in :attr:`_networks`.
         """
         pyro.module(f"{self._pyro_name}.{name}", module)
-
-    def _store_names(self) -> dict[str, str]:
-        """Map each parameter's local name (as in ``named_parameters``) to its param-store name."""
-        names = {}
-        for network in self._networks:
-            prefix = f"{self._pyro_name}.{network}"
-            for sub, _ in getattr(self, network).named_parameters():
-                names[f"{network}.{sub}"] = param_with_module_name(prefix, sub)
-        suffix = "_unconstrained"
-        for local, _ in self.named_parameters():
-            if local.endswith(suffix) and local not in names:
-                owner, attribute = local.rsplit(".", 1)
-                module_name = self.get_submodule(owner)._pyro_name
-                names[local] = f"{module_name}.{attribute[: -len(suffix)]}"
-        return names
 
     def _forget_params(self) -> None:
         """Drop this instance's param-store entries so that its own tensors get registered anew."""
@@ -769,114 +681,6 @@ class GuidedLatentModel(PyroModule):
             checkpoint_dir=checkpoint_dir,
             resume=resume,
         )
-
-    def _load_state(self, state: dict[str, Any], what: str, version: int = FORMAT_VERSION) -> None:
-        """Load a checkpoint's weights and optimizer state; older formats are migrated."""
-        state = upgrade_state(state, version)
-        weights = state.get("model")
-        if not isinstance(weights, dict):
-            raise ValueError(f"{what} holds no model weights")
-        optional = set()
-        if version < 2:  # written before some buffers existed: _migrate_v1 resets those
-            optional = {f"{_GENERATION}.{n}" for n, _ in self.generation.named_buffers()}
-            optional |= {f"{_CALIBRATION}.{n}" for n, _ in self.aux_calibration.named_buffers()}
-            optional |= {f"{_RESIDUAL}.{n}" for n, _ in self.residual_field.named_buffers()}
-            parts = self._collapsed_parts
-            optional |= {k for k in self.state_dict() if k.split(".", 1)[0] in parts}
-        self.generation.size_tables(weights, what, prefix=f"{_GENERATION}.")
-        try:
-            result = self.load_state_dict(weights, strict=False)
-        except RuntimeError as err:
-            raise ValueError(f"{what} does not match {type(self).__name__}: {err}") from err
-        missing = sorted(set(result.missing_keys) - optional)
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"{what} does not match {type(self).__name__}: missing keys {missing}, "
-                f"unexpected keys {sorted(result.unexpected_keys)}"
-            )
-        if version < 2:
-            self._migrate_v1(set(result.missing_keys))
-        self.generation.check(what)
-        optimizer = state.get("optimizer") or {}
-        if self._optim is not None and optimizer:
-            store_names = self._store_names()
-            unknown = sorted(set(optimizer) - set(store_names))
-            if unknown:
-                raise ValueError(f"{what} has optimizer state for unknown parameters {unknown}")
-            self._optim.set_state({store_names[n]: value for n, value in optimizer.items()})
-
-    def _migrate_v1(self, missing: set[str]) -> None:
-        """Format 1 to 2: reset what a file from before each buffer group existed lacks."""
-        generation = {key.split(".", 1)[1] for key in missing if key.startswith(f"{_GENERATION}.")}
-        if generation & set(GAUSSIAN):  # before generation maps existed
-            self.reset_generation()
-        elif generation & set(SPLINE):  # a linear map, before splines
-            self.generation.reset_spline()
-            self.generation.reset_tables()
-        elif generation & set(NEIGHBOURS):  # a Gaussian map, before neighbours
-            self.generation.reset_tables()
-        if any(key.startswith(f"{_CALIBRATION}.") for key in missing):
-            self.aux_calibration.reset()  # written before calibrated uncertainty
-        if any(key.split(".", 1)[0] in (_RESIDUAL, *self._collapsed_parts) for key in missing):
-            self.residual_field.reset()  # written before the collapsed deep prior
-
-    def _load_weight_set(self, average: Any, weights: str, what: str) -> None:
-        """Put one weight set of a weight-averaged checkpoint in the networks (see :meth:`load`)."""
-        if not isinstance(average, dict) or not isinstance(average.get("weights"), dict):
-            raise ValueError(
-                f"{what} holds one weight set (it was not fitted with ema_decay > 0); "
-                f"weights={weights!r} needs a weight average"
-            )
-        if (weights == "averaged") == bool(average.get("applied")):
-            return  # the file's model already holds that set
-        generation = average.get("generation")
-        # the resume path's checks: afterwards the networks hold the live weights, as in training
-        holder = WeightAverage(self, average.get("decay"))
-        holder.restore(average, what)
-        if weights == "averaged":  # only reached for a mid-fit file
-            holder.swap()
-        kept = isinstance(generation, dict)
-        if kept:
-            self.generation.load_state(generation, what)
-        uncertainty = average.get("uncertainty")
-        own = dict(self._uncertainty_state())
-        if isinstance(uncertainty, dict) and set(uncertainty) == set(own):
-            if any(
-                not isinstance(v, torch.Tensor) or v.shape != own[k].shape
-                for k, v in uncertainty.items()
-            ):
-                raise ValueError(f"{what} holds an uncertainty calibration of another shape")
-            self.aux_calibration.load_state_dict(uncertainty)
-        elif self.uncertainty_calibrated:
-            self.aux_calibration.reset()
-            warnings.warn(
-                f"{what} keeps no uncertainty calibration for its {weights} weights; predict_aux "
-                "reports the guide's sd until calibrate_uncertainty(training, held-out) is run",
-                stacklevel=3,
-            )
-        if bool(self.residual_field.fitted):
-            self.residual_field.reset()
-            warnings.warn(
-                f"{what} keeps no residual field for its {weights} weights; the collapsed deep "
-                "prior needs fit_residual_field(training data) first",
-                stacklevel=3,
-            )
-        if not kept and self.generation_calibrated:
-            self.reset_generation()
-            warnings.warn(
-                f"{what} keeps no generation map for its {weights} weights; sampling draws the "
-                "guided block from the prior until calibrate_generation(training images) is run",
-                stacklevel=3,
-            )
-
-    def _optimizer_state(self) -> dict[str, Any]:
-        """Optimizer state keyed by local parameter names (independent of the param store)."""
-        if self._optim is None:
-            return {}
-        local = {id(p): name for name, p in self.named_parameters()}
-        return {
-            local[id(p)]: value for p, value in self._optim.param_states().items() if id(p) in local
-        }
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(
@@ -1356,22 +1160,15 @@ class GuidedLatentModel(PyroModule):
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:
         """Write config, scaler, weights, optimizer state and history to one checkpoint file."""
-        history = [
-            {k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()}
-            for record in self.history
-        ]
-        state = {"model": dict(self.state_dict()), "optimizer": self._optimizer_state()}
-        if self._average is not None:
-            state["average"] = self._average.state()
-        return save_checkpoint(
-            path,
-            kind=type(self).__name__,
-            config=self.config,
-            scaler=self.scaler.state_dict(),
-            state=state,
-            history=history,
-            extra=dict(extra or {}),
-        )
+        return persistence.save_model(self, path, extra=extra)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """Optimizer state keyed by local parameter names (independent of the param store)."""
+        return persistence.optimizer_state(self)
+
+    def _load_state(self, state: dict[str, Any], what: str, version: int = FORMAT_VERSION) -> None:
+        """Load a checkpoint's weights and optimizer state; older formats are migrated."""
+        persistence.load_state(self, state, what, version)
 
     @classmethod
     def _upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -1389,7 +1186,7 @@ class GuidedLatentModel(PyroModule):
         """Rebuild a model from :meth:`save` output (no pickled code is ever executed).
 
         Called on the base class, it returns an instance of whichever registered subclass
-        wrote the file.
+        wrote the file (:mod:`~pyro_dlatent.models.persistence`).
 
         Parameters
         ----------
@@ -1406,39 +1203,4 @@ class GuidedLatentModel(PyroModule):
             map was kept) the map is reset with a warning, and :meth:`calibrate_generation`
             on the training images makes it again.
         """
-        if weights not in (None, "averaged", "live"):
-            raise ValueError(f"weights must be 'averaged', 'live' or None, got {weights!r}")
-        ckpt = load_checkpoint(path)
-        what = f"checkpoint file {str(path)!r}"
-        klass = _MODEL_CLASSES.get(ckpt.kind)
-        if klass is None:
-            raise ValueError(
-                f"{what} holds a {ckpt.kind!r}, which is not a known model class "
-                "(import the module that defines it first)"
-            )
-        if not issubclass(klass, cls):
-            raise ValueError(f"{what} holds a {ckpt.kind!r}, not a {cls.__name__}")
-        try:
-            scaler = AuxScaler.from_state_dict(ckpt.scaler or {})
-        except ValueError as err:
-            raise ValueError(f"{what} has an invalid scaler: {err}") from err
-        config = dict(ckpt.config)
-        if ckpt.format_version < 2:
-            config = klass._upgrade_config(config)
-        config.pop("class", None)
-        try:
-            with torch.device("meta"):  # shapes first, so a forged config allocates nothing
-                skeleton = klass(scaler, **config)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{what} has an invalid config: {err}") from err
-        state = upgrade_state(ckpt.state, ckpt.format_version)
-        _check_weights(skeleton, state, what)
-        model = klass(scaler, **config)
-        model._load_state(state, what, ckpt.format_version)
-        if weights is not None:
-            model._load_weight_set(state.get("average"), weights, what)
-        model.history = [dict(h) for h in ckpt.history]
-        if device is not None:
-            model.to(torch.device(device))
-        model.eval()
-        return model
+        return persistence.load_model(cls, path, device=device, weights=weights)
