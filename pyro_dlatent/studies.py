@@ -7,7 +7,9 @@ study) loses at most the problems it was working on; the records do not depend o
 computed them or in what order, so a distributed run writes what a serial run writes.
 ``scheduler=None`` starts a :class:`distributed.LocalCluster` of one single-threaded worker
 process per core; an address (``"tcp://host:8786"``) sends the same tasks to a running cluster;
-``"serial"`` runs them here, one after another.
+``"serial"`` runs them here, one after another. What every task needs and is costly to build
+(a trained model, a fitted prior) can be built once by the caller and passed as ``shared``: it
+is then sent once to each worker and the tasks are called as ``task(i, shared)``.
 """
 
 from __future__ import annotations
@@ -31,12 +33,17 @@ def _record_path(out: Path, index: int) -> Path:
     return out / RECORDS / f"{index:06d}.json"
 
 
-def _run_and_write(task: Callable[[int], dict[str, Any]], index: int, out: str) -> int:
+_NOTHING = object()
+
+
+def _run_and_write(
+    task: Callable[..., dict[str, Any]], index: int, out: str, shared: Any = _NOTHING
+) -> int:
     """Worker side: compute one record and write it atomically; return its index."""
     import torch
 
     torch.set_num_threads(1)  # one core per worker process
-    record = task(index)
+    record = task(index) if shared is _NOTHING else task(index, shared)
     if not isinstance(record, dict):
         raise TypeError(f"task({index}) returned {type(record).__name__}, not a dict")
     write_json({"index": index, **record}, _record_path(Path(out), index))
@@ -63,12 +70,13 @@ def run_study(
     *,
     scheduler: str | None = None,
     workers: int | None = None,
+    shared: Any = _NOTHING,
 ) -> list[dict[str, Any]]:
     """Run ``task(i)`` for each index not yet recorded under ``out``; return every record.
 
     Parameters
     ----------
-    task : callable ``int -> dict``
+    task : callable ``int -> dict`` (``(int, shared) -> dict`` with ``shared``)
         One problem's result (JSON-able). It must be picklable (a module-level function or a
         ``functools.partial`` of one) and depend on nothing but its index and its arguments.
     indices : iterable of int
@@ -80,6 +88,9 @@ def run_study(
         core); ``"serial"``: this process; otherwise a dask scheduler address.
     workers : int, optional
         Worker processes of the local cluster.
+    shared : object, optional
+        Passed to every task as its second argument; on a cluster, pickled once and sent to
+        each worker once (``Client.scatter(..., broadcast=True)``) instead of rebuilt there.
 
     Returns
     -------
@@ -92,7 +103,7 @@ def run_study(
     todo = [i for i in indices if not _record_path(out, i).exists()]
     if todo and scheduler == "serial":
         for index in todo:
-            _run_and_write(task, index, str(out))
+            _run_and_write(task, index, str(out), shared)
     elif todo:
         from distributed import Client, LocalCluster, as_completed
 
@@ -107,7 +118,12 @@ def run_study(
         else:
             cluster, client = None, Client(scheduler)
         try:
-            futures = client.map(_run_and_write, [task] * len(todo), todo, [str(out)] * len(todo))
+            extra = []
+            if shared is not _NOTHING:
+                extra = [[client.scatter(shared, broadcast=True)] * len(todo)]
+            futures = client.map(
+                _run_and_write, [task] * len(todo), todo, [str(out)] * len(todo), *extra
+            )
             failed = [f for f in as_completed(futures) if f.status == "error"]
             if failed:  # raised once every other task has finished and written its record
                 failed[0].result()

@@ -59,3 +59,37 @@ def test_a_failing_problem_keeps_the_others_records_and_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="000013"):
         load_records(tmp_path, [11, 13])
     assert json.loads((tmp_path / RECORDS / "000011.json").read_text())["index"] == 11
+
+
+class _Shared:
+    """A costly shared object that marks every unpickling (one per process that receives it)."""
+
+    def __init__(self, marks: str, offset: float) -> None:
+        self.marks, self.offset = marks, offset
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        open(
+            os.path.join(self.marks, f"unpickled-{os.getpid()}-{len(os.listdir(self.marks))}"), "w"
+        ).close()
+
+
+def _shifted(index: int, shared: _Shared) -> dict:
+    return {"value": _problem(index)["mean"][0] + shared.offset}
+
+
+def test_a_shared_object_reaches_each_worker_once_and_every_task(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    shared = _Shared(str(marks), 10.0)
+    serial = run_study(_shifted, range(8), tmp_path / "serial", scheduler="serial", shared=shared)
+    assert os.listdir(marks) == []  # the serial run uses the object itself
+    parallel = run_study(_shifted, range(8), tmp_path / "dask", workers=2, shared=shared)
+    assert parallel == serial
+    assert serial[0]["value"] == _problem(0)["mean"][0] + 10.0
+    # sent once to each of the two workers, not once per task (dask's serialization may also
+    # round-trip it in this process)
+    workers = [
+        p for p in (name.split("-")[1] for name in os.listdir(marks)) if p != str(os.getpid())
+    ]
+    assert len(workers) == len(set(workers)) <= 2

@@ -37,7 +37,7 @@ import torch
 from pyro_dlatent import data
 from pyro_dlatent.inverse.collapsed import SAMPLERS
 from pyro_dlatent.inverse.exact import NAMES
-from pyro_dlatent.inverse.studies import SIZE, problem_record, summarize_records
+from pyro_dlatent.inverse.studies import SIZE, problem_record, study_context, summarize_records
 from pyro_dlatent.models import AuxVAE
 from pyro_dlatent.studies import run_study
 
@@ -140,8 +140,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = [r for path in args.merge for r in json.loads(Path(path).read_text())["records"]]
     elif args.records:
         indices = range(args.start, args.start + args.count)
+        # built once here and sent to each worker, not rebuilt by every worker
+        shared = study_context(args.model, args.train_num, args.train_seed, args.prior, args.seed)
         records = run_study(
-            _task(args), indices, args.records, scheduler=args.scheduler, workers=args.workers
+            _task(args),
+            indices,
+            args.records,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            shared=shared,
         )
     else:
         records = run(args)

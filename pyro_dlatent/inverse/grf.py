@@ -119,6 +119,17 @@ class GRFPrior:
         self._log_det_operator = float(np.sum(np.log(np.abs(self._factor.U.diagonal()))))
         self._torch_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # SuperLU factors cannot be pickled: a copy sent to another process refactorizes
+        state = dict(self.__dict__)
+        del state["_factor"]
+        state["_torch_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._factor = _factorize(self._operator)
+
     @classmethod
     def from_matern(
         cls,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "NOISE_SD",
     "NUM_RANK_DRAWS",
     "SIZE",
+    "StudyContext",
     "coverage_summary",
     "draw_record",
     "merge_results",
@@ -49,6 +50,7 @@ __all__ = [
     "ratio_summary",
     "source_problem",
     "sources_problems",
+    "study_context",
     "summarize_records",
 ]
 
@@ -76,12 +78,37 @@ def _relative(estimate: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(estimate - truth) / np.linalg.norm(truth))
 
 
-@functools.lru_cache(maxsize=2)
-def _context(model_path: str, train_num: int, train_seed: int, prior: str, seed: int) -> tuple:
-    """What every problem of a study shares: generator, residual field, prior box, GRF.
+class StudyContext(NamedTuple):
+    """What every problem of a calibration study shares (:func:`study_context`)."""
 
-    Cached, so a process (or a dask worker) builds it once for all the problems it runs.
+    generator: Any
+    """The saved Aux-VAE's generator: the deep prior."""
+    residual: Any
+    """Its residual field."""
+    bounds: Any
+    """The collapsed prior's box (``None``: the training range)."""
+    covariance: Any
+    """The simulator's residual covariance, for the exact posterior."""
+    grf: GRFPrior
+    """The GRF of maximum marginal likelihood, the baseline."""
+
+
+def study_context(
+    model: str, train_num: int = 8192, train_seed: int = 0, prior: str = "training", seed: int = 0
+) -> StudyContext:
+    """Build what every problem of a study shares: generator, residual field, prior box, GRF.
+
+    Cached, so a process builds it once for all the problems it runs; a study on a cluster
+    builds it once in the client and sends it to the workers
+    (:func:`pyro_dlatent.studies.run_study`'s ``shared``). Arguments as :func:`problem_record`.
     """
+    return _context(str(model), train_num, train_seed, prior, seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _context(
+    model_path: str, train_num: int, train_seed: int, prior: str, seed: int
+) -> StudyContext:
     from pyro_dlatent import data
     from pyro_dlatent.models import AuxVAE
     from pyro_dlatent.residual import residual_field
@@ -95,13 +122,16 @@ def _context(model_path: str, train_num: int, train_seed: int, prior: str, seed:
         residual = residual_field(generator, train["image"].values, train[list(NAMES)])
     bounds = BumpPrior().bounds if prior == "simulator" else None
     _, first, _, _ = sample_problem(0, seed=seed, size=SIZE)
-    return generator, residual, bounds, BumpPrior().covariance(SIZE), _grf(train, first.noise_sd)
+    return StudyContext(
+        generator, residual, bounds, BumpPrior().covariance(SIZE), _grf(train, first.noise_sd)
+    )
 
 
 def problem_record(
     index: int,
+    context: StudyContext | None = None,
     *,
-    model: str,
+    model: str | None = None,
     train_num: int = 8192,
     train_seed: int = 0,
     prior: str = "training",
@@ -116,8 +146,13 @@ def problem_record(
     ----------
     index : int
         The problem, :func:`~pyro_dlatent.inverse.exact.sample_problem` ``(index, seed=seed)``.
-    model : str
-        Path of a saved Aux-VAE trained on ``sources``; its generator is the deep prior.
+    context : StudyContext, optional
+        What the study's problems share, built by :func:`study_context` with the same
+        ``model``, ``train_num``, ``train_seed``, ``prior`` and ``seed``; default: built here
+        (once per process).
+    model : str, optional
+        Path of a saved Aux-VAE trained on ``sources``; its generator is the deep prior. Needed
+        without ``context``.
     train_num, train_seed : int
         The ``sources`` training set the GRF is fitted on (and the residual field, for a model
         saved without one).
@@ -140,9 +175,11 @@ def problem_record(
     """
     from pyro_dlatent.inverse.collapsed import infer_collapsed
 
-    generator, residual, bounds, covariance, grf = _context(
-        model, train_num, train_seed, prior, seed
-    )
+    if context is None:
+        if model is None:
+            raise ValueError("problem_record needs a model path or a context")
+        context = study_context(model, train_num, train_seed, prior, seed)
+    generator, residual, bounds, covariance, grf = context
     u, problem, values, field = sample_problem(index, seed=seed, size=SIZE)
     rng = np.random.default_rng((seed, index, 7))
     exact = ExactBumpPosterior(problem, values, covariance=covariance)

@@ -42,3 +42,19 @@ def test_a_sharded_study_merges_into_the_whole(model_path, tmp_path) -> None:
         assert 0.0 <= entry["coverage_90"] <= 1.0 and entry["median_width_90"] > 0
     assert 0.0 < whole["field"]["pixel_coverage_90"] <= 1.0
     assert np.isfinite(whole["field"]["median_error_grf"])
+
+
+def test_a_study_on_two_dask_workers_records_what_the_serial_run_records(model_path, tmp_path):
+    # the context (model, residual field, GRF) is built once by the script and sent to the
+    # workers; the records are the serial run's, timings aside
+    common = ["--model", str(model_path), "--train-num", "64", "--num-samples", "100"]
+    common += ["--count", "2"]
+    run_script(SCRIPT, *common, "--records", str(tmp_path / "a"), "--scheduler", "serial")
+    run_script(SCRIPT, *common, "--records", str(tmp_path / "b"), "--workers", "2")
+    for index in (0, 1):
+        a, b = (
+            json.loads((tmp_path / d / "records" / f"{index:06d}.json").read_text()) for d in "ab"
+        )
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }

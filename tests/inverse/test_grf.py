@@ -172,3 +172,19 @@ def test_marginal_likelihood_recovers_true_hyperparameters():
             ) / (4 * step**2)
     offset = estimate - np.log([truth.gamma, truth.delta])
     assert offset @ hessian @ offset < scipy.stats.chi2.ppf(1 - 1e-4, df=2)
+
+
+def test_a_pickled_grf_prior_gives_the_same_posterior():
+    # studies send the fitted GRF to their worker processes; SuperLU factors do not pickle
+    import pickle
+
+    from pyro_dlatent.inverse.fem import SourceProblem, default_sensors
+
+    prior = GRFPrior.from_matern(16, 0.2, 1.0, mean=0.3)
+    copy = pickle.loads(pickle.dumps(prior))
+    problem = SourceProblem(16, default_sensors(5), 0.01)
+    data = torch.linspace(-1.0, 1.0, problem.num_sensors, dtype=torch.float64)
+    for ours, theirs in zip(
+        prior.posterior(problem, data), copy.posterior(problem, data), strict=True
+    ):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
