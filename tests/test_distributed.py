@@ -37,12 +37,12 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def _optimizer_digest(model: GuidedLatentModel) -> str:
     """The Adam moments: made of the averaged gradients and never sent between processes."""
-    state = model._optimizer_state()
+    names = {id(p): name for name, p in model.named_parameters()}
     return _digest(
         {
-            f"{name}.{key}": value
-            for name, saved in state.items()
-            for key, value in saved["state"][0].items()
+            f"{names[id(p)]}.{key}": value
+            for p, saved in model._optim.param_states().items()
+            for key, value in saved["state"].get(0, {}).items()
             if isinstance(value, torch.Tensor)
         }
     )
