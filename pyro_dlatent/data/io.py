@@ -10,11 +10,12 @@ A pyro_dlatent dataset has
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -247,21 +248,38 @@ def save(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) ->
     ds = check_dataset(ds)
     path = Path(path)
     fmt = _format(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"path {str(path)!r} exists; pass overwrite=True to replace it")
-    if not path.parent.exists():
-        raise ValueError(f"path {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    with _atomic(path, overwrite=overwrite) as tmp:
+        if fmt == "netcdf":
+            _encode_attrs(ds).to_netcdf(tmp, engine="h5netcdf")
+        else:
+            _encode_attrs(ds).to_zarr(tmp, mode="w", consolidated=False)
+    return path
+
+
+def _encode_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """A shallow copy whose lists, dicts, booleans and ``None`` attributes are JSON text."""
     out = ds.copy()
     out.attrs["aux_names"] = json.dumps(list(ds.attrs["aux_names"]))
     for key, value in list(out.attrs.items()):
         if isinstance(value, dict | list | tuple | bool) or value is None:
             out.attrs[key] = json.dumps(value)
+    return out
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed onto it when the block succeeds.
+
+    An existing ``path`` raises ``FileExistsError`` unless ``overwrite``; it is replaced only
+    once the new file is complete.
+    """
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"path {str(path)!r} exists; pass overwrite=True to replace it")
+    if not path.parent.exists():
+        raise ValueError(f"path {str(path)!r}: directory {str(path.parent)!r} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
-        if fmt == "netcdf":
-            out.to_netcdf(tmp, engine="h5netcdf")
-        else:
-            out.to_zarr(tmp, mode="w", consolidated=False)
+        yield tmp
         if path.exists():
             backup = path.with_name(path.name + ".old")
             os.replace(path, backup)
@@ -271,7 +289,6 @@ def save(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) ->
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
-    return path
 
 
 def load(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None) -> xr.Dataset:
@@ -284,6 +301,15 @@ def load(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None) ->
         Dask chunks, e.g. ``{"sample": 1024}``, for lazy loading of large data; without it the
         data are read into memory.
     """
+    ds = _open(path, chunks=chunks)
+    if chunks is None:
+        ds = ds.load()
+        ds.close()
+    return ds
+
+
+def _open(path: str | os.PathLike, *, chunks: Mapping[str, int] | None) -> xr.Dataset:
+    """Open a dataset without reading its arrays (backend-lazy, or dask with ``chunks``)."""
     path = Path(path)
     fmt = _format(path)
     if not path.exists():
@@ -295,9 +321,6 @@ def load(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None) ->
             ds = xr.open_zarr(path, chunks=chunks, consolidated=False)
     except Exception as err:
         raise ValueError(f"path {str(path)!r} is not a readable {fmt} dataset: {err}") from err
-    if chunks is None:
-        ds = ds.load()
-        ds.close()
     for key, value in list(ds.attrs.items()):
         if isinstance(value, str) and (
             value[:1] in ("[", "{") or value in ("true", "false", "null")
