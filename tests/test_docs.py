@@ -26,6 +26,8 @@ PUBLIC_MODULES = [
     "pyro_dlatent.models.generation",
     "pyro_dlatent.models.generator",
     "pyro_dlatent.models.persistence",
+    "pyro_dlatent.models.prediction",
+    "pyro_dlatent.models.tensors",
     "pyro_dlatent.calibration",
     "pyro_dlatent.residual",
     *(

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 import pyro
@@ -52,11 +51,7 @@ from pyro.infer import Trace_ELBO
 from pyro.nn import PyroModule
 
 from pyro_dlatent.calibration import (
-    MAX_MEAN_ROWS,
-    MIN_CALIBRATION_ROWS,
     AuxCalibration,
-    encoding_features,
-    quantile_label,
 )
 from pyro_dlatent.checkpoint import FORMAT_VERSION
 from pyro_dlatent.data.io import check_dataset
@@ -64,9 +59,11 @@ from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
 from pyro_dlatent.models import persistence
 from pyro_dlatent.models.config import ModelConfig
 from pyro_dlatent.models.generation import (
-    GENERATION_NEIGHBOURS,
     GenerationMap,
+    GenerationSampling,
 )
+from pyro_dlatent.models.prediction import AuxPrediction
+from pyro_dlatent.models.tensors import Encoding, ModelTensors
 from pyro_dlatent.nn import ConvEncoder, check_image_size
 from pyro_dlatent.penalties import (
     alignment_penalty,
@@ -110,41 +107,6 @@ _MIN_SCALE = 1e-4
 _INSTANCES = itertools.count(1)
 
 
-class Encoding(NamedTuple):
-    """Posterior means and standard deviations of the latent blocks (standardized units).
-
-    Each field has shape ``(n, aux_dim)`` or ``(n, residual_dim)``.
-    """
-
-    z_aux_loc: torch.Tensor
-    z_aux_scale: torch.Tensor
-    z_rec_loc: torch.Tensor
-    z_rec_scale: torch.Tensor
-
-
-_PREDICTIVE_POINTS = 200
-"""Equally likely quantiles whose physical values give :meth:`GuidedLatentModel.predict_aux`'s
-mean and sd."""
-
-
-class ModelTensors(NamedTuple):
-    """A dataset as the tensors that :meth:`GuidedLatentModel.model` takes.
-
-    Attributes
-    ----------
-    images : Tensor, shape ``(n, H, W)``
-        Images in the dataset's units (float32).
-    aux : Tensor, shape ``(n, aux_dim)``
-        Standardized auxiliaries, 0 where missing.
-    mask : Tensor of bool, shape ``(n, aux_dim)``, or None
-        True where observed; ``None`` when every auxiliary is observed.
-    """
-
-    images: torch.Tensor
-    aux: torch.Tensor
-    mask: torch.Tensor | None
-
-
 @contextlib.contextmanager
 def _initialization_rng(seed: int | None) -> Iterator[None]:
     """Network initialization from ``seed`` without touching the caller's global RNG."""
@@ -172,7 +134,7 @@ def _check_standardized(aux: Any, mask: Any) -> None:
         )
 
 
-class GuidedLatentModel(PyroModule):
+class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
     """Base of the models on the guided/residual latent split (Aux-VAE, DL-CFM).
 
     Owns the :class:`~pyro_dlatent.latent.AuxScaler`, the
@@ -755,23 +717,6 @@ class GuidedLatentModel(PyroModule):
         k = self.aux_dim
         return Encoding(loc[:, :k], scale[:, :k], loc[:, k:], scale[:, k:])
 
-    @property
-    def uncertainty_calibrated(self) -> bool:
-        """Whether :meth:`calibrate_uncertainty` has calibrated every auxiliary."""
-        return bool(self.aux_calibration.fitted.all())
-
-    def _uncertainty_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.aux_calibration.state_dict().items()}
-
-    def _targets(self, tensors: ModelTensors) -> torch.Tensor:
-        """Standardized auxiliaries of prepared data, ``NaN`` where missing."""
-        aux = tensors.aux.double()
-        return aux if tensors.mask is None else torch.where(tensors.mask, aux, math.nan)
-
-    def _features(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-        encoding = self.encode(images, batch_size=batch_size)
-        return encoding_features(encoding.z_aux_loc, encoding.z_aux_scale, encoding.z_rec_loc)
-
     def _conditional_mean(self, z_aux: torch.Tensor) -> torch.Tensor:
         """The field the collapsed deep prior expects at standardized auxiliaries ``z_aux``."""
         return self.decode(z_aux, z_aux.new_zeros(z_aux.shape[0], self.residual_dim))
@@ -830,332 +775,6 @@ class GuidedLatentModel(PyroModule):
             )
         finally:
             self.train(was_training)
-
-    def calibrate_uncertainty(
-        self,
-        train: xr.Dataset | ModelTensors,
-        held_out: xr.Dataset | ModelTensors,
-        *,
-        batch_size: int = 1024,
-    ) -> list[str]:
-        """Fit the predictive distribution that :meth:`predict_aux` reports.
-
-        :meth:`fit` calls it on its training and validation parts, so a user only calls it
-        after changing the weights, or to calibrate on a labelled set of their own. The read-out
-        is fitted on ``train`` (at most :data:`~pyro_dlatent.calibration.MAX_MEAN_ROWS` evenly
-        spaced images) and the scale and error law on ``held_out``, which must be images the
-        weights were not trained on; the rule is :class:`~pyro_dlatent.calibration.AuxCalibration`.
-
-        Parameters
-        ----------
-        train, held_out : xarray.Dataset or ModelTensors
-            Labelled images (``NaN`` = missing auxiliary).
-        batch_size : int
-            Batch size of encoding.
-
-        Returns
-        -------
-        list of str
-            Auxiliaries left uncalibrated (too few held-out values); a warning names them.
-        """
-        train = train if isinstance(train, ModelTensors) else self.prepare(train, name="train")
-        held = (
-            held_out
-            if isinstance(held_out, ModelTensors)
-            else self.prepare(held_out, name="held_out")
-        )
-        batch_size = check_int(batch_size, "batch_size", 1)
-        n = train.images.shape[0]
-        rows = torch.arange(n)
-        if n > MAX_MEAN_ROWS:
-            rows = torch.linspace(0, n - 1, MAX_MEAN_ROWS).round().long()
-        rows = rows.to(train.images.device)
-        skipped = self.aux_calibration.fit(
-            self._features(train.images[rows], batch_size),
-            self._targets(train)[rows],
-            self._features(held.images, batch_size),
-            self._targets(held),
-        )
-        names = [self.aux_names[j] for j in skipped]
-        if names:
-            warnings.warn(
-                f"auxiliaries {names} have fewer than {MIN_CALIBRATION_ROWS} "
-                "held-out values, too few to calibrate their uncertainty; predict_aux reports "
-                "the guide's sd for them (fit with a larger val_fraction)",
-                stacklevel=2,
-            )
-        return names
-
-    def predict_aux(
-        self,
-        images: Any,
-        *,
-        quantiles: Sequence[float] = (0.05, 0.25, 0.75, 0.95),
-        batch_size: int = 1024,
-    ) -> xr.Dataset:
-        """Mean, sd and quantiles of each auxiliary given the image, in physical units.
-
-        Once calibrated (:meth:`fit` does it on its validation part), the answer is the
-        predictive distribution of :class:`~pyro_dlatent.calibration.AuxCalibration`: on the
-        guided block's scale (transformed, standardized) it is ``mu(x) + sigma(x) eps`` with
-        ``eps`` drawn from the held-out studentized errors, so its central intervals cover held-out
-        truths at their nominal rate, and ``sigma(x)`` grows with the image's difficulty. It is
-        mapped to physical units through the scaler's inverse, quantile by quantile (exact for
-        the monotone transforms); the mean and sd are those of 200 equally likely quantiles.
-
-        Without a calibration (``fit(val_fraction=0)``, or a checkpoint written before it) an
-        auxiliary gets the guide's Gaussian ``N(m_j, s_j^2)`` mapped the same way, with a
-        warning: that sd is the latent coordinate's, on the scale of ``tau``, and is not an
-        error bar.
-
-        Parameters
-        ----------
-        images : array-like, Tensor, DataArray or Dataset, shape ``(n, H, W)``
-        quantiles : sequence of float in ``(0, 1)``
-            Levels reported as ``{name}_q{100 p:02g}`` (``x0_q05``, ``x0_q95``, ...): the
-            central 90% interval is ``[q05, q95]``.
-        batch_size : int
-
-        Returns
-        -------
-        xarray.Dataset
-            For each auxiliary ``name``: ``name`` (mean), ``name_sd`` and the quantiles, dim
-            ``sample``, with ``units`` and ``long_name`` attributes; ``attrs["calibrated"]``
-            lists the auxiliaries whose uncertainty is calibrated.
-        """
-        levels = np.asarray(quantiles, dtype=np.float64).reshape(-1)
-        if not np.all((levels > 0) & (levels < 1)):
-            raise ValueError(f"expected quantiles in (0, 1), got {list(quantiles)!r}")
-        labels = [quantile_label(p) for p in levels]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"expected distinct quantiles, got {list(quantiles)!r}")
-        encoding = self.encode(images, batch_size=batch_size)
-        grid = (np.arange(_PREDICTIVE_POINTS) + 0.5) / _PREDICTIVE_POINTS
-        fitted = self.aux_calibration.fitted.cpu().numpy()
-        features = encoding_features(encoding.z_aux_loc, encoding.z_aux_scale, encoding.z_rec_loc)
-        _, points = self.aux_calibration.predict(features, grid, conformal=False)
-        _, bounds = self.aux_calibration.predict(features, levels)
-        table = torch.cat([points, bounds], -1)
-        # the guide's Gaussian for auxiliaries without a calibration
-        m = encoding.z_aux_loc.double().cpu()[:, :, None]
-        s = encoding.z_aux_scale.double().cpu()[:, :, None]
-        normal = torch.distributions.Normal(0.0, 1.0).icdf(
-            torch.as_tensor(np.concatenate([grid, levels]))
-        )
-        table = torch.where(torch.as_tensor(fitted)[None, :, None], table, m + s * normal)
-        physical = self.scaler.inverse_transform_tensor(table.transpose(1, 2)).transpose(1, 2)
-        physical = physical.numpy()
-        points, reported = physical[..., : len(grid)], physical[..., len(grid) :]
-        mean, sd = points.mean(-1), points.std(-1)
-        calibrated = [n for n, f in zip(self.scaler.names, fitted, strict=True) if f]
-        if not fitted.all():
-            missing = [n for n in self.scaler.names if n not in calibrated]
-            warnings.warn(
-                f"the uncertainty of {missing} "
-                "is not calibrated: their sd is the guide's latent sd, not an error bar "
-                "(fit with val_fraction > 0, or call calibrate_uncertainty)",
-                stacklevel=2,
-            )
-        data_vars = {}
-        for j, (name, units) in enumerate(zip(self.scaler.names, self.scaler.units, strict=True)):
-            what = "predictive" if fitted[j] else "guide (not calibrated)"
-            data_vars[name] = ("sample", mean[:, j], {"units": units, "long_name": f"{what} mean"})
-            data_vars[f"{name}_sd"] = (
-                "sample",
-                sd[:, j],
-                {"units": units, "long_name": f"{what} standard deviation"},
-            )
-            for i, (p, label) in enumerate(zip(levels, labels, strict=True)):
-                data_vars[f"{name}_{label}"] = (
-                    "sample",
-                    reported[:, j, i],
-                    {"units": units, "long_name": f"{what} {p:g} quantile"},
-                )
-        return xr.Dataset(
-            data_vars,
-            attrs={"aux_names": list(self.scaler.names), "calibrated": calibrated},
-        )
-
-    def _aux_rows(self, aux: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Physical auxiliaries (possibly partial) to standardized rows and an observed mask."""
-        k = self.aux_dim
-        if aux is None:
-            return (
-                torch.zeros(1, k, device=self.device),
-                torch.zeros(1, k, dtype=torch.bool, device=self.device),
-            )
-        if not isinstance(aux, Mapping):
-            raise TypeError("aux must be a mapping of auxiliary names to values in physical units")
-        unknown = [name for name in aux if name not in self.scaler.names]
-        if unknown:
-            raise ValueError(
-                f"aux has unknown auxiliary names {unknown}; expected names in {self.scaler.names}"
-            )
-        columns: dict[str, np.ndarray] = {}
-        for name, values in aux.items():
-            try:
-                column = np.atleast_1d(np.asarray(values, dtype=np.float64))
-            except (TypeError, ValueError) as err:
-                raise TypeError(f"aux[{name!r}] must be numeric") from err
-            if column.ndim != 1 or column.size == 0:
-                raise ValueError(f"aux[{name!r}] must be a scalar or a non-empty 1-d array")
-            if not np.isfinite(column).all():
-                raise ValueError(f"aux[{name!r}] contains non-finite values")
-            columns[name] = column
-        lengths = {c.size for c in columns.values()} - {1}
-        if len(lengths) > 1:
-            raise ValueError(
-                f"aux values must be scalars or share one length, got {sorted(lengths)}"
-            )
-        n = lengths.pop() if lengths else 1
-        physical = np.full((n, k), np.nan)
-        for j, name in enumerate(self.scaler.names):
-            if name in columns:
-                physical[:, j] = columns[name]
-        standardized = self.scaler.transform(physical)
-        observed = np.isfinite(standardized)
-        return (
-            torch.as_tensor(np.where(observed, standardized, 0.0), dtype=torch.float32).to(
-                self.device
-            ),
-            torch.as_tensor(observed).to(self.device),
-        )
-
-    def _generation_state(self) -> dict[str, torch.Tensor]:
-        return self.generation.state()
-
-    @property
-    def generation_calibrated(self) -> bool:
-        """Whether :meth:`calibrate_generation` has fitted the guided block's generation map."""
-        return self.generation.is_fitted
-
-    def reset_generation(self) -> None:
-        """Forget the generation map: :meth:`sample_latent` draws from the prior again."""
-        self.generation.reset()
-
-    def calibrate_generation(
-        self,
-        data: xr.Dataset | ModelTensors,
-        *,
-        batch_size: int = 1024,
-        spline: bool = True,
-        neighbours: int = GENERATION_NEIGHBOURS,
-    ) -> dict[str, np.ndarray]:
-        """Fit the distribution of the encoded guided block given the auxiliaries, for generation.
-
-        Generating at ``z_aux = u~`` asks for the wrong physics, because a trained encoder
-        settles on its own smooth, monotone version of the auxiliaries; this fits the encoder's
-        aggregate posterior of ``z_aux`` given them (:class:`~pyro_dlatent.models.generation.
-        GenerationMap`: a spline mean, a Gaussian spread and, with ``neighbours > 0``, the
-        residuals of the nearest calibration images), saved with the model and used by
-        :meth:`sample_latent`.
-
-        :meth:`fit` ends with this on its training part for classes with
-        :attr:`calibrate_after_fit` (``DLCFM``; not ``AuxVAE``, whose decoder means it made
-        worse). The inverse-problem deep prior is unaffected (it keeps the model's prior).
-
-        Parameters
-        ----------
-        data : xarray.Dataset or ModelTensors
-            Labelled images; at least ``aux_dim + 2`` with every auxiliary observed.
-        batch_size : int
-            Images encoded at once.
-        spline : bool
-            Fit the spline terms; ``False`` gives the linear-Gaussian map.
-        neighbours : int
-            ``K`` of the neighbour draws (:data:`~pyro_dlatent.models.generation.
-            GENERATION_NEIGHBOURS`; at most the number of complete images is used); 0 draws
-            from ``N(m(u~), S)``.
-
-        Returns
-        -------
-        dict
-            As :meth:`~pyro_dlatent.models.generation.GenerationMap.fit`.
-        """
-        neighbours = check_int(neighbours, "neighbours", 0)
-        tensors = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
-        complete = (
-            torch.ones(tensors.aux.shape[0], dtype=torch.bool, device=tensors.aux.device)
-            if tensors.mask is None
-            else tensors.mask.all(dim=1)
-        )
-        n = int(complete.sum())
-        if n < self.aux_dim + 2:
-            raise ValueError(
-                f"data needs at least {self.aux_dim + 2} images with every auxiliary observed to "
-                f"calibrate generation, got {n}"
-            )
-        encoding = self.encode(tensors.images[complete], batch_size=batch_size)
-        return self.generation.fit(
-            tensors.aux[complete],
-            encoding.z_aux_loc,
-            encoding.z_aux_scale,
-            spline=spline,
-            neighbours=neighbours,
-        )
-
-    def guided_mean(self, standardized: torch.Tensor) -> torch.Tensor:
-        """Mean of ``z_aux`` for generation at standardized auxiliaries ``(n, aux_dim)``.
-
-        The generation map's mean once :meth:`calibrate_generation` has run, else the prior
-        mean ``u~``.
-        """
-        if not self.generation_calibrated:
-            return standardized
-        return self.generation.mean(standardized)
-
-    def sample_latent(
-        self, aux: Mapping[str, Any] | None = None, num: int = 1, *, seed: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw latent codes for generation at auxiliaries given in physical units.
-
-        Before :meth:`calibrate_generation` (which ``DLCFM.fit`` runs at its end), from the
-        prior: ``z_aux ~ N(u~, tau^2)`` for the auxiliaries given and the marginal
-        ``N(0, 1 + tau^2)`` for those left out. After it, from the encoder's aggregate
-        posterior near ``u~``: by default the residual of one of the nearest calibration images
-        moved to ``u~``, with the auxiliaries left out taken from that image; with
-        ``calibrate_generation(..., neighbours=0)``, ``z_aux ~ N(m(u~), S)`` with each
-        auxiliary left out drawn as ``u~_j ~ N(0, 1)`` first. Always ``z_rec ~ N(0, I)``.
-
-        Parameters
-        ----------
-        aux : mapping of name to scalar or 1-d array, optional
-            Physical values; scalars broadcast against arrays of one common length ``n``
-            (``n = 1`` for scalars only). Missing names are drawn from their marginal.
-        num : int
-            Draws per auxiliary row.
-        seed : int, optional
-            Seed of a private generator (default: the global torch RNG).
-
-        Returns
-        -------
-        z_aux : Tensor, shape ``(n * num, aux_dim)``
-        z_rec : Tensor, shape ``(n * num, residual_dim)``
-            Row ``i * num + j`` is draw ``j`` at auxiliary row ``i``.
-        """
-        num = check_int(num, "num", 1)
-        standardized, observed = self._aux_rows(aux)
-        standardized = standardized.repeat_interleave(num, dim=0)
-        observed = observed.repeat_interleave(num, dim=0)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(check_int(seed, "seed", 0))
-        k, latent = self.aux_dim, self.latent_dim
-        if self.generation_calibrated:
-            noise = torch.randn(
-                (standardized.shape[0], latent + k), generator=generator, device=self.device
-            )
-            z_aux = self.generation.sample(
-                standardized, observed, noise[:, :k], noise[:, latent:], generator
-            )
-            return z_aux, noise[:, k:latent]
-        prior = self.split.aux_dist(standardized, observed).base_dist
-        noise = torch.randn(
-            (standardized.shape[0], latent), generator=generator, device=self.device
-        )
-        with torch.no_grad():
-            z_aux = prior.loc + prior.scale * noise[:, :k]
-        return z_aux, noise[:, k:]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None) -> Path:

@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import xarray as xr
 
+from pyro_dlatent.models.tensors import ModelTensors
 from pyro_dlatent.validation import check_int
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "SPLINE_KNOT_QUANTILES",
     "SPLINE_MIN_IMAGES",
     "GenerationMap",
+    "GenerationSampling",
     "natural_spline_terms",
 ]
 
@@ -345,3 +348,192 @@ class GenerationMap(torch.nn.Module):
             near = (distance <= kth).float()
             picks.append(torch.multinomial(near, 1, generator=generator)[:, 0])
         return torch.cat(picks)
+
+
+class GenerationSampling:
+    """Drawing latent codes for generation, a part of ``GuidedLatentModel``.
+
+    Uses the model's ``generation`` (a :class:`GenerationMap`), ``split``, ``scaler``,
+    ``encode``, ``prepare`` and ``device``.
+    """
+
+    generation: GenerationMap
+
+    def _aux_rows(self, aux: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical auxiliaries (possibly partial) to standardized rows and an observed mask."""
+        k = self.aux_dim
+        if aux is None:
+            return (
+                torch.zeros(1, k, device=self.device),
+                torch.zeros(1, k, dtype=torch.bool, device=self.device),
+            )
+        if not isinstance(aux, Mapping):
+            raise TypeError("aux must be a mapping of auxiliary names to values in physical units")
+        unknown = [name for name in aux if name not in self.scaler.names]
+        if unknown:
+            raise ValueError(
+                f"aux has unknown auxiliary names {unknown}; expected names in {self.scaler.names}"
+            )
+        columns: dict[str, np.ndarray] = {}
+        for name, values in aux.items():
+            try:
+                column = np.atleast_1d(np.asarray(values, dtype=np.float64))
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"aux[{name!r}] must be numeric") from err
+            if column.ndim != 1 or column.size == 0:
+                raise ValueError(f"aux[{name!r}] must be a scalar or a non-empty 1-d array")
+            if not np.isfinite(column).all():
+                raise ValueError(f"aux[{name!r}] contains non-finite values")
+            columns[name] = column
+        lengths = {c.size for c in columns.values()} - {1}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"aux values must be scalars or share one length, got {sorted(lengths)}"
+            )
+        n = lengths.pop() if lengths else 1
+        physical = np.full((n, k), np.nan)
+        for j, name in enumerate(self.scaler.names):
+            if name in columns:
+                physical[:, j] = columns[name]
+        standardized = self.scaler.transform(physical)
+        observed = np.isfinite(standardized)
+        return (
+            torch.as_tensor(np.where(observed, standardized, 0.0), dtype=torch.float32).to(
+                self.device
+            ),
+            torch.as_tensor(observed).to(self.device),
+        )
+
+    def _generation_state(self) -> dict[str, torch.Tensor]:
+        return self.generation.state()
+
+    @property
+    def generation_calibrated(self) -> bool:
+        """Whether :meth:`calibrate_generation` has fitted the guided block's generation map."""
+        return self.generation.is_fitted
+
+    def reset_generation(self) -> None:
+        """Forget the generation map: :meth:`sample_latent` draws from the prior again."""
+        self.generation.reset()
+
+    def calibrate_generation(
+        self,
+        data: xr.Dataset | ModelTensors,
+        *,
+        batch_size: int = 1024,
+        spline: bool = True,
+        neighbours: int = GENERATION_NEIGHBOURS,
+    ) -> dict[str, np.ndarray]:
+        """Fit the distribution of the encoded guided block given the auxiliaries, for generation.
+
+        Generating at ``z_aux = u~`` asks for the wrong physics, because a trained encoder
+        settles on its own smooth, monotone version of the auxiliaries; this fits the encoder's
+        aggregate posterior of ``z_aux`` given them (:class:`GenerationMap`: a spline mean, a
+        Gaussian spread and, with ``neighbours > 0``, the residuals of the nearest calibration
+        images), saved with the model and used by :meth:`sample_latent`.
+
+        The model's ``fit`` ends with this on its training part for classes with
+        ``calibrate_after_fit`` (``DLCFM``; not ``AuxVAE``, whose decoder means it made worse).
+        The inverse-problem deep prior is unaffected (it keeps the model's prior).
+
+        Parameters
+        ----------
+        data : xarray.Dataset or ModelTensors
+            Labelled images; at least ``aux_dim + 2`` with every auxiliary observed.
+        batch_size : int
+            Images encoded at once.
+        spline : bool
+            Fit the spline terms; ``False`` gives the linear-Gaussian map.
+        neighbours : int
+            ``K`` of the neighbour draws (:data:`GENERATION_NEIGHBOURS`; at most the number of
+            complete images is used); 0 draws from ``N(m(u~), S)``.
+
+        Returns
+        -------
+        dict
+            As :meth:`GenerationMap.fit`.
+        """
+        neighbours = check_int(neighbours, "neighbours", 0)
+        tensors = data if isinstance(data, ModelTensors) else self.prepare(data, name="data")
+        complete = (
+            torch.ones(tensors.aux.shape[0], dtype=torch.bool, device=tensors.aux.device)
+            if tensors.mask is None
+            else tensors.mask.all(dim=1)
+        )
+        n = int(complete.sum())
+        if n < self.aux_dim + 2:
+            raise ValueError(
+                f"data needs at least {self.aux_dim + 2} images with every auxiliary observed to "
+                f"calibrate generation, got {n}"
+            )
+        encoding = self.encode(tensors.images[complete], batch_size=batch_size)
+        return self.generation.fit(
+            tensors.aux[complete],
+            encoding.z_aux_loc,
+            encoding.z_aux_scale,
+            spline=spline,
+            neighbours=neighbours,
+        )
+
+    def guided_mean(self, standardized: torch.Tensor) -> torch.Tensor:
+        """Mean of ``z_aux`` for generation at standardized auxiliaries ``(n, aux_dim)``.
+
+        The generation map's mean once :meth:`calibrate_generation` has run, else the prior
+        mean ``u~``.
+        """
+        if not self.generation_calibrated:
+            return standardized
+        return self.generation.mean(standardized)
+
+    def sample_latent(
+        self, aux: Mapping[str, Any] | None = None, num: int = 1, *, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw latent codes for generation at auxiliaries given in physical units.
+
+        Before :meth:`calibrate_generation` (which ``DLCFM.fit`` runs at its end), from the
+        prior: ``z_aux ~ N(u~, tau^2)`` for the auxiliaries given and the marginal
+        ``N(0, 1 + tau^2)`` for those left out. After it, from the encoder's aggregate
+        posterior near ``u~``: by default the residual of one of the nearest calibration images
+        moved to ``u~``, with the auxiliaries left out taken from that image; with
+        ``calibrate_generation(..., neighbours=0)``, ``z_aux ~ N(m(u~), S)`` with each
+        auxiliary left out drawn as ``u~_j ~ N(0, 1)`` first. Always ``z_rec ~ N(0, I)``.
+
+        Parameters
+        ----------
+        aux : mapping of name to scalar or 1-d array, optional
+            Physical values; scalars broadcast against arrays of one common length ``n``
+            (``n = 1`` for scalars only). Missing names are drawn from their marginal.
+        num : int
+            Draws per auxiliary row.
+        seed : int, optional
+            Seed of a private generator (default: the global torch RNG).
+
+        Returns
+        -------
+        z_aux : Tensor, shape ``(n * num, aux_dim)``
+        z_rec : Tensor, shape ``(n * num, residual_dim)``
+            Row ``i * num + j`` is draw ``j`` at auxiliary row ``i``.
+        """
+        num = check_int(num, "num", 1)
+        standardized, observed = self._aux_rows(aux)
+        standardized = standardized.repeat_interleave(num, dim=0)
+        observed = observed.repeat_interleave(num, dim=0)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(check_int(seed, "seed", 0))
+        k, latent = self.aux_dim, self.latent_dim
+        if self.generation_calibrated:
+            noise = torch.randn(
+                (standardized.shape[0], latent + k), generator=generator, device=self.device
+            )
+            z_aux = self.generation.sample(
+                standardized, observed, noise[:, :k], noise[:, latent:], generator
+            )
+            return z_aux, noise[:, k:latent]
+        prior = self.split.aux_dist(standardized, observed).base_dist
+        noise = torch.randn(
+            (standardized.shape[0], latent), generator=generator, device=self.device
+        )
+        with torch.no_grad():
+            z_aux = prior.loc + prior.scale * noise[:, :k]
+        return z_aux, noise[:, k:]
