@@ -95,8 +95,14 @@ def run_processes(size: int, threads: int, spec: dict[str, Any]) -> dict[str, An
 
 def throughput(spec: dict[str, Any], processes: int) -> None:
     """Print epoch timings and images per second on 1 and ``processes`` processes."""
-    variants = {"1 process x 1 thread": (1, 1), f"1 process x {processes} threads": (1, processes)}
-    variants[f"{processes} processes x 1 thread"] = (processes, 1)
+    if spec["device"] == "cuda":  # one GPU per process
+        variants = {"1 process, 1 GPU": (1, 1)}
+        if torch.cuda.device_count() >= processes:
+            variants[f"{processes} processes, {processes} GPUs"] = (processes, 1)
+    else:
+        variants = {"1 process x 1 thread": (1, 1)}
+        variants[f"1 process x {processes} threads"] = (1, processes)
+        variants[f"{processes} processes x 1 thread"] = (processes, 1)
     rows, walls = [], {}
     for name, (size, threads) in variants.items():
         result = run_processes(size, threads, spec)
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         "epochs": args.epochs,
         "device": args.device,
     }
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores", end="")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores (load {load})", end="")
     if args.device == "cuda":
         print(f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}", end="")
     print()
