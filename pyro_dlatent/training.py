@@ -831,7 +831,10 @@ class Trainer:
         what = f"resume checkpoint {str(path)!r}"
         ignore = {"seed"}
         mine = {k: v for k, v in model.config.items() if k not in ignore}
-        theirs = {k: v for k, v in ckpt.config.items() if k not in ignore}
+        # an option added after the checkpoint was written counts at its default
+        defaults = model.config_class().to_dict()
+        theirs = {k: v for k, v in {**defaults, **ckpt.config}.items() if k not in ignore}
+        theirs = {k: v for k, v in theirs.items() if k in mine or k in ckpt.config}
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(f"{what} was written by a model with a different config {diff}")

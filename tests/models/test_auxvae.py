@@ -441,6 +441,19 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(ValueError, match="different dataset"):
         other = synthetic(128, seed=5)
         small_model(ds, learn_tau=True).fit(other, epochs=3, resume=tmp_path / "b", **settings)
+    # a checkpoint written before an option existed resumes as that option's default
+    from pyro_dlatent.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    fields = ("kind", "scaler", "state", "history", "extra")
+    older = {k: v for k, v in ckpt.config.items() if k != "encoder_depth"}
+    (tmp_path / "c").mkdir()
+    save_checkpoint(
+        tmp_path / "c" / "last.pt", config=older, **{k: getattr(ckpt, k) for k in fields}
+    )
+    again = small_model(ds, learn_tau=True)
+    again.fit(ds, epochs=3, resume=tmp_path / "c", **settings)
+    assert _without_time(again.history) == _without_time(reference.history)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
