@@ -568,7 +568,9 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
             Total number of epochs (a resumed run continues up to it).
         batch_size : int
             Minibatch size (>= 2, since the penalties are batch correlations); an epoch splits
-            the shuffled training set into ``ceil(n / batch_size)`` near-equal batches.
+            the shuffled training set into ``ceil(n / batch_size)`` near-equal batches. In a
+            ``torch.distributed`` process group it is the global batch, shared among the
+            processes (the penalties are then correlations over each process's share).
         lr : float, optional
             Initial Adam learning rate (default: the class's :attr:`fit_defaults`).
         lr_decay : float, optional
