@@ -9,7 +9,8 @@ netCDF file) is read a chunk of samples at a time, never whole:
 - :class:`MinibatchStream` is a :class:`torch.utils.data.IterableDataset` of shuffled
   minibatches for a :class:`~torch.utils.data.DataLoader` with worker processes, sharded across
   workers and distributed ranks so that every sample is drawn exactly once per epoch;
-- :class:`StandardizeAux` turns its raw batches into the tensors a model's ``prepare`` makes.
+- :class:`StandardizeAux` turns its raw batches into the arrays a model's ``prepare`` makes
+  (as tensors through :meth:`StandardizedBatch.tensors`).
 
 Examples
 --------
@@ -27,7 +28,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,45 +49,65 @@ __all__ = [
 
 _CHUNK_PIXELS = 2**20
 """Pixels per read when the source does not say how it is chunked (4 MiB of float32)."""
+_AUX_BYTES = 2**26
+"""Largest auxiliary table (float64) a reading process holds whole rather than chunk by chunk."""
 
 
-class Batch(NamedTuple):
-    """A minibatch as stored.
+@dataclass(frozen=True)
+class Batch:
+    """A minibatch as stored, in numpy arrays.
+
+    Not tensors: a DataLoader worker sends a batch of arrays to the main process in one pickle
+    through its pipe, about twice as fast for 32x32 images as sending three tensors through
+    shared memory (``benchmarks/timing/bench_stream.py``); ``torch.from_numpy`` then shares the
+    arrays' memory.
 
     Attributes
     ----------
-    images : Tensor, shape ``(batch, height, width)``, float32
+    images : numpy.ndarray, shape ``(batch, height, width)``, float32
         Images in the dataset's units.
-    aux : Tensor, shape ``(batch, aux_dim)``, float64
+    aux : numpy.ndarray, shape ``(batch, aux_dim)``, float64
         Auxiliaries in physical units, ``NaN`` where missing, in the stream's ``aux_names`` order.
-    index : Tensor, shape ``(batch,)``, int64
+    index : numpy.ndarray, shape ``(batch,)``, int64
         Each sample's position along the source's ``sample`` dimension.
     """
 
-    images: torch.Tensor
-    aux: torch.Tensor
-    index: torch.Tensor
+    images: np.ndarray
+    aux: np.ndarray
+    index: np.ndarray
 
 
-class StandardizedBatch(NamedTuple):
-    """A minibatch as a model takes it (the fields of ``ModelTensors``, then ``index``).
+@dataclass(frozen=True)
+class StandardizedBatch:
+    """A minibatch as a model takes it, in numpy arrays (see :meth:`tensors`).
 
     Attributes
     ----------
-    images : Tensor, shape ``(batch, height, width)``, float32
+    images : numpy.ndarray, shape ``(batch, height, width)``, float32
         Images in the dataset's units (the model standardizes them itself).
-    aux : Tensor, shape ``(batch, aux_dim)``, float32
+    aux : numpy.ndarray, shape ``(batch, aux_dim)``, float32
         Standardized auxiliaries, 0 where missing.
-    mask : Tensor of bool, shape ``(batch, aux_dim)``, or None
+    mask : numpy.ndarray of bool, shape ``(batch, aux_dim)``, or None
         True where observed; ``None`` when the whole batch is observed.
-    index : Tensor, shape ``(batch,)``, int64
+    index : numpy.ndarray, shape ``(batch,)``, int64
         Each sample's position along the source's ``sample`` dimension.
     """
 
-    images: torch.Tensor
-    aux: torch.Tensor
-    mask: torch.Tensor | None
-    index: torch.Tensor
+    images: np.ndarray
+    aux: np.ndarray
+    mask: np.ndarray | None
+    index: np.ndarray
+
+    def tensors(
+        self, device: str | torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(images, aux, mask)`` as tensors on ``device``: the fields of ``ModelTensors``."""
+        mask = None if self.mask is None else torch.from_numpy(self.mask).to(device)
+        return (
+            torch.from_numpy(self.images).to(device),
+            torch.from_numpy(self.aux).to(device),
+            mask,
+        )
 
 
 class StandardizeAux:
@@ -111,10 +132,10 @@ class StandardizeAux:
         self.scaler = scaler
 
     def __call__(self, batch: Batch) -> StandardizedBatch:
-        standardized = self.scaler.transform(batch.aux.numpy())
+        standardized = self.scaler.transform(batch.aux)
         observed = np.isfinite(standardized)
-        aux = torch.as_tensor(np.where(observed, standardized, 0.0), dtype=torch.float32)
-        mask = None if observed.all() else torch.from_numpy(observed)
+        aux = np.where(observed, standardized, 0.0).astype(np.float32)
+        mask = None if observed.all() else observed
         return StandardizedBatch(batch.images, aux, mask, batch.index)
 
 
@@ -276,7 +297,7 @@ class MinibatchStream(IterableDataset):
     -----
     Use it with ``DataLoader(stream, batch_size=None, num_workers=k)`` (the stream makes the
     batches). Call :meth:`set_epoch` before each epoch; the epoch is kept in shared memory, so
-    ``persistent_workers=True`` sees it too. Each item is a :class:`Batch` of tensors, or what
+    ``persistent_workers=True`` sees it too. Each item is a :class:`Batch` of arrays, or what
     ``transform`` returns.
 
     Examples
@@ -319,8 +340,8 @@ class MinibatchStream(IterableDataset):
         self.transform = transform
         ds = _as_dataset(source)
         self._path = None if isinstance(source, xr.Dataset) else Path(source)
-        self._ds = ds
-        self._pid = os.getpid()
+        self._ds = ds if self._path is None else None  # a file is opened by each reader
+        self._opened: tuple[int, xr.Dataset, np.ndarray | None] | None = None
         self.chunk_size = _chunk_size(ds, chunk_size)
         self.num_samples = int(ds.sizes["sample"])
         self.image_shape = tuple(int(s) for s in ds["image"].shape[1:])
@@ -340,9 +361,8 @@ class MinibatchStream(IterableDataset):
                 f"{self.world_size} ranks {self._batches_per_rank} batch(es) of at most "
                 f"batch_size={self.batch_size}; use fewer ranks or a larger batch_size"
             )
-        if self._path is not None and self._path.suffix.lower() != ".zarr":
-            ds.close()  # netCDF handles must not cross a fork: each process opens its own
-            self._ds = None
+        if self._path is not None:
+            ds.close()  # netCDF handles must not cross a fork
         self._epoch = multiprocessing.RawValue("q", 0)
 
     def __len__(self) -> int:
@@ -359,10 +379,7 @@ class MinibatchStream(IterableDataset):
         self._epoch.value = _check_int(epoch, "epoch", 0)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self._path is not None:
-            state["_ds"] = None  # reopened by the process that reads
-        return state
+        return {**self.__dict__, "_opened": None}  # the process that reads opens its own
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -370,7 +387,7 @@ class MinibatchStream(IterableDataset):
         epoch = self.epoch
         pieces, sizes = self.plan(epoch, worker=worker, num_workers=num_workers)
         rng = np.random.default_rng((self.seed, epoch, self.rank, worker))
-        ds = self._dataset()
+        ds, aux_table = self._reader()
         images = np.empty((0, *self.image_shape), dtype=np.float32)
         aux = np.empty((0, len(self.aux_names)))
         index = np.empty(0, dtype=np.int64)
@@ -383,7 +400,11 @@ class MinibatchStream(IterableDataset):
                 raise RuntimeError("MinibatchStream ran out of samples; this is a bug")
             parts = [(images, aux, index)]
             for start, stop in reads:
-                parts.append((*_read(ds, self.aux_names, start, stop), np.arange(start, stop)))
+                if aux_table is None:
+                    read = _read(ds, self.aux_names, start, stop)
+                else:
+                    read = (_read(ds, [], start, stop)[0], aux_table[start:stop])
+                parts.append((*read, np.arange(start, stop)))
             images, aux, index = (np.concatenate(p) for p in zip(*parts, strict=True))
             order = rng.permutation(len(index)) if self.shuffle else np.arange(len(index))
             used = 0
@@ -391,11 +412,7 @@ class MinibatchStream(IterableDataset):
                 take = order[used : used + sizes[next_batch]]
                 used += sizes[next_batch]
                 next_batch += 1
-                batch = Batch(
-                    torch.from_numpy(images[take]),
-                    torch.from_numpy(aux[take]),
-                    torch.from_numpy(index[take]),
-                )
+                batch = Batch(images[take], aux[take], index[take])
                 yield batch if self.transform is None else self.transform(batch)
             rest = order[used:]
             images, aux, index = images[rest], aux[rest], index[rest]
@@ -442,12 +459,20 @@ class MinibatchStream(IterableDataset):
                 pieces.append((int(a + offset), int(b + offset)))
         return pieces, [int(s) for s in all_sizes[first : first + count]]
 
-    def _dataset(self) -> xr.Dataset:
-        """The source, opened by this process if it is a file another process opened."""
-        if self._ds is None or (self._path is not None and self._pid != os.getpid()):
-            self._ds = _as_dataset(self._path)
-            self._pid = os.getpid()
-        return self._ds
+    def _reader(self) -> tuple[xr.Dataset, np.ndarray | None]:
+        """The source as this process reads it, and all its auxiliaries if they are small.
+
+        A file is opened once per process; auxiliaries of at most 64 MiB (8 million samples of
+        one auxiliary) are read whole then, since reading them chunk by chunk costs as much as
+        reading the images.
+        """
+        if self._opened is None or self._opened[0] != os.getpid():
+            ds = self._ds if self._path is None else _as_dataset(self._path)
+            aux = None
+            if self.num_samples * len(self.aux_names) * 8 <= _AUX_BYTES:
+                aux = _read(ds, self.aux_names, 0, self.num_samples, images=False)[1]
+            self._opened = (os.getpid(), ds, aux)
+        return self._opened[1], self._opened[2]
 
 
 def _as_dataset(source: str | os.PathLike | xr.Dataset) -> xr.Dataset:
@@ -471,14 +496,21 @@ def _chunk_size(ds: xr.Dataset, chunk_size: int | None) -> int:
     return max(1, _CHUNK_PIXELS // math.prod(image.shape[1:]))
 
 
-def _read(ds: xr.Dataset, names: Sequence[str], start: int, stop: int) -> tuple[np.ndarray, ...]:
-    """Images ``(m, H, W)`` float32 and auxiliaries ``(m, k)`` float64 of samples ``start:stop``."""
-    part = ds[["image", *names]].isel(sample=slice(start, stop))
+def _read(
+    ds: xr.Dataset, names: Sequence[str], start: int, stop: int, *, images: bool = True
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Images ``(m, H, W)`` float32 and auxiliaries ``(m, k)`` float64 of samples ``start:stop``.
+
+    Either is ``None`` when not asked for (``images=False``, no ``names``).
+    """
+    variables = ["image", *names] if images else list(names)
+    part = ds[variables].isel(sample=slice(start, stop))
     if part.chunks:  # dask: compute here; a thread pool inherited through a fork would hang
         part = part.compute(scheduler="synchronous")
-    images = np.asarray(part["image"].values, dtype=np.float32)
-    aux = np.stack([np.asarray(part[n].values, dtype=np.float64) for n in names], axis=-1)
-    return images, aux
+    pixels = np.asarray(part["image"].values, dtype=np.float32) if images else None
+    if not names:
+        return pixels, None
+    return pixels, np.stack([np.asarray(part[n].values, dtype=np.float64) for n in names], -1)
 
 
 def _check_int(value: Any, name: str, low: int) -> int:

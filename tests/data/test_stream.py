@@ -18,6 +18,7 @@ from pyro_dlatent.data import (
     simulate_to,
     split,
 )
+from pyro_dlatent.data import stream as stream_module
 from pyro_dlatent.data.stream import (
     Batch,
     MinibatchStream,
@@ -53,7 +54,7 @@ def _with_missing(n=90, size=8, seed=0):
 
 def _indices(stream, num_workers=0, **loader_kwargs):
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, **loader_kwargs)
-    return [batch.index.numpy() for batch in loader]
+    return [batch.index for batch in loader]
 
 
 # ---------------------------------------------------------------- chunked simulation
@@ -198,14 +199,15 @@ def test_batches_hold_the_stored_samples(store):
     stream = MinibatchStream(store, 10, seed=3)
     batches = list(DataLoader(stream, batch_size=None))
     assert all(isinstance(b, Batch) for b in batches)
-    index = torch.cat([b.index for b in batches]).numpy()
+    index = np.concatenate([b.index for b in batches])
     np.testing.assert_array_equal(np.sort(index), np.arange(NUM))
     assert not np.array_equal(index, np.arange(NUM))  # shuffled
     for batch in batches[:3]:
-        assert batch.images.dtype == torch.float32 and batch.aux.dtype == torch.float64
-        np.testing.assert_array_equal(batch.images.numpy(), ds["image"].values[batch.index])
+        assert batch.images.dtype == np.float32 and batch.aux.dtype == np.float64
+        assert batch.index.dtype == np.int64
+        np.testing.assert_array_equal(batch.images, ds["image"].values[batch.index])
         expected = np.stack([ds[n].values[batch.index] for n in ds.attrs["aux_names"]], -1)
-        np.testing.assert_array_equal(batch.aux.numpy(), expected)
+        np.testing.assert_array_equal(batch.aux, expected)
 
 
 @pytest.mark.parametrize(
@@ -281,7 +283,7 @@ def test_persistent_workers_see_set_epoch(store):
     epochs = []
     for epoch in range(2):
         stream.set_epoch(epoch)
-        epochs.append([b.index.numpy() for b in loader])
+        epochs.append([b.index for b in loader])
     for epoch, batches in enumerate(epochs):
         np.testing.assert_array_equal(np.concatenate(batches), np.concatenate(fresh(epoch)))
     assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))
@@ -308,12 +310,10 @@ def test_a_lazy_split_part_streams_its_own_samples(store):
     assert float(train["image"].sum().compute()) != 0.0  # dask's thread pool is now running
     stream = MinibatchStream(train, 25, seed=0)  # and is not used by forked workers
     batches = list(DataLoader(stream, batch_size=None, num_workers=2, timeout=60))
-    index = torch.cat([b.index for b in batches]).numpy()
+    index = np.concatenate([b.index for b in batches])
     np.testing.assert_array_equal(np.sort(index), np.arange(train.sizes["sample"]))
     for batch in batches[:2]:
-        np.testing.assert_array_equal(
-            batch.images.numpy(), expected["image"].values[batch.index.numpy()]
-        )
+        np.testing.assert_array_equal(batch.images, expected["image"].values[batch.index])
 
 
 def test_standardize_aux_matches_prepare(tmp_path):
@@ -330,14 +330,15 @@ def test_standardize_aux_matches_prepare(tmp_path):
     masked = 0
     for batch in DataLoader(stream, batch_size=None, num_workers=2):
         assert isinstance(batch, StandardizedBatch)
-        index = batch.index
-        assert torch.equal(batch.images, prepared.images[index])
-        assert torch.equal(batch.aux, prepared.aux[index])
-        if batch.mask is None:
+        index = torch.from_numpy(batch.index)
+        images, aux, mask = batch.tensors()
+        assert torch.equal(images, prepared.images[index])
+        assert torch.equal(aux, prepared.aux[index])
+        if mask is None:
             assert prepared.mask[index].all()
         else:
             masked += 1
-            assert torch.equal(batch.mask, prepared.mask[index])
+            assert torch.equal(mask, prepared.mask[index])
     assert masked >= 1
 
 
@@ -345,14 +346,24 @@ def test_stream_matches_fit_statistics_scaler(store):
     stats = fit_statistics(store)
     transform = StandardizeAux(stats.scaler)
     stream = MinibatchStream(store, 64, transform=transform, shuffle=False)
-    aux = torch.cat([b.aux for b in DataLoader(stream, batch_size=None)])
+    aux = np.concatenate([b.aux for b in DataLoader(stream, batch_size=None)]).astype(np.float64)
     # standardized over the whole dataset: mean 0 and sd 1 in every column
-    torch.testing.assert_close(
-        aux.double().mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-6, rtol=0
-    )
-    torch.testing.assert_close(
-        aux.double().std(0, correction=0), torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0
-    )
+    np.testing.assert_allclose(aux.mean(0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(aux.std(0), 1.0, atol=1e-6)
+
+
+def test_auxiliaries_read_chunk_by_chunk_equal_those_held_whole(store, monkeypatch):
+    def batches(num_workers):
+        stream = MinibatchStream(store, 10, seed=4)
+        return list(DataLoader(stream, batch_size=None, num_workers=num_workers))
+
+    held = {num_workers: batches(num_workers) for num_workers in (0, 2)}
+    monkeypatch.setattr(stream_module, "_AUX_BYTES", 0)
+    for num_workers in (0, 2):
+        for a, b in zip(held[num_workers], batches(num_workers), strict=True):
+            np.testing.assert_array_equal(a.index, b.index)
+            np.testing.assert_array_equal(a.aux, b.aux)
+            np.testing.assert_array_equal(a.images, b.images)
 
 
 @pytest.mark.parametrize(
@@ -403,7 +414,7 @@ def test_spawned_workers(store):
     stream = MinibatchStream(store, 10, seed=0, transform=transform)
     stream.set_epoch(1)
     loader = DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="spawn")
-    index = np.concatenate([b.index.numpy() for b in loader])
+    index = np.concatenate([b.index for b in loader])
     expected = MinibatchStream(store, 10, seed=0)
     expected.set_epoch(1)
     np.testing.assert_array_equal(index, np.concatenate(_indices(expected, num_workers=2)))
