@@ -39,6 +39,8 @@ PUBLIC_MODULES = [
         )
     ),
     "pyro_dlatent.training",
+    "pyro_dlatent.optim",
+    "pyro_dlatent.distributed",
     "pyro_dlatent.studies",
     "pyro_dlatent.export",
     "pyro_dlatent.metrics",

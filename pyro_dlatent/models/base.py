@@ -65,6 +65,7 @@ from pyro_dlatent.models.generation import (
 from pyro_dlatent.models.prediction import AuxPrediction
 from pyro_dlatent.models.tensors import Encoding, ModelTensors
 from pyro_dlatent.nn import ConvEncoder, check_image_size
+from pyro_dlatent.optim import ForeachClippedAdam, WeightAverage
 from pyro_dlatent.penalties import (
     alignment_penalty,
     decorrelation_penalty,
@@ -74,8 +75,6 @@ from pyro_dlatent.training import (
     FitConfig,
     NonFiniteLossError,
     Trainer,
-    WeightAverage,
-    _ForeachClippedAdam,
     forked_rng,
 )
 from pyro_dlatent.validation import check_int
@@ -230,7 +229,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
                 norm=opts.norm,
             )
         self.history: list[dict[str, Any]] = []
-        self._optim: _ForeachClippedAdam | None = None
+        self._optim: ForeachClippedAdam | None = None
         self._average: WeightAverage | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -23,7 +23,7 @@ from pyro.params.param_store import param_with_module_name
 from pyro_dlatent.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from pyro_dlatent.latent import AuxScaler
 from pyro_dlatent.models.generation import GAUSSIAN, LEGACY_NAMES, NEIGHBOURS, SPLINE
-from pyro_dlatent.training import WeightAverage
+from pyro_dlatent.optim import WeightAverage
 
 if TYPE_CHECKING:
     from pyro_dlatent.models.base import GuidedLatentModel
