@@ -297,8 +297,8 @@ class MinibatchStream(IterableDataset):
     -----
     Use it with ``DataLoader(stream, batch_size=None, num_workers=k)`` (the stream makes the
     batches). Call :meth:`set_epoch` before each epoch; the epoch is kept in shared memory, so
-    ``persistent_workers=True`` sees it too. Each item is a :class:`Batch` of arrays, or what
-    ``transform`` returns.
+    ``persistent_workers=True`` sees it too (and the stream pickles only to start worker
+    processes). Each item is a :class:`Batch` of arrays, or what ``transform`` returns.
 
     Examples
     --------
@@ -306,8 +306,8 @@ class MinibatchStream(IterableDataset):
     >>> loader = DataLoader(stream, None, num_workers=2, persistent_workers=True)  # doctest: +SKIP
     >>> for epoch in range(10):  # doctest: +SKIP
     ...     stream.set_epoch(epoch)
-    ...     for images, aux, index in loader:
-    ...         ...
+    ...     for batch in loader:
+    ...         images = torch.from_numpy(batch.images)
     """
 
     def __init__(
