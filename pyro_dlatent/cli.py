@@ -128,6 +128,10 @@ def train(
     tau: Annotated[
         float | None, typer.Option(help="Tether sd of the guided block [model's default].")
     ] = None,
+    data_workers: Annotated[
+        int | None,
+        typer.Option(help="Processes reading a .nc/.zarr file chunk by chunk [fit's default]."),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run in --out.")] = False,
@@ -136,8 +140,9 @@ def train(
     """Train a model; the run folder gets weights, history, report and figures.
 
     Options left out take the model's own defaults (the same as the Python API's), and the report
-    is computed on the validation part the fit held out. Under ``torchrun`` the processes train
-    data parallel (``--batch-size`` is the global batch) and process 0 writes the run folder.
+    is computed on the validation part the fit held out. A .nc/.zarr file is read chunk by chunk,
+    never whole. Under ``torchrun`` the processes train data parallel (``--batch-size`` is the
+    global batch) and process 0 writes the run folder.
     """
     from pyro_dlatent.runs import CHECKPOINT_DIR, open_dataset, process_rank, train_run
 
@@ -145,9 +150,10 @@ def train(
         raise typer.BadParameter(
             f"directory {str(out.parent)!r} does not exist", param_hint="--out"
         )
-    ds = open_dataset(data, num=num, size=size, seed=seed)
+    ds = open_dataset(data, num=num, size=size, seed=seed, lazy=True)
     model_kwargs = {"residual_dim": residual_dim, "tau": tau}
     fit_kwargs = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay}
+    fit_kwargs["data_workers"] = data_workers
     with _torchrun_group(device) as device:
         try:
             train_run(

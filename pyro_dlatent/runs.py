@@ -48,11 +48,17 @@ LOCK_FILE = ".lock"
 
 
 def open_dataset(
-    source: str | os.PathLike, *, num: int = 2048, size: int = 32, seed: int = 0
+    source: str | os.PathLike,
+    *,
+    num: int = 2048,
+    size: int = 32,
+    seed: int = 0,
+    lazy: bool = False,
 ) -> xr.Dataset:
     """A dataset from a built-in simulator name or from a ``.nc``/``.zarr`` path.
 
-    ``num``, ``size`` and ``seed`` apply to simulated data only.
+    ``num``, ``size`` and ``seed`` apply to simulated data only; ``lazy`` opens a file without
+    reading it (``fit`` then reads it chunk by chunk).
     """
     if str(source) in data.SIMULATORS:
         return data.simulate(str(source), num, size=size, seed=seed)
@@ -62,7 +68,7 @@ def open_dataset(
             f"data {str(source)!r} is neither a built-in dataset {sorted(data.SIMULATORS)} "
             "nor an existing file"
         )
-    return data.load(path)
+    return data.load(path, chunks={}) if lazy else data.load(path)
 
 
 def build_model(name: str, dataset: xr.Dataset, **kwargs: Any) -> GuidedLatentModel:

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pyro_dlatent.checkpoint import load_checkpoint
-from pyro_dlatent.data.io import check_dataset, split
+from pyro_dlatent.data.io import check_dataset, load, split
 from pyro_dlatent.distributed import ELBOLoss as _ELBOLoss
 from pyro_dlatent.distributed import World as _World
 from pyro_dlatent.optim import ForeachClippedAdam as _ForeachClippedAdam
@@ -60,7 +60,15 @@ __all__ = [
 
 CHECKPOINT_NAME = "last.pt"
 """File name of the epoch checkpoint in a fit's ``checkpoint_dir``."""
-_SETTINGS_BEFORE = {"ema_decay": 0.0}  # fit settings added since, as checkpoints without them ran
+_FINGERPRINT_PIXELS = 2**22
+"""Pixels hashed at a time by :func:`dataset_fingerprint` (16 MiB of float32)."""
+POST_FIT_ROWS = 20_000
+"""Training images a fit read chunk by chunk loads for its post-fit calibrations (a seeded
+subset; the calibrations themselves read at most this many)."""
+_SETTINGS_BEFORE = {
+    "ema_decay": 0.0,
+    "data_workers": 2,
+}  # fit settings added since, as checkpoints without them ran
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -155,9 +163,16 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 
 def dataset_fingerprint(ds: xr.Dataset) -> str:
-    """SHA-256 of a dataset's images and auxiliaries: a resumed fit must see the same data."""
+    """SHA-256 of a dataset's images and auxiliaries: a resumed fit must see the same data.
+
+    Read a block of images at a time, so a dataset on disk is hashed without being loaded.
+    """
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(ds["image"].values, dtype=np.float32).tobytes())
+    images = ds["image"]
+    step = max(1, _FINGERPRINT_PIXELS // max(1, math.prod(images.shape[1:])))
+    for start in range(0, images.sizes["sample"], step):
+        block = images.isel(sample=slice(start, start + step)).values
+        digest.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
     for name in ds.attrs["aux_names"]:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(ds[name].values, dtype=np.float64).tobytes())
@@ -196,6 +211,10 @@ class FitConfig:
         Decay in ``[0, 1)`` of an exponential moving average of the networks' weights, updated
         after every step; the model keeps the average when the fit ends (the live weights stay
         in the checkpoint). 0 turns it off.
+    data_workers : int
+        DataLoader worker processes that read a dataset stored on disk chunk by chunk (see
+        :class:`Trainer`); the order of its minibatches depends on it. 0 reads in the training
+        process.
     """
 
     epochs: int = 20
@@ -207,6 +226,7 @@ class FitConfig:
     clip_norm: float | None = 10.0
     eval_batch_size: int = 1024
     ema_decay: float = 0.0
+    data_workers: int = 2
 
     def __post_init__(self) -> None:
         checked = {
@@ -217,6 +237,7 @@ class FitConfig:
             "seed": check_int(self.seed, "seed", 0),
             "eval_batch_size": check_int(self.eval_batch_size, "eval_batch_size", 1),
             "ema_decay": check_float(self.ema_decay, "ema_decay", minimum=0.0, strict=False),
+            "data_workers": check_int(self.data_workers, "data_workers", 0),
         }
         if checked["lr_decay"] > 1.0:
             raise ValueError(f"expected 0 < lr_decay <= 1, got {self.lr_decay!r}")
@@ -238,6 +259,61 @@ class FitConfig:
     def settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (all but ``epochs``)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "epochs"}
+
+
+class _Streamed:
+    """The training part of a dataset on disk, read chunk by chunk by DataLoader workers.
+
+    Minibatches come from a :class:`~pyro_dlatent.data.stream.MinibatchStream` (chunk-wise
+    shuffles, sharded over the processes of a data-parallel fit: each steps on its own
+    ``ceil(batch_size / W)``-image batches) with the model's scaler applied in the workers.
+    """
+
+    def __init__(
+        self, model: GuidedLatentModel, train: xr.Dataset, config: FitConfig, world: Any
+    ) -> None:
+        from torch.utils.data import DataLoader
+
+        from pyro_dlatent.data.stream import MinibatchStream, StandardizeAux
+
+        size = 1 if world is None else world.size
+        self.model, self.train, self.seed = model, train, config.seed
+        self.stream = MinibatchStream(
+            train,
+            math.ceil(config.batch_size / size),
+            seed=config.seed,
+            rank=0 if world is None else world.rank,
+            world_size=size,
+            aux_names=model.scaler.names,
+            transform=StandardizeAux(model.scaler),
+        )
+        self.num_samples = self.stream.num_samples
+        workers = config.data_workers
+        self.loader = DataLoader(
+            self.stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0
+        )
+
+    def epoch(
+        self, epoch: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """``(images, aux, mask, index)`` of each step of ``epoch``."""
+        self.stream.set_epoch(epoch)
+        for batch in self.loader:
+            images, aux, mask = batch.tensors(device)
+            yield images, aux, mask, torch.from_numpy(batch.index).to(device)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self.loader = None
+
+    def post_fit_rows(self) -> ModelTensors:
+        """A seeded subset of :data:`POST_FIT_ROWS` training images, loaded."""
+        n = self.num_samples
+        rows = np.arange(n)
+        if n > POST_FIT_ROWS:
+            rng = np.random.default_rng((self.seed, 1))
+            rows = np.sort(rng.choice(n, POST_FIT_ROWS, replace=False))
+        return self.model.prepare(self.train.isel(sample=rows), name="dataset")
 
 
 class Trainer:
@@ -295,6 +371,8 @@ class Trainer:
         model, config = self.model, self.config
         world = self._world = _World.current()
         lead = world is None or world.rank == 0
+        if isinstance(dataset, str | os.PathLike):
+            dataset = load(dataset, chunks={})  # lazy: read chunk by chunk below
         ds = check_dataset(dataset, name="dataset")
         device = model.device if device is None else torch.device(device)
         if world is not None and device.type == "cuda" and device.index is None:
@@ -304,8 +382,15 @@ class Trainer:
             train_ds, val_ds = split(ds, config.val_fraction, seed=config.seed)
         else:
             train_ds, val_ds = ds, None
-        train = model.prepare(train_ds)
         val = None if val_ds is None else model.prepare(val_ds)
+        train: ModelTensors | _Streamed
+        if ds["image"].chunks is None:
+            train = model.prepare(train_ds)
+            n = train.images.shape[0]
+            num_batches = math.ceil(n / config.batch_size)
+        else:
+            train = _Streamed(model, train_ds, config, world)
+            n, num_batches = train.num_samples, len(train.stream)
         settings = config.settings()
         fingerprint = dataset_fingerprint(ds)
         checkpoint = None
@@ -315,8 +400,6 @@ class Trainer:
             checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
         resume_path = resume_checkpoint(resume, checkpoint)
 
-        n = train.images.shape[0]
-        num_batches = math.ceil(n / config.batch_size)
         if world is not None and world.size > 1 and n // num_batches < 2 * world.size:
             raise ValueError(
                 f"batch_size={config.batch_size} is the global batch: shared by {world.size} "
@@ -394,6 +477,9 @@ class Trainer:
             bar.close()
             model.eval()
         del svi, replicas
+        if isinstance(train, _Streamed):
+            train.close()
+            train = train.post_fit_rows()
         self._after_fit(train, val)
         if checkpoint is not None and lead:
             model.save(checkpoint, extra={"epoch": len(history), **extra})
@@ -426,43 +512,51 @@ class Trainer:
         if model.residual_after_fit:
             model.fit_collapsed_prior(train, seed=self.config.seed)
 
-    def _batches(self, n: int, num_batches: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The training rows this process steps on, one index tensor per step of an epoch.
+    def _tensor_batches(
+        self, train: ModelTensors, num_batches: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """``(images, aux, mask, index)`` of each step of an epoch on tensors in memory.
 
-        The epoch's RNG must be seeded: the shuffled order of the ``n`` rows is then the same on
-        every process, cut into ``num_batches`` near-equal batches, of which a data-parallel
-        process takes its near-equal share.
+        The epoch's RNG must be seeded: the shuffled order of the training rows is then the
+        same on every process, cut into ``num_batches`` near-equal batches, of which a
+        data-parallel process takes its near-equal share. The order is drawn here, before the
+        first batch is used.
         """
-        batches = torch.tensor_split(torch.randperm(n, device=device), num_batches)
+        batches = torch.tensor_split(
+            torch.randperm(train.images.shape[0], device=device), num_batches
+        )
         world = self._world
-        if world is None:
-            return batches
-        return tuple(torch.tensor_split(batch, world.size)[world.rank] for batch in batches)
+        if world is not None:
+            batches = tuple(torch.tensor_split(b, world.size)[world.rank] for b in batches)
+        mask = train.mask
+        return (
+            (train.images[i], train.aux[i], None if mask is None else mask[i], i) for i in batches
+        )
 
     def _train_epoch(
         self,
         svi: _GuardedSVI,
-        train: ModelTensors,
+        train: ModelTensors | _Streamed,
         epoch: int,
         num_batches: int,
         bar: Any,
         checkpoint: Path | None,
     ) -> dict[str, Any]:
         model, world = self.model, self._world
-        device = train.images.device
+        device = model.device
         reseed(epoch_seed(self.config.seed, epoch), device)
-        n = train.images.shape[0]
         model.train()
         start = time.perf_counter()
         loss_sum = 0.0
         penalty_sum = torch.zeros(2, device=device)
-        batches = self._batches(n, num_batches, device)
+        if isinstance(train, _Streamed):
+            n, batches = train.num_samples, train.epoch(epoch, device)
+        else:
+            n = train.images.shape[0]
+            batches = self._tensor_batches(train, num_batches, device)
         if world is not None and world.rank > 0:
             reseed(epoch_seed(self.config.seed, epoch, world.rank), device)
-        for step, index in enumerate(batches):
-            images = train.images[index]
-            aux = train.aux[index]
-            mask = None if train.mask is None else train.mask[index]
+        for step, (images, aux, mask, index) in enumerate(batches):
             encoded = model.encoder_params(images)
             try:
                 loss = svi.step(images, aux, mask, num_data=n, subsample=index, encoded=encoded)

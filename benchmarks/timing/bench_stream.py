@@ -255,7 +255,57 @@ def _timing_dict(timing: Timing, num: int) -> dict:
     }
 
 
-PHASES = {"write": phase_write, "memory": phase_memory, "stream": phase_stream}
+def _phase_fit(args: argparse.Namespace, streamed: bool) -> dict:
+    """One epoch of ``AuxVAE.fit`` (package defaults) on the store, loaded whole or streamed."""
+    import torch
+
+    from pyro_dlatent.data import load
+    from pyro_dlatent.models import AuxVAE
+
+    torch.set_num_threads(args.threads)
+    with _PeakMemory() as peak:
+        ds = load(args.path, chunks={}) if streamed else load(args.path)
+        model = AuxVAE.from_dataset(ds, seed=0)
+        before = _load()
+        start = time.perf_counter()
+        history = model.fit(
+            args.path if streamed else ds,
+            epochs=1,
+            batch_size=args.batch_size,
+            progress=False,
+            data_workers=args.workers,
+        )
+        seconds = time.perf_counter() - start
+    trained = round(args.num * 0.9)  # the fit's training part (val_fraction 0.1)
+    return {
+        "epoch_seconds": history[0]["time_s"],
+        "images_per_second": trained / history[0]["time_s"],
+        "fit_seconds": seconds,
+        "peak_rss_mib": peak.rss / MIB,
+        "peak_pss_mib": peak.pss / MIB,
+        "peak_main_rss_mib": peak.main_rss / MIB,
+        "load_before": before,
+        "load_after": _load(),
+    }
+
+
+def phase_fit_memory(args: argparse.Namespace) -> dict:
+    """``fit`` on the dataset loaded whole (the in-memory path)."""
+    return _phase_fit(args, streamed=False)
+
+
+def phase_fit_stream(args: argparse.Namespace) -> dict:
+    """``fit`` on the store's path (read chunk by chunk by ``--workers`` processes)."""
+    return _phase_fit(args, streamed=True)
+
+
+PHASES = {
+    "write": phase_write,
+    "memory": phase_memory,
+    "stream": phase_stream,
+    "fit_memory": phase_fit_memory,
+    "fit_stream": phase_fit_stream,
+}
 
 
 def _run_phase(name: str, argv: list[str]) -> dict:
@@ -287,6 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--conv-batches", type=int, default=300, help="batches per timed epoch under the conv net"
+    )
+    parser.add_argument(
+        "--fit", action="store_true", help="also time one epoch of AuxVAE.fit, loaded vs streamed"
+    )
+    parser.add_argument(
+        "--skip-loader", action="store_true", help="only write (and --fit): no loader phases"
     )
     parser.add_argument("--dir", type=Path, default=None, help="keep the store in this folder")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
@@ -320,7 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
             "python": platform.python_version(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        for name in ("write", "memory", "stream"):
+        phases = ["write"] + ([] if args.skip_loader else ["memory", "stream"])
+        phases += ["fit_memory", "fit_stream"] if args.fit else []
+        for name in phases:
             results[name] = _run_phase(name, common)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
     write = results["write"]
@@ -330,14 +388,24 @@ def main(argv: list[str] | None = None) -> dict:
         f"peak RSS {write['peak_rss_mib']:.0f} MiB ({write['rss_after_imports_mib']:.0f} MiB "
         "after the imports)"
     )
-    for name in ("memory", "stream"):
+    for name in ("memory", "stream", "fit_memory", "fit_stream"):
+        if name not in results:
+            continue
         phase = results[name]
         print(
             f"{name}: peak RSS {phase['peak_rss_mib']:.0f} MiB, PSS {phase['peak_pss_mib']:.0f} "
             f"MiB (main process and workers; main alone: RSS {phase['peak_main_rss_mib']:.0f} "
             f"MiB); load {phase['load_after']['load_1min']:.2f} after"
         )
-    for kind in args.consumers:
+    if args.fit:
+        rows = [
+            (name, Timing.from_values([results[name]["epoch_seconds"]]))
+            for name in ("fit_memory", "fit_stream")
+        ]
+        for name in ("fit_memory", "fit_stream"):
+            print(f"{name}: {results[name]['images_per_second']:.0f} images/s")
+        print_ratios(rows, baseline="fit_memory", unit="s")
+    for kind in [] if args.skip_loader else args.consumers:
         rows = [
             (f"{name}[{kind}]", Timing.from_values(results[name][kind]["epoch_seconds"]))
             for name in ("memory", "stream")

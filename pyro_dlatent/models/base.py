@@ -531,7 +531,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
     # ------------------------------------------------------------------ training
     def fit(
         self,
-        dataset: xr.Dataset,
+        dataset: xr.Dataset | str | os.PathLike,
         *,
         epochs: int = 20,
         batch_size: int = 128,
@@ -546,6 +546,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
         clip_norm: float | None = 10.0,
         eval_batch_size: int = 1024,
         ema_decay: float = 0.0,
+        data_workers: int = 2,
     ) -> list[dict[str, Any]]:
         """Train with SVI (``Trace_ELBO`` + ``ClippedAdam``) on minibatches of ``dataset``.
 
@@ -555,14 +556,21 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
 
         The dataset is split once (:func:`pyro_dlatent.data.split` with ``seed``) into training
         and validation parts and moved to ``device`` as tensors; minibatches are indexed there.
-        Epoch ``e`` draws its shuffling and Monte Carlo noise from a private RNG seeded by
-        ``(seed, e)``, so a run resumed from an epoch checkpoint ends exactly where the
-        uninterrupted run would; the caller's global RNG state is restored afterwards.
+        A dataset on disk (a path, or a dataset opened lazily, ``data.load(path, chunks={})``)
+        is not loaded: its training part is read chunk by chunk by ``data_workers`` processes
+        (:class:`~pyro_dlatent.data.stream.MinibatchStream`; shuffled within a few chunks at a
+        time), its validation part and a subset of
+        :data:`~pyro_dlatent.training.POST_FIT_ROWS` training images are loaded for scoring and
+        the post-fit calibrations. Epoch ``e`` draws its shuffling and Monte Carlo noise from a
+        private RNG seeded by ``(seed, e)``, so a run resumed from an epoch checkpoint ends
+        exactly where the uninterrupted run would; the caller's global RNG state is restored
+        afterwards.
 
         Parameters
         ----------
-        dataset : xarray.Dataset
-            Images ``(sample, y, x)`` and the model's auxiliaries (``NaN`` = missing).
+        dataset : xarray.Dataset or path-like
+            Images ``(sample, y, x)`` and the model's auxiliaries (``NaN`` = missing); a path
+            to a ``.zarr`` store or netCDF file is read chunk by chunk.
         epochs : int
             Total number of epochs (a resumed run continues up to it).
         batch_size : int
@@ -606,9 +614,10 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
             the first step's weights, so its horizon ``1 / (1 - ema_decay)`` steps should be a
             small part of the run (a warning says when they keep over 5% of the average).
             ``load(..., weights="live")`` brings back the live weights with their own
-            generation map. On ``halos`` (DL-CFM, 8,352 steps, 0.999) it settled the
-            whole-map Y-M slope of two runs (1.58 and 2.02 to 1.75 and 1.76; simulated 1.745)
-            but made one run's maps 12% fainter; docs/history.md has the table.
+            generation map. docs/history.md has its measurements on ``halos``.
+        data_workers : int
+            Processes that read a dataset on disk (0: this process); the minibatch order
+            depends on it, so a resumed run must keep it.
 
         Returns
         -------
@@ -636,6 +645,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
             clip_norm=clip_norm,
             eval_batch_size=eval_batch_size,
             ema_decay=ema_decay,
+            data_workers=data_workers,
         )
         return Trainer(self, config).fit(
             dataset,
