@@ -23,22 +23,28 @@ def store(tmp_path_factory):
     return data.simulate_to(path, "sources", NUM, size=16, seed=0, chunk_size=64)
 
 
+@pytest.fixture
+def prepared(monkeypatch):
+    """Sizes of the datasets the models ``prepare`` (load as tensors), in call order."""
+    sizes = []
+    prepare = GuidedLatentModel.prepare
+
+    def spy(self, dataset, *, name="dataset"):
+        sizes.append(dataset.sizes["sample"])
+        return prepare(self, dataset, name=name)
+
+    monkeypatch.setattr(GuidedLatentModel, "prepare", spy)
+    monkeypatch.setattr(training, "POST_FIT_ROWS", 100)
+    return sizes
+
+
 def _model(store) -> AuxVAE:
     return AuxVAE.from_dataset(data.load(store, chunks={}), **SMALL)
 
 
 def test_a_streamed_fit_reads_only_chunks_its_validation_part_and_a_post_fit_subset(
-    store, monkeypatch
+    store, prepared
 ):
-    prepared = []
-    prepare = GuidedLatentModel.prepare
-
-    def spy(self, dataset, *, name="dataset"):
-        prepared.append(dataset.sizes["sample"])
-        return prepare(self, dataset, name=name)
-
-    monkeypatch.setattr(GuidedLatentModel, "prepare", spy)
-    monkeypatch.setattr(training, "POST_FIT_ROWS", 100)
     model = _model(store)
     history = model.fit(store, data_workers=0, **FIT)
     # the validation part (10%) and 100 training images; never the 346-image training part
@@ -91,18 +97,9 @@ def test_the_fingerprint_of_a_lazy_dataset_is_that_of_the_loaded_one(store, monk
     assert training.dataset_fingerprint(lazy) == training.dataset_fingerprint(loaded)
 
 
-def test_the_train_command_streams_a_stored_dataset(store, tmp_path, monkeypatch):
+def test_the_train_command_streams_a_stored_dataset(store, tmp_path, prepared):
     from pyro_dlatent.cli import main
 
-    prepared = []
-    prepare = GuidedLatentModel.prepare
-
-    def spy(self, dataset, *, name="dataset"):
-        prepared.append(dataset.sizes["sample"])
-        return prepare(self, dataset, name=name)
-
-    monkeypatch.setattr(GuidedLatentModel, "prepare", spy)
-    monkeypatch.setattr(training, "POST_FIT_ROWS", 100)
     argv = ["train", str(store), "--out", str(tmp_path / "run"), "--epochs", "1"]
     argv += ["--batch-size", "64", "--data-workers", "0", "--no-progress"]
     assert main(argv) == 0
