@@ -110,6 +110,14 @@ def _two_processes(rank: int, size: int, store: Path, out: Path) -> None:
             "optimizer": _optimizer_digest(model),
             "history": _records(history),
         }
+    # the dataset stored on disk, read chunk by chunk: each process steps on its own shard
+    streamed = AuxVAE.from_dataset(ds, seed=rank, **TINY)
+    history = streamed.fit(out.parent / "data.zarr", epochs=2, data_workers=0, **fit)
+    result["streamed"] = {
+        "state": _digest(streamed.state_dict()),
+        "optimizer": _optimizer_digest(streamed),
+        "history": _records(history),
+    }
     first = AuxVAE.from_dataset(ds, seed=rank, **TINY)
     first.fit(ds, epochs=1, checkpoint_dir=out / "resumed", **averaged)
     resumed = AuxVAE.from_dataset(ds, seed=rank, **TINY)
@@ -148,9 +156,10 @@ def _two_processes(rank: int, size: int, store: Path, out: Path) -> None:
 def test_two_processes_keep_identical_weights_and_only_process_0_writes(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    data.simulate_to(tmp_path / "data.zarr", "sources", 64, size=16, seed=0, chunk_size=16)
     mp.spawn(_two_processes, args=(2, tmp_path / "store", out), nprocs=2)
     lead, other = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
-    for name, epochs in (("auxvae", 2), ("dlcfm", 1)):
+    for name, epochs in (("auxvae", 2), ("dlcfm", 1), ("streamed", 2)):
         assert lead[name] == other[name], name
         assert len(lead[name]["history"]) == epochs
     assert lead["resumed"] == other["resumed"]
