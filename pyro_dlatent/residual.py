@@ -209,10 +209,11 @@ def fit_residuals(
     ``mean`` maps a tensor of standardized auxiliaries ``(k, aux_dim)`` to fields ``(k, H, W)``;
     every row is used (filter missing auxiliaries and subsample first).
     """
-    images = torch.as_tensor(np.asarray(images), dtype=torch.float64)
+    images = torch.as_tensor(np.asarray(images))
     s = torch.as_tensor(np.asarray(standardized), dtype=torch.float64)
-    residuals = [
-        images[i : i + batch_size] - mean(s[i : i + batch_size]).cpu().double()
-        for i in range(0, len(s), batch_size)
-    ]
-    return field.fit(torch.cat(residuals).numpy() if residuals else images.numpy(), s.numpy())
+    # filled a batch at a time: one float64 copy of the residuals, not three
+    residuals = torch.empty(images.shape, dtype=torch.float64)
+    for i in range(0, len(s), batch_size):
+        block = images[i : i + batch_size].to(torch.float64)
+        residuals[i : i + batch_size] = block - mean(s[i : i + batch_size]).cpu().double()
+    return field.fit(residuals.numpy(), s.numpy())

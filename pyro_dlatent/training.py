@@ -62,9 +62,10 @@ CHECKPOINT_NAME = "last.pt"
 """File name of the epoch checkpoint in a fit's ``checkpoint_dir``."""
 _FINGERPRINT_PIXELS = 2**22
 """Pixels hashed at a time by :func:`dataset_fingerprint` (16 MiB of float32)."""
-POST_FIT_ROWS = 20_000
+POST_FIT_ROWS = 8192
 """Training images a fit read chunk by chunk loads for its post-fit calibrations (a seeded
-subset; the calibrations themselves read at most this many)."""
+subset, as many as the package's studies train on): the residual field's SVD holds a few
+float64 copies of them, which is what bounds a streamed fit's memory."""
 _SETTINGS_BEFORE = {
     "ema_decay": 0.0,
     "data_workers": 2,
