@@ -7,7 +7,8 @@ not explain. Two uses of that follow:
   prior, :math:`\\|z_{rec}\\|^2 \\ge \\chi^2_r(q)`, to generate unusual maps at chosen physics;
 - **anomalies** (:func:`fit_anomaly_detector`): the Mahalanobis radius of a sample's encoded
   residual block with respect to a reference (training) population, turned into a p-value;
-  ranked in a table (:func:`rank_anomalies`) and shown in a gallery (:func:`anomaly_gallery`).
+  ranked in a table (:func:`rank_anomalies`) and shown in a gallery
+  (:func:`pyro_dlatent.plots.anomaly_gallery`).
   With ``condition=`` (a physical auxiliary or guided coordinate) the reference mean and
   covariance are those of the sample's equal-count bin of the condition: "anomalous for its
   mass" rather than for the whole population.
@@ -22,7 +23,6 @@ scores the image. On ``halos`` it raised the AUROC for the disturbed flag of fou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,8 +33,6 @@ import xarray as xr
 from scipy import linalg, stats
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from pyro_dlatent.models.base import Encoding, GuidedLatentModel
 
 __all__ = [
@@ -42,7 +40,6 @@ __all__ = [
     "VIEWS",
     "AnomalyDetector",
     "ConditionalAnomalyDetector",
-    "anomaly_gallery",
     "encode_views",
     "fit_anomaly_detector",
     "image_views",
@@ -663,69 +660,17 @@ def rank_anomalies(
     return xr.Dataset(data_vars, coords={"rank": np.arange(order.size)})
 
 
-def anomaly_gallery(
-    images: Any,
-    table: xr.Dataset,
-    *,
-    top_k: int = 16,
-    ncols: int = 4,
-    annotate: Sequence[str] = (),
-    cmap: str = "viridis",
-    panel_size: float = 1.6,
-) -> Figure:
-    """Gallery of the ``top_k`` most anomalous images with their scores and p-values.
+def __getattr__(name: str) -> Any:
+    # anomaly_gallery moved to the figures (pyro_dlatent.plots); this name goes in a release
+    if name == "anomaly_gallery":
+        import warnings
 
-    Parameters
-    ----------
-    images : array-like, shape ``(n, H, W)``
-        The images the table ranks; ``table["sample"]`` must index their first axis.
-    table : xarray.Dataset
-        Output of :func:`rank_anomalies` (with the default ``sample`` = row index).
-    top_k : int
-        Number of panels (at most the table's length).
-    ncols : int
-        Panels per row.
-    annotate : sequence of str
-        Further table variables shown in each title (e.g. a known flag, for checking).
-    cmap : str
-        Colour map; each panel has its own colour scale, so faint structure stays visible.
+        from pyro_dlatent import plots
 
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.ndim != 3:
-        raise ValueError(f"expected images of shape (n, H, W), got {images.shape}")
-    for key in ("sample", "score", "p_value", *annotate):
-        if key not in table:
-            raise ValueError(f"table lacks the variable {key!r}; build it with rank_anomalies")
-    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
-        raise ValueError(f"expected top_k >= 1 (an int), got {top_k!r}")
-    if isinstance(ncols, bool) or int(ncols) != ncols or ncols < 1:
-        raise ValueError(f"expected ncols >= 1 (an int), got {ncols!r}")
-    k = min(int(top_k), table.sizes["rank"])
-    index = table["sample"].values[:k].astype(np.int64)
-    if (index < 0).any() or (index >= images.shape[0]).any():
-        raise ValueError("table['sample'] does not index images (out of range)")
-    ncols = min(int(ncols), k)
-    nrows = math.ceil(k / ncols)
-    from pyro_dlatent.plots import subplots
-
-    fig, axes = subplots(
-        nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.2), squeeze=False
-    )
-    for panel, ax in enumerate(axes.ravel()):
-        ax.set_axis_off()
-        if panel >= k:
-            continue
-        ax.imshow(images[index[panel]], cmap=cmap, origin="lower")
-        score = float(table["score"].values[panel])
-        p = float(table["p_value"].values[panel])
-        extra = "".join(f"\n{key}={table[key].values[panel]}" for key in annotate)
-        ax.set_title(f"#{panel} s={score:.1f}\np={p:.2g}{extra}", fontsize=7)
-    fig.suptitle("most anomalous residual blocks", fontsize=9)
-    fig.tight_layout()
-    return fig
+        warnings.warn(
+            "pyro_dlatent.anomaly.anomaly_gallery moved to pyro_dlatent.plots.anomaly_gallery",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return plots.anomaly_gallery
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

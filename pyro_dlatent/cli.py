@@ -485,7 +485,7 @@ def anomalies(
     table.attrs.update(views=views, by=by or "")
     with owned_folder(out):
         write_netcdf(table, out / "anomalies.nc")
-        fig = anomaly.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))
+        fig = plots.anomaly_gallery(ds["image"].values, table, top_k=min(top, ds.sizes["sample"]))
         plots.save_figure(fig, out / "anomalies.png")
     typer.echo(f"ranked {ds.sizes['sample']} images into {out}")
 

@@ -5,18 +5,21 @@ Every function returns a matplotlib ``Figure``; :func:`save_figure` writes and c
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 from matplotlib.figure import Figure
 
 from pyro_dlatent.utils import atomic_write
 
 __all__ = [
+    "anomaly_gallery",
     "aux_scatter",
     "image_grid",
     "latent_traversal",
@@ -379,5 +382,71 @@ def training_history(history: Sequence[dict]) -> Figure:
         ax.set_xlabel("epoch", fontsize=8)
         ax.legend(fontsize=6)
         ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def anomaly_gallery(
+    images: Any,
+    table: xr.Dataset,
+    *,
+    top_k: int = 16,
+    ncols: int = 4,
+    annotate: Sequence[str] = (),
+    cmap: str = "viridis",
+    panel_size: float = 1.6,
+) -> Figure:
+    """Gallery of the ``top_k`` most anomalous images with their scores and p-values.
+
+    Parameters
+    ----------
+    images : array-like, shape ``(n, H, W)``
+        The images the table ranks; ``table["sample"]`` must index their first axis.
+    table : xarray.Dataset
+        Output of :func:`~pyro_dlatent.anomaly.rank_anomalies` (default ``sample``: row index).
+    top_k : int
+        Number of panels (at most the table's length).
+    ncols : int
+        Panels per row.
+    annotate : sequence of str
+        Further table variables shown in each title (e.g. a known flag, for checking).
+    cmap : str
+        Colour map; each panel has its own colour scale, so faint structure stays visible.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"expected images of shape (n, H, W), got {images.shape}")
+    for key in ("sample", "score", "p_value", *annotate):
+        if key not in table:
+            raise ValueError(f"table lacks the variable {key!r}; build it with rank_anomalies")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+        raise ValueError(f"expected top_k >= 1 (an int), got {top_k!r}")
+    if isinstance(ncols, bool) or int(ncols) != ncols or ncols < 1:
+        raise ValueError(f"expected ncols >= 1 (an int), got {ncols!r}")
+    k = min(int(top_k), table.sizes["rank"])
+    index = table["sample"].values[:k].astype(np.int64)
+    if (index < 0).any() or (index >= images.shape[0]).any():
+        raise ValueError("table['sample'] does not index images (out of range)")
+    ncols = min(int(ncols), k)
+    nrows = math.ceil(k / ncols)
+    fig, axes = subplots(
+        nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.2), squeeze=False
+    )
+    for panel, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if panel >= k:
+            continue
+        ax.imshow(images[index[panel]], cmap=cmap, origin="lower")
+        score = float(table["score"].values[panel])
+        p = float(table["p_value"].values[panel])
+        extra = "".join(f"\n{key}={table[key].values[panel]}" for key in annotate)
+        ax.set_title(f"#{panel} s={score:.1f}\np={p:.2g}{extra}", fontsize=7)
+    fig.suptitle("most anomalous residual blocks", fontsize=9)
     fig.tight_layout()
     return fig

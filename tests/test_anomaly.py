@@ -13,13 +13,13 @@ from scipy import stats
 
 from pyro_dlatent.anomaly import (
     AnomalyDetector,
-    anomaly_gallery,
     encode_views,
     fit_anomaly_detector,
     image_views,
     rank_anomalies,
     tail_latents,
 )
+from pyro_dlatent.plots import anomaly_gallery
 
 ALPHAS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -400,3 +400,10 @@ def test_encode_views_makes_the_score_invariant_to_the_orientation_of_the_input(
         encode_views(model, data, "rotations")
     with pytest.raises(ValueError, match="batch_size"):
         encode_views(model, data, batch_size=0)
+
+
+def test_the_gallery_under_its_old_name_warns_and_is_the_figure_function():
+    from pyro_dlatent import anomaly, plots
+
+    with pytest.warns(FutureWarning, match="moved to pyro_dlatent.plots"):
+        assert anomaly.anomaly_gallery is plots.anomaly_gallery

@@ -62,3 +62,47 @@ def test_no_module_imports_pyplot():
                 if isinstance(node.value, ast.Name) and node.value.id == "matplotlib":
                     offenders.append(path.name)
     assert offenders == []
+
+
+APP_LAYER = {
+    "pyro_dlatent.cli",
+    "pyro_dlatent.runs",
+    "pyro_dlatent.report",
+    "pyro_dlatent.plots",
+    "pyro_dlatent.demo",
+    "pyro_dlatent.inverse.run",
+}
+"""The application layer: command line, run folders, reports, figures, the demo."""
+SHIMS = {("pyro_dlatent.anomaly", "pyro_dlatent.plots")}
+"""Old names kept for a release that forward to the app layer when (and only when) used."""
+
+
+def _imported(path: Path, module: str) -> set[str]:
+    """Every pyro_dlatent module a file imports, at any depth in it (lazy imports included)."""
+    names = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.startswith("pyro_dlatent")}
+
+
+def test_the_core_never_imports_the_application_layer():
+    root = Path(pyro_dlatent.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if module in APP_LAYER:
+            continue
+        for name in sorted(_imported(path, module) & APP_LAYER):
+            if (module, name) not in SHIMS:
+                offenders.append(f"{module} imports {name}")
+    assert not offenders, offenders

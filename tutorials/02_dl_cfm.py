@@ -121,7 +121,7 @@ table = anomaly.rank_anomalies(
 )
 auroc = metrics.auroc(table["score"].values, table["disturbed"].values)
 print(f"AUROC of the residual anomaly score for the disturbed flag: {auroc:.3f}")
-fig = anomaly.anomaly_gallery(held_out["image"].values, table, top_k=8, annotate=["disturbed"])
+fig = plots.anomaly_gallery(held_out["image"].values, table, top_k=8, annotate=["disturbed"])
 plots.save_figure(fig, OUT / "anomalies.png")
 fig
 

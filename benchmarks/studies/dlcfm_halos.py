@@ -45,7 +45,6 @@ import torch
 
 from pyro_dlatent import metrics
 from pyro_dlatent.anomaly import (
-    anomaly_gallery,
     encode_views,
     fit_anomaly_detector,
     rank_anomalies,
@@ -58,7 +57,7 @@ from pyro_dlatent.flow import BASE_NOISES
 from pyro_dlatent.models.auxvae import AuxVAE
 from pyro_dlatent.models.base import GuidedLatentModel
 from pyro_dlatent.models.dlcfm import DLCFM
-from pyro_dlatent.plots import image_grid, save_figure
+from pyro_dlatent.plots import anomaly_gallery, image_grid, save_figure
 from pyro_dlatent.training import CHECKPOINT_NAME
 
 __all__ = [
