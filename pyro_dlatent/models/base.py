@@ -56,6 +56,7 @@ from pyro_dlatent.calibration import (
 from pyro_dlatent.checkpoint import FORMAT_VERSION
 from pyro_dlatent.data.io import check_dataset
 from pyro_dlatent.latent import AUX_SITE, REC_SITE, AuxScaler, LatentSplit
+from pyro_dlatent.models import generation as _generation
 from pyro_dlatent.models import persistence
 from pyro_dlatent.models.config import ModelConfig
 from pyro_dlatent.models.generation import (
@@ -834,3 +835,42 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
             on the training images makes it again.
         """
         return persistence.load_model(cls, path, device=device, weights=weights)
+
+
+def _legacy_buffer(old: str, new: str) -> property:
+    """``model.<old>``, a generation-map buffer's name before the map was a module."""
+
+    def get(self: GuidedLatentModel) -> torch.Tensor:
+        warnings.warn(
+            f"{type(self).__name__}.{old} is now {type(self).__name__}.generation.{new}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(self.generation, new)
+
+    return property(get)
+
+
+for _old, _new in _generation.LEGACY_NAMES.items():  # kept for one release
+    setattr(GuidedLatentModel, _old, _legacy_buffer(_old, _new))
+
+_MOVED = {
+    "natural_spline_terms": _generation,
+    "SPLINE_KNOT_QUANTILES": _generation,
+    "SPLINE_MIN_IMAGES": _generation,
+    "GENERATION_NEIGHBOURS": _generation,
+    "upgrade_state": persistence,
+}
+"""Names this module had before the generation map and persistence became modules."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        module = _MOVED[name]
+        warnings.warn(
+            f"pyro_dlatent.models.base.{name} moved to {module.__name__}.{name}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -697,3 +697,12 @@ def test_configs_from_before_the_options_get_their_old_values_and_keep_their_own
     }
     written = {"field_spatial_channels": 8, "field_mean_head": True, "noise": "zero-mean"}
     assert DLCFM._upgrade_config(dict(written)) == written
+
+
+def test_the_generation_maps_old_names_warn_and_forward(trained):
+    import pyro_dlatent.models.base as base
+
+    with pytest.warns(FutureWarning, match="generation.loc"):
+        assert torch.equal(trained.guided_loc, trained.generation.loc)
+    with pytest.warns(FutureWarning, match="models.generation.natural_spline_terms"):
+        assert base.natural_spline_terms is natural_spline_terms
