@@ -393,13 +393,16 @@ class Trainer:
             train = _Streamed(model, train_ds, config, world)
             n, num_batches = train.num_samples, len(train.stream)
         settings = config.settings()
-        fingerprint = dataset_fingerprint(ds)
         checkpoint = None
         if checkpoint_dir is not None:
             if lead:
                 Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME
         resume_path = resume_checkpoint(resume, checkpoint)
+        # read by checkpoints, resume and the processes' agreement check only: a fit without
+        # them does not pass over a stored dataset once more to hash it
+        needed = checkpoint is not None or resume_path is not None or world is not None
+        fingerprint = dataset_fingerprint(ds) if needed else None
 
         if world is not None and world.size > 1 and n // num_batches < 2 * world.size:
             raise ValueError(
@@ -599,7 +602,7 @@ class Trainer:
         }
 
     def _restore(
-        self, path: Path, settings: dict[str, Any], fingerprint: str
+        self, path: Path, settings: dict[str, Any], fingerprint: str | None
     ) -> tuple[list[dict[str, Any]], Any]:
         """Load a resume checkpoint after checking it was this config on this dataset."""
         model = self.model
