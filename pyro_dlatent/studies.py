@@ -33,7 +33,14 @@ def _record_path(out: Path, index: int) -> Path:
     return out / RECORDS / f"{index:06d}.json"
 
 
-_NOTHING = object()
+class _NotShared:
+    """The default of ``shared``: tasks take the index alone."""
+
+    def __repr__(self) -> str:
+        return "<nothing shared>"
+
+
+_NOTHING = _NotShared()
 
 
 def _run_and_write(
