@@ -93,3 +93,17 @@ def test_a_shared_object_reaches_each_worker_once_and_every_task(tmp_path):
         p for p in (name.split("-")[1] for name in os.listdir(marks)) if p != str(os.getpid())
     ]
     assert len(workers) == len(set(workers)) <= 2
+
+
+def _environment(index: int) -> dict:
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_workers_keep_glibc_adaptive_malloc_and_one_thread(tmp_path):
+    # dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which maps every large tensor anew
+    import dask
+
+    before = dask.config.get("distributed.nanny.pre-spawn-environ")
+    (record,) = run_study(_environment, [0], tmp_path, workers=1)
+    assert record["MALLOC_TRIM_THRESHOLD_"] is None and record["OMP_NUM_THREADS"] == "1"
+    assert dask.config.get("distributed.nanny.pre-spawn-environ") == before
