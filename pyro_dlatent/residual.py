@@ -29,6 +29,10 @@ MIN_FIELDS = 20
 """Fewest labelled training fields a :class:`ResidualField` is estimated from."""
 MAX_FIELDS = 20000
 """Most training fields :func:`residual_field` reads (a random subset beyond)."""
+GRAM_PIXELS = 4096
+"""Largest field (pixels) fitted from its covariance in one pass; beyond, a randomized SVD."""
+FIT_BLOCK = 1024
+"""Fields per block of the one-pass fit."""
 
 
 class ResidualField(torch.nn.Module):
@@ -75,34 +79,82 @@ class ResidualField(torch.nn.Module):
         range is the box of the default prior.
         """
         r = torch.as_tensor(np.asarray(residuals), dtype=torch.float64)
-        aux = torch.as_tensor(np.asarray(standardized_aux), dtype=torch.float64)
         if r.dim() != 3 or tuple(r.shape[1:]) != (self.size, self.size):
             raise ValueError(
                 f"residuals must be (n, {self.size}, {self.size}), got {tuple(r.shape)}"
             )
-        if aux.shape != (r.shape[0], self.aux_bounds.shape[0]):
-            raise ValueError(
-                f"standardized_aux must be ({r.shape[0]}, {self.aux_bounds.shape[0]}), got "
-                f"{tuple(aux.shape)}"
-            )
-        if r.shape[0] < MIN_FIELDS:
-            raise ValueError(f"expected at least {MIN_FIELDS} fields, got {r.shape[0]}")
-        if not (torch.isfinite(r).all() and torch.isfinite(aux).all()):
-            raise ValueError("residuals and standardized_aux must be finite")
-        n = r.shape[0]
-        flat = r.reshape(n, -1)
+        flat = r.reshape(r.shape[0], -1)
+        if flat.shape[1] <= GRAM_PIXELS:
+            return self._fit_blocks(flat.split(FIT_BLOCK), standardized_aux)
+        aux = self._checked_aux(standardized_aux, flat)
+        n = flat.shape[0]
         mean = flat.mean(0)
         centred = (flat - mean) / math.sqrt(n - 1)
         k = self.factor.shape[1]
-        if centred.shape[1] <= 4096:
-            _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-        else:  # large images: randomized SVD of the leading components only
-            _, s, v = torch.svd_lowrank(centred, q=min(k + 10, *centred.shape), niter=3)
-            vh = v.T
+        # large images: randomized SVD of the leading components only
+        _, s, v = torch.svd_lowrank(centred, q=min(k + 10, *centred.shape), niter=3)
         factor = torch.zeros_like(self.factor, dtype=torch.float64)
         kept = min(k, s.numel())
-        factor[:, :kept] = vh[:kept].T * s[:kept]
-        variance = centred.square().sum(0)
+        factor[:, :kept] = v[:, :kept] * s[:kept]
+        return self._set(n, mean, factor, centred.square().sum(0), aux)
+
+    def _fit_blocks(self, blocks: Any, standardized_aux: Any) -> ResidualField:
+        """:meth:`fit` from flattened float64 residuals given a block of rows at a time.
+
+        One pass accumulates the mean and the ``(size**2, size**2)`` covariance (shifted by the
+        first block's mean against cancellation), whose eigenvectors are the principal
+        components: memory does not grow with the number of fields.
+        """
+        n, shift, total, gram = 0, None, None, None
+        for block in blocks:
+            if not bool(torch.isfinite(block).all()):
+                raise ValueError("residuals and standardized_aux must be finite")
+            if shift is None:
+                shift = block.mean(0)
+                total = torch.zeros_like(shift)
+                gram = torch.zeros(shift.numel(), shift.numel(), dtype=torch.float64)
+            x = block - shift
+            total += x.sum(0)
+            gram.addmm_(x.T, x)
+            n += block.shape[0]
+        aux = self._checked_aux(standardized_aux, n)
+        offset = total / n
+        covariance = (gram - n * torch.outer(offset, offset)) / (n - 1)
+        evals, evecs = torch.linalg.eigh(covariance)
+        k = self.factor.shape[1]
+        kept = min(k, n, evals.numel())
+        factor = torch.zeros_like(self.factor, dtype=torch.float64)
+        top = evals.flip(0)[:kept].clamp_min(0.0).sqrt()
+        factor[:, :kept] = evecs.flip(1)[:, :kept] * top
+        return self._set(n, shift + offset, factor, covariance.diagonal(), aux)
+
+    def _checked_aux(self, standardized_aux: Any, fields: Any) -> torch.Tensor:
+        """``standardized_aux`` as float64, checked against ``fields`` (rows, or their count)."""
+        n = fields if isinstance(fields, int) else fields.shape[0]
+        aux = torch.as_tensor(np.asarray(standardized_aux), dtype=torch.float64)
+        if aux.shape != (n, self.aux_bounds.shape[0]):
+            raise ValueError(
+                f"standardized_aux must be ({n}, {self.aux_bounds.shape[0]}), got "
+                f"{tuple(aux.shape)}"
+            )
+        if n < MIN_FIELDS:
+            raise ValueError(f"expected at least {MIN_FIELDS} fields, got {n}")
+        finite = torch.isfinite(aux).all()
+        if not isinstance(fields, int):
+            finite = finite & torch.isfinite(fields).all()
+        if not bool(finite):
+            raise ValueError("residuals and standardized_aux must be finite")
+        return aux
+
+    def _set(
+        self,
+        n: int,
+        mean: torch.Tensor,
+        factor: torch.Tensor,
+        variance: torch.Tensor,
+        aux: torch.Tensor,
+    ) -> ResidualField:
+        """Store a fit: ``variance`` per pixel, less what ``factor`` explains, is the diagonal."""
         floor = 1e-6 * float(variance.mean()) + 1e-12
         diag = (variance - factor.square().sum(1)).clamp_min(floor)
         self.mean.copy_(mean.reshape(self.size, self.size))
@@ -211,9 +263,16 @@ def fit_residuals(
     """
     images = torch.as_tensor(np.asarray(images))
     s = torch.as_tensor(np.asarray(standardized), dtype=torch.float64)
-    # filled a batch at a time: one float64 copy of the residuals, not three
-    residuals = torch.empty(images.shape, dtype=torch.float64)
-    for i in range(0, len(s), batch_size):
-        block = images[i : i + batch_size].to(torch.float64)
-        residuals[i : i + batch_size] = block - mean(s[i : i + batch_size]).cpu().double()
-    return field.fit(residuals.numpy(), s.numpy())
+    if images.dim() != 3 or tuple(images.shape[1:]) != (field.size, field.size):
+        raise ValueError(
+            f"images must be (n, {field.size}, {field.size}), got {tuple(images.shape)}"
+        )
+
+    def blocks() -> Any:
+        for i in range(0, len(s), batch_size):
+            block = images[i : i + batch_size].to(torch.float64)
+            yield (block - mean(s[i : i + batch_size]).cpu().double()).reshape(len(block), -1)
+
+    if field.size**2 <= GRAM_PIXELS:  # one pass: no copy of all the residuals is held
+        return field._fit_blocks(blocks(), s)
+    return field.fit(torch.cat(list(blocks())).reshape(images.shape).numpy(), s.numpy())

@@ -17,7 +17,7 @@ from pyro_dlatent.inverse.exact import (
     sample_problem,
 )
 from pyro_dlatent.inverse.infer import InferenceWarning
-from pyro_dlatent.residual import ResidualField, residual_field
+from pyro_dlatent.residual import ResidualField, fit_residuals, residual_field
 
 __all__: list[str] = []
 
@@ -70,6 +70,31 @@ def test_residual_field_recovers_a_known_covariance() -> None:
     # The sample covariance's entries have sd about sqrt(2 / n) * variance: 0.01 here.
     np.testing.assert_allclose(field.covariance(), truth, atol=0.05)
     np.testing.assert_allclose(field.mean.numpy(), 2.0, atol=0.02)
+
+
+def test_the_one_pass_residual_fit_is_the_sample_covariance_truncated_exactly() -> None:
+    # the fit accumulates moments a block at a time; its answer is the eigendecomposition of
+    # the sample covariance, far from the origin too (1e4: the shift that avoids cancellation)
+    rng = np.random.default_rng(3)
+    size, n, rank = 5, 2500, 4
+    fields = rng.normal(size=(n, 6)) @ rng.normal(size=(6, size * size)) + 1e4
+    fields += 0.3 * rng.normal(size=fields.shape)
+    aux = rng.random((n, 1))
+    cov = np.cov(fields, rowvar=False)
+    evals, evecs = np.linalg.eigh(cov)
+    top = evecs[:, -rank:] * np.sqrt(evals[-rank:])
+    truth_diag = np.diag(cov) - (top**2).sum(1)
+    mean = lambda s: torch.zeros(len(s), size, size)  # noqa: E731
+    images = torch.as_tensor(fields.reshape(n, size, size))
+    for field in (
+        ResidualField(size, 1, rank=rank).fit(fields.reshape(n, size, size), aux),
+        fit_residuals(ResidualField(size, 1, rank=rank), mean, images, aux, batch_size=333),
+    ):
+        low_rank = field.factor.double() @ field.factor.double().T
+        np.testing.assert_allclose(low_rank.numpy(), top @ top.T, rtol=1e-4, atol=1e-4 * cov.max())
+        np.testing.assert_allclose(field.diag.numpy(), truth_diag, rtol=1e-4)
+        np.testing.assert_allclose(field.mean.numpy().ravel(), fields.mean(0), rtol=1e-6)
+        assert int(field.num_fields) == n
 
 
 def test_residual_field_of_a_generator_skips_missing_auxiliaries(oracle) -> None:
