@@ -122,7 +122,7 @@ def image_views(images: Any, views: str = "dihedral") -> np.ndarray:
 
 
 def encode_views(
-    model: GuidedLatentModel, images: Any, views: str = "dihedral", *, batch_size: int = 1024
+    model: GuidedLatentModel, images: Any, views: str = "dihedral", *, batch_size: int = 256
 ) -> Encoding:
     """Encode every orientation of each image (:func:`image_views`).
 

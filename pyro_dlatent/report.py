@@ -183,7 +183,7 @@ def alignment_report(
     model: Any,
     dataset: xr.Dataset,
     *,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     degree: int | None = None,
     num_bins: int = 20,
     seed: int = 0,

@@ -221,7 +221,7 @@ def residual_field(
     aux: Any,
     *,
     rank: int | None = None,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     seed: int = 0,
 ) -> ResidualField:
     """Fit a :class:`ResidualField` to training fields and their auxiliaries (physical units).
@@ -254,7 +254,7 @@ def fit_residuals(
     images: Any,
     standardized: Any,
     *,
-    batch_size: int = 1024,
+    batch_size: int = 256,
 ) -> ResidualField:
     """Fit ``field`` to ``images - mean(standardized)``, ``batch_size`` rows of the mean at a time.
 

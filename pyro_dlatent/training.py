@@ -43,6 +43,7 @@ from pyro_dlatent.distributed import ELBOLoss as _ELBOLoss
 from pyro_dlatent.distributed import World as _World
 from pyro_dlatent.optim import ForeachClippedAdam as _ForeachClippedAdam
 from pyro_dlatent.optim import WeightAverage
+from pyro_dlatent.utils import release_free_memory
 from pyro_dlatent.validation import check_float, check_int
 
 if TYPE_CHECKING:
@@ -206,8 +207,9 @@ class FitConfig:
         Seed of the split, the shuffling and the Monte Carlo noise.
     clip_norm : float or None
         Each gradient component is clipped to ``[-clip_norm, clip_norm]`` (``None``: off).
-    eval_batch_size : int
-        Batch size of the validation pass and the post-fit calibrations.
+    eval_batch_size : int, optional
+        Batch size of the validation pass and the post-fit calibrations; default
+        ``batch_size``, so that neither needs more memory than a training step.
     ema_decay : float
         Decay in ``[0, 1)`` of an exponential moving average of the networks' weights, updated
         after every step; the model keeps the average when the fit ends (the live weights stay
@@ -225,7 +227,7 @@ class FitConfig:
     val_fraction: float = 0.1
     seed: int = 0
     clip_norm: float | None = 10.0
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None
     ema_decay: float = 0.0
     data_workers: int = 2
 
@@ -236,7 +238,11 @@ class FitConfig:
             "lr": check_float(self.lr, "lr", minimum=0.0, strict=True),
             "lr_decay": check_float(self.lr_decay, "lr_decay", minimum=0.0, strict=True),
             "seed": check_int(self.seed, "seed", 0),
-            "eval_batch_size": check_int(self.eval_batch_size, "eval_batch_size", 1),
+            "eval_batch_size": check_int(
+                self.batch_size if self.eval_batch_size is None else self.eval_batch_size,
+                "eval_batch_size",
+                1,
+            ),
             "ema_decay": check_float(self.ema_decay, "ema_decay", minimum=0.0, strict=False),
             "data_workers": check_int(self.data_workers, "data_workers", 0),
         }
@@ -258,8 +264,13 @@ class FitConfig:
             object.__setattr__(self, name, value)
 
     def settings(self) -> dict[str, Any]:
-        """What a resumed run must share with the run it continues (all but ``epochs``)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "epochs"}
+        """What a resumed run must share with the run it continues.
+
+        All but ``epochs`` and ``eval_batch_size``: every epoch reseeds, so how the validation
+        pass is batched does not change the training.
+        """
+        free = {"epochs", "eval_batch_size"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
 class _Streamed:
@@ -481,18 +492,25 @@ class Trainer:
             bar.close()
             model.eval()
         del svi, replicas
-        if isinstance(train, _Streamed):
+        streamed = isinstance(train, _Streamed)
+        if streamed:  # a dataset larger than memory: keep each phase's peak its own
             train.close()
+            release_free_memory()
             train = train.post_fit_rows()
-        self._after_fit(train, val)
+        self._after_fit(train, val, release=streamed)
         if checkpoint is not None and lead:
             model.save(checkpoint, extra={"epoch": len(history), **extra})
         if world is not None:  # after the save: no process returns before the file is whole
             world.share_state(model)
         return history
 
-    def _after_fit(self, train: ModelTensors, val: ModelTensors | None) -> None:
-        """The model's post-fit steps: generation map, uncertainty, collapsed prior."""
+    def _after_fit(
+        self, train: ModelTensors, val: ModelTensors | None, *, release: bool = False
+    ) -> None:
+        """The model's post-fit steps: generation map, uncertainty, collapsed prior.
+
+        ``release``: give freed memory back to the system before the collapsed prior's fit.
+        """
         model, batch_size = self.model, self.config.eval_batch_size
         complete = train.images.shape[0] if train.mask is None else int(train.mask.all(1).sum())
         calibrated = model.calibrate_after_fit and complete >= model.aux_dim + 2
@@ -514,6 +532,8 @@ class Trainer:
         else:
             model.aux_calibration.reset()
         if model.residual_after_fit:
+            if release:
+                release_free_memory()
             model.fit_collapsed_prior(train, seed=self.config.seed)
 
     def _tensor_batches(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
+import gc
 import json
 import os
 import shutil
@@ -103,3 +107,25 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 def write_netcdf(ds: Any, path: str | os.PathLike) -> Path:
     """Write an ``xarray.Dataset`` to netCDF (h5netcdf) atomically (:func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc), after a garbage collection.
+
+    Between the phases of a long run: glibc keeps the pages that freed tensors leave in its
+    heap, so a fit's resident memory otherwise grows to the sum of its phases' peaks.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

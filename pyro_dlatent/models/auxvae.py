@@ -421,7 +421,7 @@ class AuxVAE(GuidedLatentModel):
         self.train(was_training)
         return images
 
-    def reconstruct(self, images: Any, *, batch_size: int = 1024) -> torch.Tensor:
+    def reconstruct(self, images: Any, *, batch_size: int = 256) -> torch.Tensor:
         """Decode the posterior means of ``images``; shape ``(n, H, W)``, dataset units."""
         encoding = self.encode(images, batch_size=batch_size)
         return self.decode(encoding.z_aux_loc, encoding.z_rec_loc)

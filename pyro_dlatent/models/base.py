@@ -545,7 +545,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
         checkpoint_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | bool | None = None,
         clip_norm: float | None = 10.0,
-        eval_batch_size: int = 1024,
+        eval_batch_size: int | None = None,
         ema_decay: float = 0.0,
         data_workers: int = 2,
     ) -> list[dict[str, Any]]:
@@ -605,8 +605,9 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
             dataset and settings must match this call.
         clip_norm : float or None
             Each gradient component is clipped to ``[-clip_norm, clip_norm]`` (``None``: off).
-        eval_batch_size : int
-            Batch size of the validation pass.
+        eval_batch_size : int, optional
+            Batch size of the validation pass and the post-fit calibrations (default
+            ``batch_size``: neither then needs more memory than a training step).
         ema_decay : float
             Decay in ``[0, 1)`` of an exponential moving average of the networks' weights,
             updated after every step; when the fit ends the model keeps the average (the live
@@ -658,7 +659,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(
-        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 1024
+        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 256
     ) -> dict[str, float]:
         """ELBO (alone), penalties and subclass metrics on a dataset, per image.
 
@@ -703,7 +704,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
         return result
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, images: Any, *, batch_size: int = 1024) -> Encoding:
+    def encode(self, images: Any, *, batch_size: int = 256) -> Encoding:
         """Posterior means and sds of ``z_aux`` and ``z_rec`` (standardized latent units).
 
         Parameters
@@ -761,7 +762,7 @@ class GuidedLatentModel(AuxPrediction, GenerationSampling, PyroModule):
 
     @torch.no_grad()
     def fit_residual_field(
-        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 1024
+        self, data: xr.Dataset | ModelTensors, *, batch_size: int = 256
     ) -> ResidualField:
         """Fit :attr:`residual_field`, what ``G(u~, 0)`` leaves in ``data``'s images.
 

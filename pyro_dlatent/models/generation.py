@@ -420,7 +420,7 @@ class GenerationSampling:
         self,
         data: xr.Dataset | ModelTensors,
         *,
-        batch_size: int = 1024,
+        batch_size: int = 256,
         spline: bool = True,
         neighbours: int = GENERATION_NEIGHBOURS,
     ) -> dict[str, np.ndarray]:

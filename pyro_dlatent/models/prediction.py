@@ -69,7 +69,7 @@ class AuxPrediction:
         train: xr.Dataset | ModelTensors,
         held_out: xr.Dataset | ModelTensors,
         *,
-        batch_size: int = 1024,
+        batch_size: int = 256,
     ) -> list[str]:
         """Fit the predictive distribution that :meth:`predict_aux` reports.
 
@@ -124,7 +124,7 @@ class AuxPrediction:
         images: Any,
         *,
         quantiles: Sequence[float] = (0.05, 0.25, 0.75, 0.95),
-        batch_size: int = 1024,
+        batch_size: int = 256,
     ) -> xr.Dataset:
         """Mean, sd and quantiles of each auxiliary given the image, in physical units.
 

@@ -610,6 +610,23 @@ def test_resume_with_weight_average_continues_exactly(tmp_path):
     small_model(ds).fit(ds, epochs=2, resume=old, **{**settings, "ema_decay": 0.0})
 
 
+def test_resume_with_another_validation_batch_continues_the_training_exactly(tmp_path):
+    # every epoch reseeds, so the validation pass's batching cannot change the training; a
+    # checkpoint written with the old default (1024) resumes under the new one
+    ds = synthetic(96)
+    settings = {"batch_size": 32, "progress": False, "seed": 2, "lr_decay": 1.0}
+    reference = small_model(ds)
+    reference.fit(ds, epochs=2, **settings)
+    small_model(ds).fit(ds, epochs=1, checkpoint_dir=tmp_path, eval_batch_size=3, **settings)
+    resumed = small_model(ds)
+    resumed.fit(ds, epochs=2, checkpoint_dir=tmp_path, resume=True, **settings)
+    assert_close(dict(resumed.state_dict()), dict(reference.state_dict()), atol=0, rtol=0)
+    trained = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in resumed.history]
+    assert _without_time(trained) == _without_time(
+        [{k: v for k, v in h.items() if not k.startswith("val_")} for h in reference.history]
+    )
+
+
 def test_resume_from_a_checkpoint_of_the_per_parameter_optimizer(monkeypatch, tmp_path):
     # Checkpoints written while fit used Pyro's ClippedAdam resume exactly with the foreach one.
     ds = synthetic(96)
