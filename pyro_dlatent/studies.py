@@ -57,21 +57,12 @@ def _run_and_write(
     return index
 
 
-_ENVIRON = "distributed.nanny.pre-spawn-environ"
+_UNSET_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+"""dask config that leaves ``MALLOC_TRIM_THRESHOLD_`` out of the workers' environment (None unsets).
 
-
-def _worker_environ() -> dict[str, Any]:
-    """The environment dask gives its worker processes, less ``MALLOC_TRIM_THRESHOLD_``.
-
-    Setting that variable at all switches off glibc's adaptive mmap threshold, so every tensor
-    of 128 KiB or more is mapped and unmapped anew: a study's problem took 1.3x as long in a
-    dask worker as in this process until it was left out.
-    """
-    import dask
-
-    environ = dict(dask.config.get(_ENVIRON, default={}) or {})
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    return environ
+Setting that variable at all switches off glibc's adaptive mmap threshold, so every tensor of
+128 KiB or more is mapped and unmapped anew: a study's problem took 1.3x as long in a dask worker
+as in this process until it was left out."""
 
 
 def load_records(out: str | os.PathLike, indices: Iterable[int] | None = None) -> list[dict]:
@@ -136,7 +127,7 @@ def run_study(
             from pyro_dlatent.inverse.chains import available_cores
 
             count = available_cores() if workers is None else check_int(workers, "workers", 1)
-            with dask.config.set({_ENVIRON: _worker_environ()}):
+            with dask.config.set(_UNSET_MALLOC_TRIM):
                 cluster = LocalCluster(
                     n_workers=min(count, len(todo)), threads_per_worker=1, processes=True
                 )

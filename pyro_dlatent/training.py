@@ -65,8 +65,8 @@ _FINGERPRINT_PIXELS = 2**22
 """Pixels hashed at a time by :func:`dataset_fingerprint` (16 MiB of float32)."""
 POST_FIT_ROWS = 8192
 """Training images a fit read chunk by chunk loads for its post-fit calibrations (a seeded
-subset, as many as the package's studies train on): the residual field's SVD holds a few
-float64 copies of them, which is what bounds a streamed fit's memory."""
+subset, as many as the package's studies train on), so those steps hold a bounded part of the
+dataset however large it is."""
 _SETTINGS_BEFORE = {
     "ema_decay": 0.0,
     "data_workers": 2,

@@ -187,11 +187,18 @@ def phase_memory(args: argparse.Namespace) -> dict:
             before = _load()
             timing = measure(epoch, repeat=args.repeat, warmup=0)
             results[kind] = {**_timing_dict(timing, stop), "load_before": before}
-    results["peak_rss_mib"] = peak.rss / MIB
-    results["peak_pss_mib"] = peak.pss / MIB
-    results["peak_main_rss_mib"] = peak.main_rss / MIB
-    results["load_after"] = _load()
-    return results
+    return _with_memory(results, peak)
+
+
+def _with_memory(results: dict, peak: _PeakMemory) -> dict:
+    """``results`` with the phase's peak memory and the load at its end."""
+    return {
+        **results,
+        "peak_rss_mib": peak.rss / MIB,
+        "peak_pss_mib": peak.pss / MIB,
+        "peak_main_rss_mib": peak.main_rss / MIB,
+        "load_after": _load(),
+    }
 
 
 def phase_stream(args: argparse.Namespace) -> dict:
@@ -233,11 +240,7 @@ def phase_stream(args: argparse.Namespace) -> dict:
             before = _load()
             timing = measure(epoch, repeat=args.repeat, warmup=0)
             results[kind] = {**_timing_dict(timing, stop), "load_before": before}
-    results["peak_rss_mib"] = peak.rss / MIB
-    results["peak_pss_mib"] = peak.pss / MIB
-    results["peak_main_rss_mib"] = peak.main_rss / MIB
-    results["load_after"] = _load()
-    return results
+    return _with_memory(results, peak)
 
 
 def _images_per_epoch(kind: str, num: int, args: argparse.Namespace) -> int:
