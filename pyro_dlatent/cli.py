@@ -103,6 +103,9 @@ def _torchrun_group(device: str | None) -> Iterator[str | None]:
     dist.init_process_group(backend)
     try:
         yield device
+        # leave together: a process that tears its group down while process 0 still writes the
+        # run's files can abort in gloo's teardown ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
